@@ -1,0 +1,30 @@
+# Two commands: `make run` (set up + the main job on the embedded default model), `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# torch goes in first, pinned, so pip never resolves a bare `torch` to a multi-GB build it
+# does not need; on a GPU machine the same pin pulls the CUDA wheel. Override to taste:
+# make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+run: setup
+	$(BIN)/mee-bench demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/decode_speed.py

@@ -1,0 +1,43 @@
+"""`mee-bench`: one entry point, one module per subcommand.
+
+Each subcommand module exposes `cli(argv: list[str]) -> int` and parses its own
+arguments, so the commands stay independent and importing one does not import all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("mee_bench.demo", "early-exit generation on the embedded default model: tokens, exit layers, speedup"),
+    "train": ("mee_bench.training", "train a T5 with the final / weighted_ce / weighted_ce_kd objective"),
+    "train-heads": ("mee_bench.head_training", "train the classifier, last_three_mlp and lstm exit heads of a model"),
+    "sweep": ("mee_bench.sweep", "run measures x thresholds x min exit layers x tasks on Ray with CodeCarbon"),
+    "leaderboard": ("mee_bench.leaderboard", "rebuild leaderboard tables and plots from a sweep's records"),
+    "analyze": ("mee_bench.monotonicity", "the monotonicity study (the paper's Figures 1-3) on any model"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: mee-bench COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "`mee-bench COMMAND --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"mee-bench: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.cli(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
