@@ -38,11 +38,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_device(device: str) -> torch.device:
+    if str(device).split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported; use cpu or cuda")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was asked for but CUDA is not available; use device=cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r} is not supported; use cpu or cuda")
     return dev
 
 
