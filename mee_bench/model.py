@@ -57,6 +57,9 @@ def load_model(
     Safetensors weights are preferred; `trust_remote_code` stays off unless asked for.
     """
     from transformers import AutoConfig, AutoTokenizer, T5ForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     pretrained = str(pretrained or DEFAULT_MODEL_DIR)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
