@@ -166,9 +166,10 @@ class EarlyExitGenerator:
             exit_layer = torch.full_like(token, num_layers)
             confidence = torch.full(token.shape, float("nan"), device=device)
             measure.start(hidden, policy.min_exit_layer)
+            catching_up = deferred and step > 0 and bool((done_layers[rows, :step] < num_layers).any())
             for index in range(num_layers):
                 row_arg = None if rows.numel() == batch else rows
-                if deferred and step > 0:
+                if catching_up:
                     hidden = self._layer_with_catch_up(index, hidden, cache, rows, row_arg, step, done_layers, pending_states)
                 else:
                     hidden = runner.layer(index, hidden, cache, row_arg, step, step)
