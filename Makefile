@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/python -m mee_bench.install_lm_eval_hook  # editable installs do not carry the .pth that registers `--model mee`
 	touch $@
 
 run: setup
