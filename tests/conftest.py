@@ -13,6 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Tiny models gain nothing from a second thread, and on a loaded 2-core machine spin-waiting
+# threads made tests several times slower.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 TOKENIZER_DIR = SHARED / "models" / "t5-tokenizer"
