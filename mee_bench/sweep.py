@@ -1,0 +1,639 @@
+"""`mee-bench sweep`: measures x thresholds x min exit layers x tasks, on Ray, resumable.
+
+The driver expands the grid, checks the model can serve it, and hands trials to a pool of
+Ray actors; each actor loads the model once and runs many trials (one lm-eval task under
+one exit policy, inside a CodeCarbon tracker). Only the driver writes results: one JSON
+record per trial, named by a stable trial id, written atomically (temp file + os.replace),
+so a sweep killed at any moment and run again ends with every trial exactly once.
+Local Ray and a cluster (`ray.address`) take the same code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+from mee_bench.policy import ExitPolicy
+from mee_bench.sweep_config import (
+    ConfigError,
+    SweepConfig,
+    Trial,
+    check_model,
+    closest,
+    config_dict,
+    expand_grid,
+    load_config,
+    resolve_model,
+)
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+log = logging.getLogger(__name__)
+
+RECORDS_DIR = "records"
+MANIFEST = "sweep.json"
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start or continue; the message says why and what to do."""
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(pretrained: str, heads: str | None) -> str:
+    """Cheap identity of the weights: config + size, head and tail of every weight file.
+
+    A retrained model in the same directory gets a new fingerprint, so its trials are new
+    trials rather than stale records skipped on resume. A hub id is its own fingerprint.
+    """
+    digest = hashlib.sha256(pretrained.encode())
+    files = []
+    if Path(pretrained).is_dir():
+        files = sorted(p for p in Path(pretrained).iterdir() if p.suffix in (".json", ".safetensors", ".bin", ".model"))
+    if heads and Path(heads).is_file():
+        files.append(Path(heads))
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def result_settings(config: SweepConfig) -> dict:
+    """Everything besides the grid point that changes a trial's result (and so its id)."""
+    return {
+        "model": dataclasses.asdict(config.model),
+        "model_fingerprint": model_fingerprint(config.model.pretrained, config.model.heads),
+        **{k: getattr(config, k) for k in ("threshold_schedule", "kv_strategy", "limit", "batch_size", "max_gen_toks", "seed")},
+        "carbon": dataclasses.asdict(config.carbon),
+    }
+
+
+def trial_id(trial: Trial, settings: dict) -> str:
+    threshold = "na" if trial.threshold is None else f"{trial.threshold:g}"
+    layer = "na" if trial.min_exit_layer is None else trial.min_exit_layer
+    readable = f"{trial.task}__{trial.measure}__t{threshold}__m{layer}"
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in readable)
+    return f"{safe}__{_digest([dataclasses.asdict(trial), settings])[:10]}"
+
+
+def sweep_fingerprint(config: SweepConfig, settings: dict) -> str:
+    """Same fingerprint = same sweep (resume). Execution details (Ray, paths, name) do not count."""
+    identity = {k: v for k, v in config_dict(config).items() if k not in ("ray", "output_dir", "name")}
+    return _digest([identity, settings])
+
+
+def load_records(output_dir: str | Path) -> list[dict]:
+    """Every trial record of a sweep directory (a file that is not valid JSON is skipped with a warning)."""
+    records = []
+    for path in sorted((Path(output_dir) / RECORDS_DIR).glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("skipping unreadable record %s: %s", path, err)
+    return records
+
+
+def _flatten(value: Any, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        flat: dict = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
+class ResultStore:
+    """The records of one sweep directory, guarded by a lock so one driver writes at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.records = self.root / RECORDS_DIR
+        self._lock = None
+
+    def open(self, fingerprint: str, config: dict, trial_ids: Iterable[str], force: bool) -> None:
+        """Claim the directory: new, or the same config (resume), or `force` (records outside the grid move aside)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / ".lock", "w")
+        try:
+            self._claim(fingerprint, config, set(trial_ids), force)
+        except BaseException:
+            self.close()
+            raise
+
+    def _claim(self, fingerprint: str, config: dict, trial_ids: set[str], force: bool) -> None:
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SweepError(f"another sweep is writing to {self.root}; wait for it or use another output_dir") from None
+        manifest_path = self.root / MANIFEST
+        existing = sorted(self.records.glob("*.json")) if self.records.is_dir() else []
+        previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        same = previous is not None and previous.get("fingerprint") == fingerprint
+        if existing and not same and not force:  # a manifest without records has nothing to protect
+            raise SweepError(self._difference(previous, config, len(existing)))
+        self.records.mkdir(exist_ok=True)
+        for stale in [*self.root.glob(".*.tmp"), *self.records.glob(".*.tmp")]:  # a write cut short by a kill
+            stale.unlink()
+        if not same:
+            aside = self.root / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+            for path in existing:
+                if path.stem not in trial_ids:
+                    aside.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(path), aside / path.name)
+            manifest = {"fingerprint": fingerprint, "config": config, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            self._atomic_write(manifest_path, manifest)
+
+    def _difference(self, previous: dict | None, config: dict, count: int) -> str:
+        where = f"{self.root} holds {count} record(s) of a different sweep config"
+        if previous is None:
+            return f"{where} (no {MANIFEST}); refusing to mix them: pick another output_dir or pass --force"
+        old, new = _flatten(previous.get("config", {})), _flatten(config)
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(("ray.", "output_dir", "name")))
+        shown = ", ".join(changed[:6]) or "the model files"
+        return (
+            f"{where} (differs in: {shown}); refusing to mix them. Use another output_dir, or pass --force "
+            "to adopt the new config (records of trials still in the grid are kept, the others move to superseded/)"
+        )
+
+    def finished(self) -> set[str]:
+        return {r["trial_id"] for r in load_records(self.root) if r.get("status") == "ok"}
+
+    def write(self, record: dict) -> None:
+        self._atomic_write(self.records / f"{record['trial_id']}.json", record)
+
+    @staticmethod
+    def _atomic_write(path: Path, payload: dict) -> None:
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+        with tmp.open("w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+@dataclass
+class Outcome:
+    metrics: dict[str, float | None]
+    efficiency: dict
+
+
+class TrialBackend(Protocol):
+    """What a worker needs to evaluate trials; built once per worker by a factory taking the config."""
+
+    def unknown_tasks(self, tasks: list[str]) -> dict[str, str | None]:
+        """Each task the backend cannot run, with the closest one it can (or None)."""
+
+    def warm_up(self, task: str) -> None:
+        """One small untimed evaluation, so the first timed trial does not pay for cold caches."""
+
+    def evaluate(self, trial: Trial, policy: ExitPolicy) -> Outcome:
+        """Run `trial.task` under `policy`: quality metrics and the efficiency figures."""
+
+
+BackendFactory = Callable[[SweepConfig], TrialBackend]
+
+
+def task_metrics(results: dict) -> dict[str, float | None]:
+    """lm-eval's `{"bleu,none": 12.3, "bleu_stderr,none": ...}` -> `{"bleu": 12.3}`; non-finite -> None."""
+    metrics: dict[str, float | None] = {}
+    for key, value in results.items():
+        if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        name, filter_name = key.split(",", 1)
+        if name.endswith("_stderr"):
+            continue
+        name = name if filter_name == "none" else f"{name},{filter_name}"
+        metrics[name] = float(value) if math.isfinite(value) else None
+    return metrics
+
+
+class LMEvalBackend:
+    """The real thing: the `mee` lm-eval adapter, loaded once, switched between policies per trial."""
+
+    def __init__(self, config: SweepConfig) -> None:
+        from mee_bench.lm_eval_model import MEELM, task_manager
+
+        model = config.model
+        extra = {"heads": model.heads} if model.heads else {}
+        self.config = config
+        self.lm = MEELM(
+            pretrained=model.pretrained,
+            measure="full",
+            threshold_schedule=config.threshold_schedule,
+            kv_strategy=config.kv_strategy,
+            dtype=model.dtype,
+            device=model.device,
+            batch_size=config.batch_size,
+            **extra,
+        )
+        # The package's own tasks index in a moment; lm-eval's ~15k take ~15 s, so only on demand.
+        self._task_manager = task_manager
+        self.tasks = task_manager(include_defaults=False)
+
+    def unknown_tasks(self, tasks: list[str]) -> dict[str, str | None]:
+        if any(task not in self.tasks.all_tasks for task in tasks):
+            self.tasks = self._task_manager()
+        known = set(self.tasks.all_tasks)
+        return {t: closest(t, sorted(known)) for t in tasks if t not in known}
+
+    def warm_up(self, task: str) -> None:
+        self._run(task, ExitPolicy(measure="full"), limit=min(2, self.config.limit or 2))
+
+    def evaluate(self, trial: Trial, policy: ExitPolicy) -> Outcome:
+        output, report = self._run(trial.task, policy, self.config.limit)
+        efficiency = report.get(trial.task) or (next(iter(report.values())) if len(report) == 1 else {})
+        return Outcome(task_metrics(output["results"][trial.task]), efficiency)
+
+    def _run(self, task: str, policy: ExitPolicy, limit: int | None) -> tuple[dict, dict]:
+        from lm_eval import simple_evaluate
+
+        seed = self.config.seed
+        self.lm.set_policy(policy)
+        self.lm.reset_efficiency()
+        output = simple_evaluate(
+            model=self.lm,
+            tasks=[task],
+            task_manager=self.tasks,
+            limit=limit,
+            gen_kwargs={"max_gen_toks": self.config.max_gen_toks} if self.config.max_gen_toks else None,
+            log_samples=False,
+            bootstrap_iters=0,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+        return output, self.lm.efficiency_report()
+
+
+class SweepWorker:
+    """A Ray actor: loads the model once, then evaluates trials one at a time. `run` never raises."""
+
+    def __init__(self, config: SweepConfig, backend_factory: BackendFactory) -> None:
+        import ray
+        import torch
+
+        from mee_bench.energy import EnergyMeter, hardware_info, package_versions
+
+        started = time.perf_counter()
+        threads = max(1, int(config.ray.cpus_per_trial))
+        torch.set_num_threads(threads)
+        for name in ("lm-eval", "lm_eval", "transformers", "datasets", "codecarbon"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.config = config
+        self.backend = backend_factory(config)
+        self.meter = EnergyMeter(config.carbon, gpu_ids=[int(i) for i in ray.get_gpu_ids()] or None)
+        self.hardware = hardware_info(threads)
+        self.versions = package_versions()
+        self.load_s = time.perf_counter() - started
+        self.warmup_s = 0.0
+        self.trials_run = 0
+
+    def ready(self) -> dict:
+        return {"load_s": self.load_s, "hardware": self.hardware}
+
+    def unknown_tasks(self, tasks: list[str]) -> dict[str, str | None]:
+        return self.backend.unknown_tasks(tasks)
+
+    def warm_up(self, task: str) -> float:
+        started = time.perf_counter()
+        self.backend.warm_up(task)
+        self.warmup_s = time.perf_counter() - started
+        return self.warmup_s
+
+    def run(self, trial: Trial, workers: int) -> dict:
+        import numpy
+        import torch
+
+        seed = self.config.seed
+        random.seed(seed)
+        numpy.random.seed(seed)
+        torch.manual_seed(seed)
+        started = time.perf_counter()
+        self.trials_run += 1
+        result: dict = {
+            "hardware": self.hardware,
+            "versions": self.versions,
+            "worker": {
+                "pid": os.getpid(), "load_s": self.load_s, "warmup_s": self.warmup_s, "trials_run": self.trials_run,
+                "concurrent_workers": workers,
+            },
+        }
+        try:
+            with self.meter.measure() as energy:
+                outcome = self.backend.evaluate(trial, trial.policy(self.config))
+            result.update(status="ok", metrics=outcome.metrics, efficiency=outcome.efficiency, energy=energy.reading.as_dict())
+        except Exception:
+            result.update(status="failed", error=traceback.format_exc(limit=20))
+        result["wall_time_s"] = time.perf_counter() - started
+        return result
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """Fail fast, with a clear message, when nothing listens at a `host:port` Ray address."""
+    if address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray.address={address!r} is not host:port (e.g. 127.0.0.1:6379), ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise SweepError(
+            f"no Ray cluster answers at {address} ({err}; waited up to {timeout_s:g}s): start one with "
+            f"`ray start --head --port={port}`, fix ray.address, or remove it to run on a local Ray"
+        ) from None
+
+
+def default_temp_dir() -> str:
+    """A short path: Ray puts Unix sockets under it, and socket paths are limited to ~107 bytes."""
+    return f"/tmp/mee-ray-{os.getuid()}"
+
+
+def connect_ray(config: SweepConfig) -> bool:
+    """Start a local Ray or join `ray.address`; returns whether this call started Ray (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Workers print lm-eval progress bars; they stay in the Ray session logs, records hold any errors.
+    options = dict(log_to_driver=False, logging_level=logging.WARNING)
+    if config.ray.address:
+        check_reachable(config.ray.address, config.ray.connect_timeout_s)
+        ray.init(address=config.ray.address, **options)
+    else:
+        ray.init(
+            num_cpus=config.ray.num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            _temp_dir=config.ray.temp_dir or default_temp_dir(),
+            **options,
+        )
+    return True
+
+
+@dataclass
+class SweepResult:
+    """What one `run_sweep` call did (the records say what each trial found)."""
+
+    output_dir: Path
+    total: int
+    skipped: int
+    ran: int = 0
+    failed: list[str] = field(default_factory=list)
+    workers: int = 0
+    worker_load_s: list[float] = field(default_factory=list)
+    run_s: float = 0.0  # from the first trial handed out to the last record written
+    wall_s: float = 0.0
+
+
+def _worker_count(config: SweepConfig, pending: int) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    slots = [pending, int(resources.get("CPU", 0) // config.ray.cpus_per_trial)]
+    if config.ray.gpus_per_trial > 0:
+        slots.append(int(resources.get("GPU", 0) // config.ray.gpus_per_trial))
+    if config.ray.max_concurrent:
+        slots.append(config.ray.max_concurrent)
+    if min(slots) < 1:
+        raise SweepError(
+            f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs, but a trial "
+            f"needs {config.ray.cpus_per_trial:g} CPUs and {config.ray.gpus_per_trial:g} GPUs; lower ray.cpus_per_trial/gpus_per_trial"
+        )
+    return min(slots)
+
+
+class _Pool:
+    """Starts workers and replaces one that dies; a worker that cannot even start stops the sweep."""
+
+    def __init__(self, config: SweepConfig, backend: BackendFactory) -> None:
+        import ray
+
+        self.remote = ray.remote(SweepWorker).options(
+            num_cpus=config.ray.cpus_per_trial, num_gpus=config.ray.gpus_per_trial, max_restarts=0
+        )
+        self.config, self.backend = config, backend
+        self.load_s: list[float] = []
+        self.actors: list = []
+        self.warm_task: str | None = None
+
+    def start(self, count: int) -> list:
+        """`count` new workers, loaded (and warmed up once `warm_task` is known)."""
+        actors = [self.remote.remote(self.config, self.backend) for _ in range(count)]
+        ready = self._get([actor.ready.remote() for actor in actors])
+        self.load_s += [r["load_s"] for r in ready]
+        self.actors += actors
+        if self.warm_task:
+            self.warm_up(actors)
+        return actors
+
+    def warm_up(self, actors: list) -> None:
+        self._get([actor.warm_up.remote(self.warm_task) for actor in actors])
+
+    @staticmethod
+    def _get(refs: list) -> list:
+        import ray
+
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            raise SweepError(f"a sweep worker could not start (loading the model or evaluator, or warming up): {err}") from None
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+def run_sweep(
+    config: SweepConfig,
+    force: bool = False,
+    backend: BackendFactory = LMEvalBackend,
+    progress: bool = True,
+) -> SweepResult:
+    """Run every unfinished trial of `config`; records land in `config.results_dir/records/`."""
+    started = time.perf_counter()
+    config = resolve_model(config)
+    check_model(config)
+    trials = expand_grid(config)
+    settings = result_settings(config)
+    ids = {trial: trial_id(trial, settings) for trial in trials}
+    store = ResultStore(config.results_dir)
+    store.open(sweep_fingerprint(config, settings), config_dict(config), ids.values(), force)
+    try:
+        finished = store.finished()
+        pending = collections.deque((t, 1) for t in trials if ids[t] not in finished)
+        result = SweepResult(config.results_dir, total=len(trials), skipped=len(trials) - len(pending))
+        if pending:
+            _run_on_ray(config, store, pending, ids, settings, backend, result, progress)
+    finally:
+        store.close()
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+def _run_on_ray(
+    config: SweepConfig,
+    store: ResultStore,
+    pending: collections.deque,
+    ids: dict[Trial, str],
+    settings: dict,
+    backend: BackendFactory,
+    result: SweepResult,
+    progress: bool,
+) -> None:
+    import ray
+    from tqdm import tqdm
+
+    owned = connect_ray(config)
+    pool = _Pool(config, backend)
+    try:
+        idle = pool.start(_worker_count(config, len(pending)))
+        result.workers = len(idle)
+        unknown = ray.get(idle[0].unknown_tasks.remote(list(dict.fromkeys(config.tasks))))
+        for task, suggestion in unknown.items():
+            hint = f"did you mean {suggestion!r}?" if suggestion else "`lm_eval ls tasks` lists the known ones"
+            raise ConfigError(f"unknown task {task!r} in `tasks`; {hint}")
+        pool.warm_task = config.tasks[0]
+        pool.warm_up(idle)
+        bar = tqdm(total=result.total, initial=result.skipped, unit="trial", desc=config.name, disable=not progress)
+        started = time.perf_counter()
+        _dispatch(config, store, pool, idle, pending, ids, settings, result, bar)
+        result.run_s = time.perf_counter() - started
+    finally:
+        result.worker_load_s = list(pool.load_s)
+        pool.stop()
+        if owned:
+            ray.shutdown()
+
+
+def _dispatch(
+    config: SweepConfig,
+    store: ResultStore,
+    pool: _Pool,
+    idle: list,
+    pending: collections.deque,
+    ids: dict[Trial, str],
+    settings: dict,
+    result: SweepResult,
+    bar: Any,
+) -> None:
+    """Keep every worker busy; record each outcome as it arrives; retry a failed trial once."""
+    import ray
+
+    from mee_bench.energy import git_commit
+
+    common = {"sweep": {"name": config.name, "output_dir": str(config.results_dir)}, "git": git_commit()}
+    errors: dict[str, list[str]] = collections.defaultdict(list)
+    inflight: dict = {}
+    with bar:
+        while pending or inflight:
+            while pending and idle:
+                actor = idle.pop()
+                trial, attempt = pending.popleft()
+                inflight[actor.run.remote(trial, result.workers)] = (actor, trial, attempt)
+            [ref], _ = ray.wait(list(inflight), num_returns=1)
+            actor, trial, attempt = inflight.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                outcome = {"status": "failed", "error": f"the worker died during the trial: {err}"}
+                [actor] = pool.start(1)
+            idle.append(actor)
+            if outcome["status"] == "failed":
+                errors[ids[trial]].append(outcome["error"])
+            record = {
+                **common,
+                **{k: v for k, v in outcome.items() if k != "error"},
+                "trial_id": ids[trial],
+                "trial": dataclasses.asdict(trial),
+                "config": {"policy": trial.policy(config).as_dict(), **settings},
+                "attempts": attempt,
+                "errors": errors[ids[trial]],
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            store.write(record)
+            if outcome["status"] == "failed" and attempt == 1:
+                pending.append((trial, 2))
+                continue
+            result.ran += 1
+            if outcome["status"] == "failed":
+                result.failed.append(ids[trial])
+            bar.set_postfix(failed=len(result.failed), refresh=False)
+            bar.update(1)
+
+
+def _describe(trials: list[Trial]) -> str:
+    lines = [f"{len(trials)} trials:"]
+    lines += [f"  {t.task:<20} {t.measure:<20} threshold={t.threshold} min_exit_layer={t.min_exit_layer}" for t in trials]
+    return "\n".join(lines)
+
+
+def cli(argv: list[str]) -> int:
+    """`mee-bench sweep CONFIG [key=value ...]`."""
+    parser = argparse.ArgumentParser(
+        prog="mee-bench sweep",
+        description="Run measures x thresholds x min exit layers x tasks on Ray; resumable; then build the leaderboard.",
+    )
+    parser.add_argument("config", help="sweep YAML, e.g. configs/quickstart.yaml")
+    parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. limit=50 tasks=[squad_mee]")
+    parser.add_argument("--force", action="store_true", help="adopt this config in an output dir that holds another sweep")
+    parser.add_argument("--dry-run", action="store_true", help="check the config and list the trials; run nothing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.dry_run:
+            resolved = resolve_model(config)
+            check_model(resolved)
+            print(_describe(expand_grid(resolved)))
+            return 0
+        result = run_sweep(config, force=args.force, progress=not args.no_progress)
+    except (ConfigError, SweepError) as err:
+        print(f"mee-bench sweep: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mee-bench sweep: interrupted; finished trials are saved, run the same command to resume", file=sys.stderr)
+        return 130
+    print(
+        f"{result.total} trials: {result.skipped} already done, {result.ran} run now, "
+        f"{len(result.failed)} failed; records in {result.output_dir / RECORDS_DIR}"
+    )
+    for failed in result.failed:
+        print(f"  failed twice: {failed} (see its record for the error)", file=sys.stderr)
+    from mee_bench.leaderboard import build_leaderboard
+
+    if any(r.get("status") == "ok" for r in load_records(result.output_dir)):
+        for path in build_leaderboard(result.output_dir):
+            print(f"wrote {path}")
+    return 1 if result.failed else 0
+
