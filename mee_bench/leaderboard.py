@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from mee_bench.sweep import MANIFEST, load_records
+from mee_bench.result_store import MANIFEST, load_records
 
 # The quality number a task is judged by (the paper's choice where it has one); other
 # metrics are shown beside it. Unknown tasks use the first metric of METRIC_PREFERENCE present.

@@ -2,8 +2,8 @@
 
 The driver expands the grid, checks the model can serve it, and hands trials to a pool of
 Ray actors; each actor loads the model once and runs many trials (one lm-eval task under
-one exit policy, inside a CodeCarbon tracker). Only the driver writes results: one JSON
-record per trial, named by a stable trial id, written atomically (temp file + os.replace),
+one exit policy, inside a CodeCarbon tracker). Only the driver writes results, through
+`result_store.ResultStore` (one atomic JSON record per trial, named by a stable trial id),
 so a sweep killed at any moment and run again ends with every trial exactly once.
 Local Ray and a cluster (`ray.address`) take the same code path.
 """
@@ -13,284 +13,39 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import fcntl
-import hashlib
-import json
 import logging
-import math
 import os
 import random
-import shutil
 import socket
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any
 
-from mee_bench.policy import ExitPolicy
+from mee_bench.result_store import (
+    RECORDS_DIR,
+    ResultStore,
+    SweepError,
+    load_records,
+    result_settings,
+    sweep_fingerprint,
+    trial_id,
+)
 from mee_bench.sweep_config import (
     ConfigError,
     SweepConfig,
     Trial,
     check_model,
-    closest,
     config_dict,
     expand_grid,
     load_config,
     resolve_model,
 )
+from mee_bench.sweep_backend import BackendFactory, LMEvalBackend
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-log = logging.getLogger(__name__)
-
-RECORDS_DIR = "records"
-MANIFEST = "sweep.json"
-
-
-class SweepError(RuntimeError):
-    """A sweep that cannot start or continue; the message says why and what to do."""
-
-
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def model_fingerprint(pretrained: str, heads: str | None) -> str:
-    """Cheap identity of the weights: config + size, head and tail of every weight file.
-
-    A retrained model in the same directory gets a new fingerprint, so its trials are new
-    trials rather than stale records skipped on resume. A hub id is its own fingerprint.
-    """
-    digest = hashlib.sha256(pretrained.encode())
-    files = []
-    if Path(pretrained).is_dir():
-        files = sorted(p for p in Path(pretrained).iterdir() if p.suffix in (".json", ".safetensors", ".bin", ".model"))
-    if heads and Path(heads).is_file():
-        files.append(Path(heads))
-    for path in files:
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as handle:
-            digest.update(handle.read(1 << 20))
-            handle.seek(max(0, size - (1 << 20)))
-            digest.update(handle.read())
-    return digest.hexdigest()[:16]
-
-
-def result_settings(config: SweepConfig) -> dict:
-    """Everything besides the grid point that changes a trial's result (and so its id)."""
-    return {
-        "model": dataclasses.asdict(config.model),
-        "model_fingerprint": model_fingerprint(config.model.pretrained, config.model.heads),
-        **{k: getattr(config, k) for k in ("threshold_schedule", "kv_strategy", "limit", "batch_size", "max_gen_toks", "seed")},
-        "carbon": dataclasses.asdict(config.carbon),
-    }
-
-
-def trial_id(trial: Trial, settings: dict) -> str:
-    threshold = "na" if trial.threshold is None else f"{trial.threshold:g}"
-    layer = "na" if trial.min_exit_layer is None else trial.min_exit_layer
-    readable = f"{trial.task}__{trial.measure}__t{threshold}__m{layer}"
-    safe = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in readable)
-    return f"{safe}__{_digest([dataclasses.asdict(trial), settings])[:10]}"
-
-
-def sweep_fingerprint(config: SweepConfig, settings: dict) -> str:
-    """Same fingerprint = same sweep (resume). Execution details (Ray, paths, name) do not count."""
-    identity = {k: v for k, v in config_dict(config).items() if k not in ("ray", "output_dir", "name")}
-    return _digest([identity, settings])
-
-
-def load_records(output_dir: str | Path) -> list[dict]:
-    """Every trial record of a sweep directory (a file that is not valid JSON is skipped with a warning)."""
-    records = []
-    for path in sorted((Path(output_dir) / RECORDS_DIR).glob("*.json")):
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("skipping unreadable record %s: %s", path, err)
-    return records
-
-
-def _flatten(value: Any, prefix: str = "") -> dict:
-    if isinstance(value, dict):
-        flat: dict = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): value}
-
-
-class ResultStore:
-    """The records of one sweep directory, guarded by a lock so one driver writes at a time."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.records = self.root / RECORDS_DIR
-        self._lock = None
-
-    def open(self, fingerprint: str, config: dict, trial_ids: Iterable[str], force: bool) -> None:
-        """Claim the directory: new, or the same config (resume), or `force` (records outside the grid move aside)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.root / ".lock", "w")
-        try:
-            self._claim(fingerprint, config, set(trial_ids), force)
-        except BaseException:
-            self.close()
-            raise
-
-    def _claim(self, fingerprint: str, config: dict, trial_ids: set[str], force: bool) -> None:
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise SweepError(f"another sweep is writing to {self.root}; wait for it or use another output_dir") from None
-        manifest_path = self.root / MANIFEST
-        existing = sorted(self.records.glob("*.json")) if self.records.is_dir() else []
-        previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-        same = previous is not None and previous.get("fingerprint") == fingerprint
-        if existing and not same and not force:  # a manifest without records has nothing to protect
-            raise SweepError(self._difference(previous, config, len(existing)))
-        self.records.mkdir(exist_ok=True)
-        for stale in [*self.root.glob(".*.tmp"), *self.records.glob(".*.tmp")]:  # a write cut short by a kill
-            stale.unlink()
-        if not same:
-            aside = self.root / "superseded" / time.strftime("%Y%m%d-%H%M%S")
-            for path in existing:
-                if path.stem not in trial_ids:
-                    aside.mkdir(parents=True, exist_ok=True)
-                    shutil.move(str(path), aside / path.name)
-            manifest = {"fingerprint": fingerprint, "config": config, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            self._atomic_write(manifest_path, manifest)
-
-    def _difference(self, previous: dict | None, config: dict, count: int) -> str:
-        where = f"{self.root} holds {count} record(s) of a different sweep config"
-        if previous is None:
-            return f"{where} (no {MANIFEST}); refusing to mix them: pick another output_dir or pass --force"
-        old, new = _flatten(previous.get("config", {})), _flatten(config)
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(("ray.", "output_dir", "name")))
-        shown = ", ".join(changed[:6]) or "the model files"
-        return (
-            f"{where} (differs in: {shown}); refusing to mix them. Use another output_dir, or pass --force "
-            "to adopt the new config (records of trials still in the grid are kept, the others move to superseded/)"
-        )
-
-    def finished(self) -> set[str]:
-        return {r["trial_id"] for r in load_records(self.root) if r.get("status") == "ok"}
-
-    def write(self, record: dict) -> None:
-        self._atomic_write(self.records / f"{record['trial_id']}.json", record)
-
-    @staticmethod
-    def _atomic_write(path: Path, payload: dict) -> None:
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-        with tmp.open("w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-
-    def close(self) -> None:
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-
-
-@dataclass
-class Outcome:
-    metrics: dict[str, float | None]
-    efficiency: dict
-
-
-class TrialBackend(Protocol):
-    """What a worker needs to evaluate trials; built once per worker by a factory taking the config."""
-
-    def unknown_tasks(self, tasks: list[str]) -> dict[str, str | None]:
-        """Each task the backend cannot run, with the closest one it can (or None)."""
-
-    def warm_up(self, task: str) -> None:
-        """One small untimed evaluation, so the first timed trial does not pay for cold caches."""
-
-    def evaluate(self, trial: Trial, policy: ExitPolicy) -> Outcome:
-        """Run `trial.task` under `policy`: quality metrics and the efficiency figures."""
-
-
-BackendFactory = Callable[[SweepConfig], TrialBackend]
-
-
-def task_metrics(results: dict) -> dict[str, float | None]:
-    """lm-eval's `{"bleu,none": 12.3, "bleu_stderr,none": ...}` -> `{"bleu": 12.3}`; non-finite -> None."""
-    metrics: dict[str, float | None] = {}
-    for key, value in results.items():
-        if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        name, filter_name = key.split(",", 1)
-        if name.endswith("_stderr"):
-            continue
-        name = name if filter_name == "none" else f"{name},{filter_name}"
-        metrics[name] = float(value) if math.isfinite(value) else None
-    return metrics
-
-
-class LMEvalBackend:
-    """The real thing: the `mee` lm-eval adapter, loaded once, switched between policies per trial."""
-
-    def __init__(self, config: SweepConfig) -> None:
-        from mee_bench.lm_eval_model import MEELM, task_manager
-
-        model = config.model
-        extra = {"heads": model.heads} if model.heads else {}
-        self.config = config
-        self.lm = MEELM(
-            pretrained=model.pretrained,
-            measure="full",
-            threshold_schedule=config.threshold_schedule,
-            kv_strategy=config.kv_strategy,
-            dtype=model.dtype,
-            device=model.device,
-            batch_size=config.batch_size,
-            **extra,
-        )
-        # The package's own tasks index in a moment; lm-eval's ~15k take ~15 s, so only on demand.
-        self._task_manager = task_manager
-        self.tasks = task_manager(include_defaults=False)
-
-    def unknown_tasks(self, tasks: list[str]) -> dict[str, str | None]:
-        if any(task not in self.tasks.all_tasks for task in tasks):
-            self.tasks = self._task_manager()
-        known = set(self.tasks.all_tasks)
-        return {t: closest(t, sorted(known)) for t in tasks if t not in known}
-
-    def warm_up(self, task: str) -> None:
-        self._run(task, ExitPolicy(measure="full"), limit=min(2, self.config.limit or 2))
-
-    def evaluate(self, trial: Trial, policy: ExitPolicy) -> Outcome:
-        output, report = self._run(trial.task, policy, self.config.limit)
-        efficiency = report.get(trial.task) or (next(iter(report.values())) if len(report) == 1 else {})
-        return Outcome(task_metrics(output["results"][trial.task]), efficiency)
-
-    def _run(self, task: str, policy: ExitPolicy, limit: int | None) -> tuple[dict, dict]:
-        from lm_eval import simple_evaluate
-
-        seed = self.config.seed
-        self.lm.set_policy(policy)
-        self.lm.reset_efficiency()
-        output = simple_evaluate(
-            model=self.lm,
-            tasks=[task],
-            task_manager=self.tasks,
-            limit=limit,
-            gen_kwargs={"max_gen_toks": self.config.max_gen_toks} if self.config.max_gen_toks else None,
-            log_samples=False,
-            bootstrap_iters=0,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
-        return output, self.lm.efficiency_report()
-
 
 class SweepWorker:
     """A Ray actor: loads the model once, then evaluates trials one at a time. `run` never raises."""

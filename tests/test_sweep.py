@@ -1,4 +1,4 @@
-"""The sweep without Ray: trial ids, the model checks, the result store, bad addresses."""
+"""The sweep without Ray: trial ids, the model checks, the result store, bad addresses, the task index."""
 
 from __future__ import annotations
 
@@ -9,17 +9,9 @@ import time
 import pytest
 
 from mee_bench.heads import ExitHeads
-from mee_bench.sweep import (
-    ResultStore,
-    SweepError,
-    check_reachable,
-    cli,
-    load_records,
-    result_settings,
-    run_sweep,
-    task_metrics,
-    trial_id,
-)
+from mee_bench.result_store import ResultStore, SweepError, load_records, result_settings, trial_id
+from mee_bench.sweep import check_reachable, cli, run_sweep
+from mee_bench.sweep_backend import LMEvalBackend, task_metrics
 from mee_bench.sweep_config import ConfigError, Trial, check_model, expand_grid, resolve_model, to_config
 
 
@@ -210,6 +202,25 @@ def test_task_metrics_keeps_values_and_drops_stderr_and_alias():
     results = {"alias": "x", "bleu,none": 12.5, "bleu_stderr,none": "N/A", "chrf,none": 40.0,
                "exact_match,strict": 1.0, "f1,none": float("nan")}
     assert task_metrics(results) == {"bleu": 12.5, "chrf": 40.0, "exact_match,strict": 1.0, "f1": None}
+
+
+@pytest.mark.parametrize(
+    ("tasks", "include_defaults"),
+    [
+        (["tatoeba_enfr_mee", "squad_mee", "cnndm_mee", "wmt15_enfr_mee", "bigpatent_mee"], False),
+        (["mee"], False),
+        (["tatoeba_enfr_mee", "hellaswag"], True),
+        (["sqaud_mee"], True),  # a typo gets its suggestion from the full index
+    ],
+)
+def test_workers_index_lm_evals_builtin_tasks_only_for_a_task_that_is_not_ours(tiny_model_dir, tmp_path, monkeypatch, tasks, include_defaults):
+    import mee_bench.lm_eval_model as adapter
+
+    calls = []
+    monkeypatch.setattr(adapter, "MEELM", lambda **kwargs: None)
+    monkeypatch.setattr(adapter, "task_manager", lambda **kwargs: calls.append(kwargs))
+    LMEvalBackend(make_config(tiny_model_dir, tmp_path, tasks=tasks))
+    assert calls == [{"include_defaults": include_defaults}]
 
 
 def test_cli_dry_run_lists_trials_and_reports_config_errors(tiny_model_dir, tmp_path, capsys):

@@ -25,7 +25,9 @@ import pytest
 import ray
 
 from mee_bench.leaderboard import build_leaderboard
-from mee_bench.sweep import Outcome, load_records, run_sweep
+from mee_bench.result_store import load_records
+from mee_bench.sweep import run_sweep
+from mee_bench.sweep_backend import Outcome
 from mee_bench.sweep_config import load_config, to_config
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
