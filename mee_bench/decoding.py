@@ -166,6 +166,7 @@ class EarlyExitGenerator:
             exit_layer = torch.full_like(token, num_layers)
             confidence = torch.full(token.shape, float("nan"), device=device)
             measure.start(hidden, policy.min_exit_layer)
+            last_score = None  # the measure's latest values for the rows still running
             catching_up = deferred and step > 0 and bool((done_layers[rows, :step] < num_layers).any())
             for index in range(num_layers):
                 row_arg = None if rows.numel() == batch else rows
@@ -188,7 +189,7 @@ class EarlyExitGenerator:
                 stats.measure_s += time.perf_counter() - measured
                 if score is None:
                     continue
-                confidence[slot] = score.float()
+                last_score = score
                 exits = score >= threshold
                 if not bool(exits.any()):
                     continue
@@ -196,6 +197,7 @@ class EarlyExitGenerator:
                 exit_logits = memo[0][leaving] if memo else runner.logits(hidden[leaving])
                 token[slot[leaving]] = exit_logits[:, -1].argmax(-1)
                 exit_layer[slot[leaving]] = layer
+                confidence[slot[leaving]] = score[leaving].float()
                 leaving_rows = rows[leaving]
                 if deferred:
                     done_layers[leaving_rows, step] = layer
@@ -203,12 +205,14 @@ class EarlyExitGenerator:
                 else:
                     runner.copy_skipped_kv(layer, hidden[leaving], cache, leaving_rows, step)
                 staying = ~exits
-                rows, slot, hidden = rows[staying], slot[staying], hidden[staying]
+                rows, slot, hidden, last_score = rows[staying], slot[staying], hidden[staying], score[staying]
                 measure.select(staying)
                 if rows.numel() == 0:
                     break
             if rows.numel():
                 token[slot] = runner.logits(hidden)[:, -1].argmax(-1)
+                if last_score is not None:
+                    confidence[slot] = last_score.float()
             if isinstance(measure, Oracle):
                 exit_layer = measure.exit_layers(token, num_layers)
 

@@ -53,9 +53,24 @@ class LayerLSTM(nn.Module):
         self.out = nn.Linear(hidden, 2)
 
     def forward(self, states: Tensor, carry: tuple[Tensor, Tensor] | None = None):
-        """states [B, steps, d] -> (logits [B, steps, 2], carry)."""
+        """states [B, steps, d] -> (logits [B, steps, 2], carry). Used for training."""
         output, carry = self.lstm(states, carry)
         return self.out(output), carry
+
+    def step(self, state: Tensor, carry: list[tuple[Tensor, Tensor]] | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """One layer's state [B, d] -> (logits [B, 2], carry): `forward`'s maths for one step with
+        the same weights, through `torch.lstm_cell`, which costs a third of nn.LSTM per call."""
+        lstm = self.lstm
+        if carry is None:
+            zeros = state.new_zeros(state.shape[0], lstm.hidden_size)
+            carry = [(zeros, zeros)] * lstm.num_layers
+        weights = lstm.all_weights
+        new_carry, x = [], state
+        for (hidden, cell), (w_ih, w_hh, b_ih, b_hh) in zip(carry, weights):
+            hidden, cell = torch.lstm_cell(x, (hidden, cell), w_ih, w_hh, b_ih, b_hh)
+            new_carry.append((hidden, cell))
+            x = hidden
+        return self.out(x), new_carry
 
 
 class ExitHeads(nn.Module):

@@ -151,13 +151,13 @@ class LSTMMeasure(LearnedMeasure):
         self.carry = None
 
     def step(self, layer, hidden, logits):
-        out, self.carry = self.heads.lstm(hidden[:, -1:].to(self.head_dtype), self.carry)
+        out, self.carry = self.heads.lstm.step(hidden[:, -1].to(self.head_dtype), self.carry)
         if layer < self.first_check_layer:
             return None
-        return exit_probability(out[:, -1])
+        return exit_probability(out)
 
     def select(self, keep):
-        self.carry = tuple(state[:, keep] for state in self.carry)
+        self.carry = [(state[keep], cell[keep]) for state, cell in self.carry]
 
 
 @register

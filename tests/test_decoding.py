@@ -293,3 +293,15 @@ def test_exit_logits_use_the_final_norm_exactly_once():
         logits, states = runner.all_layer_states(ids, mask, decoder_ids)
         torch.testing.assert_close(runner.logits(states[-1]), logits)
         torch.testing.assert_close(logits, model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits)
+
+
+def test_confidence_is_the_value_at_the_exit_or_the_last_check():
+    model = tiny_model(seed=7)
+    ids, mask = padded_batch([9, 4, 7, 6], seed=8)
+    out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("softmax", threshold=0.95, min_exit_layer=2), MAX_NEW)
+    pairs = [(layer, conf) for row in range(4) for layer, conf in zip(out.exit_layers[row], out.confidences[row])]
+    assert {layer for layer, _ in pairs} >= {2, 4}
+    assert all(conf >= 0.95 for layer, conf in pairs if layer < 4)
+    assert all(0.0 <= conf < 0.95 for layer, conf in pairs if layer == 4)
+    full = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    assert all(conf != conf for row in full.confidences for conf in row)  # never checked: nan
