@@ -191,24 +191,29 @@ class EarlyExitGenerator:
                     continue
                 last_score = score
                 exits = score >= threshold
-                if not bool(exits.any()):
+                exiting = int(exits.sum())
+                if exiting == 0:
                     continue
-                leaving = exits.nonzero().squeeze(1)
-                exit_logits = memo[0][leaving] if memo else runner.logits(hidden[leaving])
-                token[slot[leaving]] = exit_logits[:, -1].argmax(-1)
-                exit_layer[slot[leaving]] = layer
-                confidence[slot[leaving]] = score[leaving].float()
-                leaving_rows = rows[leaving]
+                everyone = exiting == rows.numel()  # the common case at batch size 1: no indexing
+                leaving = slice(None) if everyone else exits.nonzero().squeeze(1)
+                exit_hidden = hidden if everyone else hidden[leaving]
+                exit_logits = (memo[0] if everyone else memo[0][leaving]) if memo else runner.logits(exit_hidden)
+                exit_slot = slot if everyone else slot[leaving]
+                token[exit_slot] = exit_logits[:, -1].argmax(-1)
+                exit_layer[exit_slot] = layer
+                confidence[exit_slot] = (score if everyone else score[leaving]).float()
+                leaving_rows = rows if everyone else rows[leaving]
                 if deferred:
                     done_layers[leaving_rows, step] = layer
-                    pending_states[leaving_rows, step] = hidden[leaving, 0]
+                    pending_states[leaving_rows, step] = exit_hidden[:, 0]
                 else:
-                    runner.copy_skipped_kv(layer, hidden[leaving], cache, leaving_rows, step)
+                    runner.copy_skipped_kv(layer, exit_hidden, cache, leaving_rows, step)
+                if everyone:
+                    rows = rows[:0]
+                    break
                 staying = ~exits
                 rows, slot, hidden, last_score = rows[staying], slot[staying], hidden[staying], score[staying]
                 measure.select(staying)
-                if rows.numel() == 0:
-                    break
             if rows.numel():
                 token[slot] = runner.logits(hidden)[:, -1].argmax(-1)
                 if last_score is not None:

@@ -94,8 +94,8 @@ class DecoderCache:
     position and any layer (the copy and deferred strategies both need that).
     """
 
-    self_k: list[Tensor]  # per layer [B, H, T, d_kv]
-    self_v: list[Tensor]
+    self_k: Tensor  # [layers, B, H, T, d_kv]: one tensor, so skipped layers are written in one call
+    self_v: Tensor
     cross_k: list[Tensor]  # per layer [B, H, S, d_kv]
     cross_v: list[Tensor]
     cross_bias: Tensor  # [B, 1, 1, S] additive encoder padding mask
@@ -121,6 +121,7 @@ class T5LayerRunner:
         self.d_model = config.d_model
         self.output_scale = config.d_model**-0.5 if config.scale_decoder_outputs else 1.0
         self.position_bias_module = self.blocks[0].layer[0].SelfAttention
+        self._kv_weights: Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -145,8 +146,8 @@ class T5LayerRunner:
         cross_bias = torch.zeros(attention_mask.shape, dtype=dtype, device=encoder_states.device)
         cross_bias = cross_bias.masked_fill(attention_mask == 0, min_value)[:, None, None, :]
         return DecoderCache(
-            self_k=[encoder_states.new_zeros(shape) for _ in self.blocks],
-            self_v=[encoder_states.new_zeros(shape) for _ in self.blocks],
+            self_k=encoder_states.new_zeros(self.num_layers, *shape),
+            self_v=encoder_states.new_zeros(self.num_layers, *shape),
             cross_k=cross_k,
             cross_v=cross_v,
             cross_bias=cross_bias,
@@ -226,14 +227,29 @@ class T5LayerRunner:
         cache.self_v[index][batch_rows, :, positions] = value.transpose(1, 2)
 
     def copy_skipped_kv(self, first_skipped: int, hidden: Tensor, cache: DecoderCache, rows: Tensor, position: int) -> None:
-        """CALM's state copying: layers >= `first_skipped` get K/V projected from the exit state."""
-        for index in range(first_skipped, self.num_layers):
-            layer = self.blocks[index].layer[0]
-            normed = layer.layer_norm(hidden)
-            key = self._heads(layer.SelfAttention.k(normed))
-            value = self._heads(layer.SelfAttention.v(normed))
-            cache.self_k[index][rows, :, position] = key[:, :, 0]
-            cache.self_v[index][rows, :, position] = value[:, :, 0]
+        """CALM's state copying: layers >= `first_skipped` get K/V projected from the exit state
+        [A, 1, d], each through its own layer norm and K/V weights, as one matmul."""
+        first_norm = self.blocks[first_skipped].layer[0].layer_norm
+        variance = hidden.float().pow(2).mean(-1, keepdim=True)
+        normed = (hidden * torch.rsqrt(variance + first_norm.variance_epsilon)).to(hidden.dtype)
+        skipped = self.num_layers - first_skipped
+        width = self.num_heads * self.d_kv
+        weights = self._stacked_kv_weights()[first_skipped * 2 * width :]
+        kv = (normed[:, 0] @ weights.T).view(-1, skipped, 2, self.num_heads, self.d_kv).transpose(0, 1)
+        cache.self_k[first_skipped:, rows, :, position] = kv[:, :, 0]
+        cache.self_v[first_skipped:, rows, :, position] = kv[:, :, 1]
+
+    def _stacked_kv_weights(self) -> Tensor:
+        """Every decoder layer's self-attention K and V weights with its layer-norm weight folded
+        in ([layers * 2 * inner, d]); built once, for inference (training does not copy states)."""
+        if self._kv_weights is None:
+            parts = []
+            for block in self.blocks:
+                layer = block.layer[0]
+                scale = layer.layer_norm.weight
+                parts += [layer.SelfAttention.k.weight * scale, layer.SelfAttention.v.weight * scale]
+            self._kv_weights = torch.cat(parts).detach()
+        return self._kv_weights
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Logits of any layer's raw output: the model's final norm, output scaling and LM head."""
