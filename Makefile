@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test bench
+.PHONY: setup run demo test bench readme-leaderboard
 
 setup: $(VENV)/.installed
 
@@ -21,8 +21,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m mee_bench.install_lm_eval_hook  # editable installs do not carry the .pth that registers `--model mee`
 	touch $@
 
+# The main job: the quickstart sweep on the embedded default model (resumes if interrupted).
 run: setup
+	$(BIN)/mee-bench sweep configs/quickstart.yaml output_dir=runs/quickstart
+	cat runs/quickstart/leaderboard.md
+
+demo: setup
 	$(BIN)/mee-bench demo
+
+# Maintainers: regenerate the reference leaderboard committed in results/ and shown in README.md.
+readme-leaderboard: setup
+	$(BIN)/mee-bench sweep configs/quickstart.yaml
+	$(BIN)/mee-bench leaderboard results/quickstart --readme README.md
 
 test: setup
 	$(BIN)/python -m pytest -q
