@@ -6,7 +6,7 @@ threads). Steady-state trials/min counts from the first trial handed out to the 
 record written; end-to-end adds Ray start and model loading. The model-load share is a
 worker's load time over the sweep's wall time. Target: 2 workers / 1 worker >= 1.6x.
 
-    python benchmarks/sweep_throughput.py [--trials 8] [--limit 8] [--pretrained PATH]
+    python benchmarks/sweep_throughput.py [--trials 8] [--limit 40] [--pretrained PATH]
 
 Uses the embedded default model when it is there, else a random model of its shape with
 the T5 tokenizer (speed does not depend on training). Writes results/bench/sweep_throughput.json.
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--pretrained", help="model directory (default: the embedded default model, else a random stand-in)")
     parser.add_argument("--task", default="tatoeba_enfr_mee")
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--max-gen-toks", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output", default=str(REPO / "results" / "bench" / "sweep_throughput.json"))
