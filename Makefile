@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run demo test bench readme-leaderboard
+.PHONY: setup run demo test bench readme-leaderboard default-model monotonicity
 
 setup: $(VENV)/.installed
 
@@ -39,3 +39,29 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/decode_speed.py
+
+# Maintainers: rebuild the embedded default model from nothing with the project's own recipe
+# (about 2.5 hours on 2 CPU cores; every stage resumes from its last checkpoint if interrupted):
+# base -> continued base -> weighted-CE fine-tune (shipped) with its exit heads and report;
+# the vanilla and FREE fine-tunes and the scratch weighted-CE run are the comparisons.
+DEFAULT_MODEL := models/mee-t5-default
+TRAIN_RUNS := default-base default-extend default-weighted-ce default-final default-free default-scratch-weighted-ce
+MODEL_FILES := config.json generation_config.json model.safetensors spiece.model tokenizer.json tokenizer_config.json training.json
+default-model: setup
+	for preset in default default-extend default-weighted-ce default-final default-free default-scratch-weighted-ce; do \
+		$(BIN)/mee-bench train $$preset || exit 1; done
+	mkdir -p $(DEFAULT_MODEL)/training
+	for file in $(MODEL_FILES); do cp runs/default-weighted-ce/$$file $(DEFAULT_MODEL)/ || exit 1; done
+	for run in $(TRAIN_RUNS); do cp runs/$$run/training.json $(DEFAULT_MODEL)/training/$$run.json || exit 1; done
+	$(BIN)/mee-bench train-heads $(DEFAULT_MODEL)
+	$(BIN)/mee-bench model-report $(DEFAULT_MODEL) --out results/default_model.md
+
+# Maintainers: the monotonicity study of the three fine-tunes (needs `make default-model`'s runs/).
+MONOTONICITY_MODELS := --model runs/default-final --label vanilla --model $(DEFAULT_MODEL) --label weighted-ce \
+	--model runs/default-free --label free
+MONOTONICITY_TASKS := tatoeba_enfr_mee wmt15_enfr_mee squad_mee cnndm_mee bigpatent_mee
+monotonicity: setup
+	for task in $(MONOTONICITY_TASKS); do \
+		$(BIN)/mee-bench analyze $(MONOTONICITY_MODELS) --task $$task --limit 200 --out results/monotonicity/$$task || exit 1; done
+	$(BIN)/mee-bench analyze $(MONOTONICITY_MODELS) --task tatoeba_enfr_mee --limit 200 --mode free_running \
+		--out results/monotonicity/tatoeba_enfr_mee-free-running

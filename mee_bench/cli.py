@@ -16,12 +16,13 @@ COMMANDS = {
     "sweep": ("mee_bench.sweep", "run measures x thresholds x min exit layers x tasks on Ray with CodeCarbon"),
     "leaderboard": ("mee_bench.leaderboard", "rebuild leaderboard tables and plots from a sweep's records"),
     "analyze": ("mee_bench.monotonicity", "the monotonicity study (the paper's Figures 1-3) on any model"),
+    "model-report": ("mee_bench.model_report", "a model's full-depth quality, per-layer agreement and training curves"),
 }
 
 
 def usage() -> str:
     lines = ["usage: mee-bench COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += [f"  {name:<13} {summary}" for name, (_, summary) in COMMANDS.items()]
     lines += ["", "`mee-bench COMMAND --help` shows a command's options."]
     return "\n".join(lines)
 
