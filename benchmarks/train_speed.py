@@ -26,7 +26,8 @@ import torch
 
 from mee_bench.model import REPO_ROOT, T5LayerRunner
 from mee_bench.train_data import MixtureBatches, TokenizedSource
-from mee_bench.training import build_model, build_optimizer, load_config, load_sources, make_objective, train_step
+from mee_bench.training import build_model, build_optimizer, load_sources, make_objective, train_step
+from mee_bench.training_config import load_config
 
 OBJECTIVES = ("final", "weighted_ce", "weighted_ce_kd")
 TOKENIZER_DIRS = (REPO_ROOT / "models" / "mee-t5-default", REPO_ROOT / "runs" / "default-base")

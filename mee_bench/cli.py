@@ -15,7 +15,7 @@ COMMANDS = {
     "train-heads": ("mee_bench.head_training", "train the classifier, last_three_mlp and lstm exit heads of a model"),
     "sweep": ("mee_bench.sweep", "run measures x thresholds x min exit layers x tasks on Ray with CodeCarbon"),
     "leaderboard": ("mee_bench.leaderboard", "rebuild leaderboard tables and plots from a sweep's records"),
-    "analyze": ("mee_bench.monotonicity", "the monotonicity study (the paper's Figures 1-3) on any model"),
+    "analyze": ("mee_bench.analysis", "the monotonicity study (the paper's Figures 1-3) on any model"),
     "model-report": ("mee_bench.model_report", "a model's full-depth quality, per-layer agreement and training curves"),
 }
 

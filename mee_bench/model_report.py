@@ -62,7 +62,7 @@ def evaluate_full_depth(pretrained: str, limits: dict[str, int | None], batch_si
 def layer_agreement(pretrained: str, limit: int | None) -> dict:
     """Teacher-forced per-layer top-1 agreement with the last layer (and no-change after i) on Tatoeba."""
     from mee_bench.model import load_model
-    from mee_bench.monotonicity import analyze_model, task_examples
+    from mee_bench.analysis import analyze_model, task_examples
 
     model, tokenizer = load_model(pretrained, "float32", "cpu")
     analysis = analyze_model(model, tokenizer, task_examples(AGREEMENT_TASK, limit), label="model",

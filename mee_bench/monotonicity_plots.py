@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from tabulate import tabulate
 
 if TYPE_CHECKING:
-    from mee_bench.monotonicity import ModelAnalysis
+    from mee_bench.analysis import ModelAnalysis
 
 MODEL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 TOKEN_COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive",

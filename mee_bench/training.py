@@ -10,311 +10,30 @@ data order; an output dir holding a different run is refused.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
-import math
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mee_bench.model import REPO_ROOT, T5LayerRunner
+from mee_bench.model import T5LayerRunner
 from mee_bench.objectives import Objective, decoder_layer_states
 from mee_bench.tokenizer_training import SPIECE_FILE
 from mee_bench.train_data import DataError, MixtureBatches, TokenizedSource, read_examples
-
-CONFIG_DIR = REPO_ROOT / "configs" / "train"
-CHECKPOINT_DIR = "checkpoint"
-RUN_CONFIG = "run_config.yaml"
-METRICS = "metrics.jsonl"
-CARD = "training.json"
-DATA_NOTE = (
-    "Trained only on Tatoeba EN-FR, WMT news EN-FR 2008-2013 and the SQuAD training slice; "
-    "no CNN/DailyMail or BigPatent training data exists offline, so summarisation is untrained."
+from mee_bench.training_checkpoint import (
+    CHECKPOINT_DIR,
+    METRICS,
+    RunError,
+    check_init,
+    load_checkpoint,
+    prepare_output_dir,
+    save_checkpoint,
+    save_final_model,
+    write_card,
 )
-
-
-class RunError(ValueError):
-    """An output directory that the run cannot use."""
-
-
-class ConfigError(ValueError):
-    """A config that names an unknown key, preset, objective or an impossible budget."""
-
-
-DEFAULTS = {
-    "output_dir": "runs/train",
-    "seed": 0,
-    "threads": 2,
-    "precision": "fp32",
-    "save_dtype": "bfloat16",
-    "checkpoint_minutes": 5.0,
-    "log_every_steps": 10,
-    "eval_every_steps": 0,
-    "model": {
-        "init": None,
-        "d_model": 256,
-        "d_kv": 32,
-        "num_heads": 8,
-        "d_ff": 768,
-        "num_layers": 4,
-        "num_decoder_layers": 6,
-        "feed_forward_proj": "gated-gelu",
-        "dropout_rate": 0.0,
-    },
-    "tokenizer": {"path": None, "vocab_size": 8000},
-    "data": {
-        "sources": [],
-        "max_source_tokens": 256,
-        "max_target_tokens": 128,
-        "batch_tokens": 6000,
-        "bucket_batches": 50,
-        "limit": None,
-        "validation": {"path": "tatoeba_fra_eng/validation.jsonl", "task": "translate_en_fr", "examples": 200},
-    },
-    "objective": {
-        "name": "weighted_ce",
-        "label_smoothing": 0.1,
-        "chunk_tokens": 2048,
-        "kd_exit_layer": 2,
-        "kd_mapping": "last",
-        "kd_weight": 1.0,
-    },
-    "optim": {
-        "lr": 1e-3,
-        "betas": [0.9, 0.98],
-        "weight_decay": 0.01,
-        "warmup_steps": 100,
-        "schedule": "constant",
-        "decay_fraction": 0.2,
-        "min_lr_ratio": 0.1,
-        "grad_clip": 1.0,
-    },
-    "budget": {"steps": None, "minutes": None},
-}
-SOURCE_KEYS = {"name", "path", "task", "weight"}
-SCHEDULES = ("constant", "inverse_sqrt", "wsd")
-# Keys that may change between the runs of one training without making it a different run.
-RESUMABLE_KEYS = ("budget", "checkpoint_minutes", "threads", "log_every_steps", "eval_every_steps", "output_dir")
-
-
-def _check_keys(given: dict, allowed: dict, prefix: str = "") -> None:
-    for key, value in given.items():
-        name = f"{prefix}{key}"
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), [str(k) for k in allowed], n=1)
-            hint = (
-                f"; did you mean {prefix}{close[0]}?"
-                if close
-                else f"; valid keys: {', '.join(f'{prefix}{k}' for k in allowed)}"
-            )
-            raise ConfigError(f"unknown config key {name!r}{hint}")
-        if isinstance(allowed[key], dict) and allowed[key] and isinstance(value, dict):
-            _check_keys(value, allowed[key], f"{name}.")
-    for number, source in enumerate(given.get("sources", []) if prefix == "data." else []):
-        unknown = set(source) - SOURCE_KEYS
-        if unknown or not {"path", "task"} <= set(source):
-            raise ConfigError(
-                f"data.sources[{number}] needs path and task (and optional name, weight), got {sorted(source)}"
-            )
-
-
-def presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def load_config(config: str | Path, overrides: list[str] | tuple[str, ...] = ()):
-    """Defaults <- YAML file or preset <- key=value overrides, validated before anything runs."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    path = Path(config)
-    if not path.is_file():
-        if path.suffix or "/" in str(config):
-            raise ConfigError(f"config file {config} does not exist")
-        if not (CONFIG_DIR / f"{config}.yaml").is_file():
-            raise ConfigError(f"unknown preset {config!r}; presets: {', '.join(presets())} (or pass a YAML file)")
-        path = CONFIG_DIR / f"{config}.yaml"
-    try:
-        given = OmegaConf.load(path)
-        given.merge_with_dotlist(list(overrides))
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(f"cannot read config {path} with overrides {list(overrides)}: {err}") from err
-    given_dict = OmegaConf.to_container(given)
-    _check_keys(given_dict, DEFAULTS)
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), given_dict)
-    for number, source in enumerate(cfg.data.sources):
-        source.name = source.get("name") or Path(source.path).parent.name or f"source{number}"
-        source.weight = float(source.get("weight") or 1.0)
-    _validate(cfg)
-    cfg.output_dir = str(_repo_path(cfg.output_dir))
-    for key in ("model.init", "tokenizer.path"):
-        value = OmegaConf.select(cfg, key)
-        if value and (_repo_path(value).exists() or str(value).startswith(("runs/", "models/"))):
-            OmegaConf.update(cfg, key, str(_repo_path(value)))
-    return cfg
-
-
-def _repo_path(path: str) -> Path:
-    """Relative paths in configs are relative to the repository, never to the current directory."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
-def _validate(cfg) -> None:
-    from mee_bench.objectives import KD_MAPPINGS, OBJECTIVES
-
-    if cfg.objective.name not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {cfg.objective.name!r}; use one of {', '.join(OBJECTIVES)}")
-    if cfg.objective.kd_mapping not in KD_MAPPINGS:
-        raise ConfigError(
-            f"unknown objective.kd_mapping {cfg.objective.kd_mapping!r}; use one of {', '.join(KD_MAPPINGS)}"
-        )
-    if cfg.optim.schedule not in SCHEDULES:
-        raise ConfigError(f"unknown optim.schedule {cfg.optim.schedule!r}; use one of {', '.join(SCHEDULES)}")
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ConfigError(f"precision must be bf16 or fp32, got {cfg.precision!r}")
-    steps, minutes = cfg.budget.steps, cfg.budget.minutes
-    if steps is None and minutes is None:
-        raise ConfigError("set a budget: budget.steps or budget.minutes")
-    for name, value in (("budget.steps", steps), ("budget.minutes", minutes)):
-        if value is not None and value <= 0:
-            raise ConfigError(f"{name} must be positive, got {value}")
-    if cfg.optim.schedule == "wsd" and steps is None:
-        raise ConfigError("optim.schedule=wsd decays over the last steps, so it needs budget.steps")
-    if not cfg.data.sources:
-        raise ConfigError("data.sources is empty: list at least one {path, task, weight}")
-
-
-def identity(cfg) -> dict:
-    """The config keys that define a run (everything except budget and bookkeeping), flattened."""
-    from omegaconf import OmegaConf
-
-    container = OmegaConf.to_container(cfg) if not isinstance(cfg, dict) else cfg
-    flat: dict = {}
-
-    def walk(node, prefix: str) -> None:
-        for key, value in node.items():
-            if prefix == "" and key in RESUMABLE_KEYS:
-                continue
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    walk(container, "")
-    return flat
-
-
-def save_checkpoint(output: Path, model, optimizer, state: dict) -> None:
-    """Model and optimiser tensors in safetensors, the rest as JSON; swapped in whole, never half-written."""
-    from safetensors.torch import save_file, save_model
-
-    staging, final, old = output / f"{CHECKPOINT_DIR}.tmp", output / CHECKPOINT_DIR, output / f"{CHECKPOINT_DIR}.old"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_model(model, str(staging / "model.safetensors"))
-    optim_state = optimizer.state_dict()
-    tensors = {
-        f"{index}.{key}": value.contiguous()
-        for index, entry in optim_state["state"].items()
-        for key, value in entry.items()
-    }
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(staging / "optimizer.safetensors"))
-    (staging / "trainer_state.json").write_text(
-        json.dumps({**state, "param_groups": optim_state["param_groups"]}, indent=1)
-    )
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(output: Path, model, optimizer) -> dict:
-    """Restore model, optimiser and RNG; returns the trainer state (step, epoch, position, wall time, tokens)."""
-    from safetensors.torch import load_file, load_model
-
-    directory = output / CHECKPOINT_DIR
-    load_model(model, str(directory / "model.safetensors"))
-    saved = json.loads((directory / "trainer_state.json").read_text())
-    tensors = load_file(str(directory / "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    entries: dict[int, dict] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        entries.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": entries, "param_groups": saved.pop("param_groups")})
-    return saved
-
-
-def save_final_model(output: Path, model, dtype: str) -> None:
-    """The usable model beside its tokenizer: config + safetensors in `dtype` (bf16 keeps the default under 30 MB)."""
-    import copy
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    copy.deepcopy(model).to(getattr(torch, dtype)).save_pretrained(str(output))
-
-
-def learning_rate(cfg, step: int) -> float:
-    """LR at `step` (0-based): linear warmup, then constant, inverse-sqrt, or warmup-stable-decay."""
-    optim = cfg.optim
-    warmup = max(1, optim.warmup_steps)
-    base = optim.lr * min(1.0, (step + 1) / warmup)
-    if optim.schedule == "constant":
-        return base
-    if optim.schedule == "inverse_sqrt":
-        return max(base * math.sqrt(warmup / max(step + 1, warmup)), optim.lr * optim.min_lr_ratio)
-    total = cfg.budget.steps
-    decay_start = total * (1.0 - optim.decay_fraction)
-    if step < decay_start:
-        return base
-    progress = (step - decay_start) / max(1.0, total - decay_start)
-    return optim.lr * (1.0 - progress * (1.0 - optim.min_lr_ratio))
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def prepare_output_dir(cfg) -> tuple[Path, bool]:
-    """Create the run dir, or check that it holds this same run; returns (path, resuming)."""
-    from omegaconf import OmegaConf
-
-    output = Path(cfg.output_dir)
-    if output.exists() and any(output.iterdir()):
-        saved = output / RUN_CONFIG
-        if not saved.is_file():
-            raise RunError(f"output_dir {output} is not empty and holds no {RUN_CONFIG}; choose another output_dir")
-        # saved over today's defaults, so a key added to DEFAULTS since does not make it a different run
-        previous = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.load(saved))
-        mine, theirs = identity(cfg), identity(previous)
-        if mine != theirs:
-            differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise RunError(
-                f"output_dir {output} holds a different run (config differs at {', '.join(differing)}); "
-                "choose another output_dir or the same config to resume"
-            )
-        OmegaConf.save(cfg, saved)
-        old = output / f"{CHECKPOINT_DIR}.old"
-        if old.is_dir() and not (output / CHECKPOINT_DIR).is_dir():  # killed between the two renames of a save
-            old.rename(output / CHECKPOINT_DIR)
-        return output, (output / CHECKPOINT_DIR).is_dir()
-    output.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output / RUN_CONFIG)
-    return output, False
+from mee_bench.training_config import ConfigError, learning_rate, load_config
 
 
 def load_sources(cfg) -> list[tuple[object, list]]:
@@ -339,15 +58,6 @@ def build_tokenizer(cfg, output: Path, sources):
         return AutoTokenizer.from_pretrained(str(output))
     tokenizer.save_pretrained(str(output))
     return tokenizer
-
-
-def check_init(cfg) -> None:
-    """A fine-tune must start from a finished model, not from a base that is still training."""
-    card = Path(cfg.model.init) / CARD if cfg.model.init else None
-    if card and card.is_file() and json.loads(card.read_text()).get("status") != "complete":
-        raise RunError(
-            f"model.init {cfg.model.init} is still training (its {CARD} says so); finish or resume that run first"
-        )
 
 
 def build_model(cfg, tokenizer):
@@ -425,25 +135,6 @@ def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
         "bleu": round(bleu.score, 2),
         "sample": hypotheses[0],
     }
-
-
-def write_card(output: Path, cfg, state: dict, status: str, history: list[dict]) -> None:
-    from omegaconf import OmegaConf
-
-    card = {
-        "status": status,
-        "objective": OmegaConf.to_container(cfg.objective),
-        "data": {"sources": OmegaConf.to_container(cfg.data.sources), "note": DATA_NOTE},
-        "steps": state["step"],
-        "tokens_seen": state["tokens"],
-        "seed": cfg.seed,
-        "git_commit": git_commit(),
-        "wall_time_minutes": round(state["wall_time"] / 60, 2),
-        "init": cfg.model.init,
-        "config": OmegaConf.to_container(cfg),
-        "evaluations": history,
-    }
-    (output / CARD).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
 
 
 def budget_left(cfg, state: dict) -> bool:

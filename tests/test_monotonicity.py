@@ -10,17 +10,13 @@ import torch
 
 from conftest import tiny_model
 from mee_bench.data import data_root
+from mee_bench.analysis import ANALYSIS_TASKS, Example, analyze_model, cli, task_examples
 from mee_bench.monotonicity import (
-    ANALYSIS_TASKS,
-    Example,
     LayerStatistics,
     TokenPredictions,
-    analyze_model,
-    cli,
     hidden_state_saturation,
     layer_statistics,
     rising_last_three,
-    task_examples,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

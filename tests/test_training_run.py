@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 
 import mee_bench.training as training
 from mee_bench.train_data import DataError
-from mee_bench.training import ConfigError, RunError, load_config, train
+from mee_bench.training import train
+from mee_bench.training_checkpoint import RunError
+from mee_bench.training_config import ConfigError, load_config
 
 TINY = {
     "model": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 3},
