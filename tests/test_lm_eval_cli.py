@@ -28,7 +28,7 @@ METRICS = {
     "cnndm_mee": {"rouge1", "rouge2", "rougeL", "rougeLsum"},
     "wmt15_enfr_mee": {"bleu", "chrf"},
     "bigpatent_mee": {"rouge1", "rouge2", "rougeL"},
-    "tatoeba_enfr_mee": {"bleu", "chrf"},
+    "tatoeba_enfr_mee": {"bleu", "chrf", "bleu_multiref"},
 }
 EFFICIENCY_KEYS = {
     "tokens", "num_layers", "avg_exit_layer", "exit_histogram", "encoder_ms", "decoder_ms", "measure_ms",

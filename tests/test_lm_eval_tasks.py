@@ -15,7 +15,7 @@ EXPECTED = {
     "cnndm_mee": ("summarize: ", None, {"rouge1", "rouge2", "rougeL", "rougeLsum"}),
     "wmt15_enfr_mee": ("translate English to French: ", None, {"bleu", "chrf"}),
     "bigpatent_mee": ("summarize: ", None, {"rouge1", "rouge2", "rougeL"}),
-    "tatoeba_enfr_mee": ("translate English to French: ", None, {"bleu", "chrf"}),
+    "tatoeba_enfr_mee": ("translate English to French: ", None, {"bleu", "chrf", "bleu_multiref"}),
 }
 
 
@@ -65,6 +65,22 @@ def test_translation_metrics_are_corpus_sacrebleu_and_chrf():
     assert utils.corpus_bleu(items) == pytest.approx(sacrebleu.corpus_bleu([h for _, h in pairs], [[r for r, _ in pairs]]).score)
     assert utils.corpus_chrf(items) == pytest.approx(sacrebleu.corpus_chrf([h for _, h in pairs], [[r for r, _ in pairs]]).score)
     assert utils.corpus_bleu([pairs[0]] * 3) == pytest.approx(100.0)
+
+
+def test_multireference_bleu_scores_each_source_once_against_all_its_references():
+    import sacrebleu
+
+    docs = [("I am sure.", "Je suis sûr."), ("I am sure.", "Je suis sûre."), ("It rains.", "Il pleut.")]
+    outputs = {"I am sure.": "Je suis sûre.", "It rains.": "Il pleut fort."}
+    items = [utils.tatoeba_results({"translation": {"en": en, "fr": fr}}, [outputs[en]])["bleu_multiref"]
+             for en, fr in docs]
+    expected = sacrebleu.corpus_bleu(["Je suis sûre.", "Il pleut fort."],
+                                     [["Je suis sûr.", "Il pleut."], ["Je suis sûre.", None]]).score
+    assert utils.corpus_bleu_multiref(items) == pytest.approx(expected)
+    single = utils.corpus_bleu([(fr, outputs[en]) for en, fr in docs])
+    assert utils.corpus_bleu_multiref(items) > single  # the "sûr" pair no longer counts against a right answer
+    perfect = [(en, fr, fr) for en, fr in docs[:1]] + [("I am sure.", "Je suis sûre.", "Je suis sûr.")]
+    assert utils.corpus_bleu_multiref(perfect) == pytest.approx(100.0)
 
 
 def test_summary_metrics_are_rouge_fmeasures_with_sentence_lines_for_lsum():

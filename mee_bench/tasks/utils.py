@@ -115,6 +115,34 @@ def corpus_bleu(items: list[tuple[str, str]]) -> float:
     return sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
 
 
+def tatoeba_results(doc: dict, results: list[str]) -> dict[str, tuple]:
+    """As `translation_results`, plus (English source, reference, prediction) for multi-reference BLEU."""
+    reference, prediction = doc["translation"]["fr"], _prediction(results)
+    return {"bleu": (reference, prediction), "chrf": (reference, prediction),
+            "bleu_multiref": (doc["translation"]["en"], reference, prediction)}
+
+
+def corpus_bleu_multiref(items: list[tuple[str, str, str]]) -> float:
+    """Corpus BLEU over distinct sources, each against all of its references.
+
+    Tatoeba lists every valid translation of a sentence as its own pair (the 2001 validation
+    pairs hold 1369 distinct English sentences, up to 8 references each), so single-reference
+    BLEU scores a correct translation against the other variants too. Here each source
+    counts once, with its first prediction (greedy decoding gives the same one every time).
+    """
+    import sacrebleu
+
+    references: dict[str, list[str]] = {}
+    predictions: dict[str, str] = {}
+    for source, reference, prediction in items:
+        references.setdefault(source, []).append(reference)
+        predictions.setdefault(source, prediction)
+    sources = list(references)
+    width = max(len(refs) for refs in references.values())
+    streams = [[references[s][i] if i < len(references[s]) else None for s in sources] for i in range(width)]
+    return sacrebleu.corpus_bleu([predictions[s] for s in sources], streams).score
+
+
 def corpus_chrf(items: list[tuple[str, str]]) -> float:
     """sacreBLEU corpus chrF."""
     import sacrebleu
