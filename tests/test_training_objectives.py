@@ -125,6 +125,23 @@ def test_distillation_pulls_shallow_states_only():
     assert float(distillation_loss(same, 2, "uniform")) == 0.0
 
 
+def test_kd_term_compares_final_normed_states_so_the_residual_scale_cannot_run_away(model):
+    runner = T5LayerRunner(model)
+    batch = _batch(seed=3)
+    with torch.no_grad():
+        states = decoder_layer_states(model, batch)
+        objective = Objective("weighted_ce_kd", kd_exit_layer=2, kd_mapping="last")
+        _, parts = objective(runner, states, batch["labels"])
+        _, scaled = objective(runner, [s * 1000.0 for s in states], batch["labels"])
+        mask = batch["labels"] != -100
+        norm = model.decoder.final_layer_norm
+        expected = distillation_loss([norm(s[mask]) for s in states], 2, "last")
+    assert parts["kd"] == pytest.approx(float(expected), rel=1e-5)
+    assert scaled["kd"] == pytest.approx(parts["kd"], rel=1e-3)
+    raw = float(distillation_loss([s[mask] * 1000.0 for s in states], 2, "last"))
+    assert raw > 1e3 * parts["kd"]  # what an MSE on raw states would have been
+
+
 def test_unknown_objective_is_refused():
     with pytest.raises(ValueError, match="unknown objective 'calm'"):
         Objective("calm")
