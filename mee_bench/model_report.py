@@ -100,15 +100,13 @@ def _curve_points(record: dict, minutes_offset: float, steps_offset: int) -> lis
 
 
 def history_curves(history: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Validation curves on one time axis: each stage starts where its parent ended; other runs at 0."""
+    """Validation curves on one time axis: every run starts where its `init` ended (at 0 without one)."""
     curves: dict[str, list[dict]] = {}
-    minutes, steps = 0.0, 0
-    for stage in history["stages"]:
-        curves[stage["run"]] = _curve_points(stage, minutes, steps)
-        minutes += stage.get("wall_time_minutes", 0.0)
-        steps += stage.get("steps", 0)
-    for other in history["others"]:
-        curves[other["run"]] = _curve_points(other, 0.0, 0)
+    ends: dict[str, tuple[float, int]] = {}
+    for record in history["stages"] + history["others"]:
+        minutes, steps = ends.get(Path(record.get("init") or "").name, (0.0, 0))
+        curves[record["run"]] = _curve_points(record, minutes, steps)
+        ends[record["run"]] = (minutes + record.get("wall_time_minutes", 0.0), steps + record.get("steps", 0))
     return curves
 
 

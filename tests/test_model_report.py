@@ -25,8 +25,9 @@ def model_with_history(tiny_model_dir, tmp_path):
     base = _record("base", None, 60.0, 1000, [(500, 30.0, 4.0), (1000, 60.0, 3.5)])
     extend = _record("extend", "/anywhere/runs/base", 40.0, 800, [(800, 40.0, 3.0)])
     scratch = _record("scratch", None, 18.0, 300, [(250, 15.0, 4.5)])
+    sibling = _record("sibling", "/work/runs/extend", 5.0, 100, [(100, 5.0, 3.1)])
     own = _record("finetune", "/work/runs/extend", 10.0, 200, [(200, 10.0, 2.9)])
-    for name, record in {"base": base, "extend": extend, "scratch": scratch, "finetune": own}.items():
+    for name, record in {"base": base, "extend": extend, "scratch": scratch, "sibling": sibling, "finetune": own}.items():
         (model / "training" / f"{name}.json").write_text(json.dumps(record))
     (model / "training.json").write_text(json.dumps(own))
     return model
@@ -35,7 +36,7 @@ def model_with_history(tiny_model_dir, tmp_path):
 def test_history_follows_init_links_oldest_first(model_with_history):
     history = training_history(model_with_history)
     assert [s["run"] for s in history["stages"]] == ["base", "extend", "finetune"]
-    assert [o["run"] for o in history["others"]] == ["scratch"]
+    assert [o["run"] for o in history["others"]] == ["scratch", "sibling"]
 
 
 def test_curves_continue_where_the_parent_ended(model_with_history):
@@ -44,6 +45,7 @@ def test_curves_continue_where_the_parent_ended(model_with_history):
     assert [(p["minutes"], p["step"]) for p in curves["extend"]] == [(100.0, 1800)]
     assert [(p["minutes"], p["step"]) for p in curves["finetune"]] == [(110.0, 2000)]
     assert [(p["minutes"], p["val_ce_last"]) for p in curves["scratch"]] == [(15.0, 4.5)]
+    assert [(p["minutes"], p["step"]) for p in curves["sibling"]] == [(105.0, 1900)]  # a fine-tune of `extend` too
 
 
 def test_a_model_without_training_records_has_no_history(tiny_model_dir):
@@ -64,7 +66,7 @@ def test_report_end_to_end_on_a_tiny_model(model_with_history, tmp_path, capsys)
     assert all(r["no_change"] <= r["matches_final"] + 1e-12 for r in layers)
     text = out.read_text()
     assert "`tatoeba_enfr_mee`" in text and "| base " in text and "scratch" in text
-    assert "Training wall time of the runs listed: 128.0 minutes." in text
+    assert "Training wall time of the runs listed: 133.0 minutes." in text
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
