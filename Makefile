@@ -41,7 +41,7 @@ bench: setup
 	$(BIN)/python benchmarks/decode_speed.py
 
 # Maintainers: rebuild the embedded default model from nothing with the project's own recipe
-# (about 2.5 hours on 2 CPU cores; every stage resumes from its last checkpoint if interrupted):
+# (about 3 hours on 2 CPU cores; every stage resumes from its last checkpoint if interrupted):
 # base -> continued base -> weighted-CE fine-tune (shipped) with its exit heads and report;
 # the vanilla and FREE fine-tunes and the scratch weighted-CE run are the comparisons.
 DEFAULT_MODEL := models/mee-t5-default
