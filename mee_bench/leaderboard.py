@@ -304,7 +304,9 @@ def _context(records: list[dict]) -> list[str]:
         hw, energy = first.get("hardware", {}), first.get("energy", {})
         lines.append(f"Model: `{Path(first['config']['model']['pretrained']).name}` "
                      f"({first['config']['model']['dtype']}, {first['config']['model']['device']}); "
-                     f"limit {first['config'].get('limit') or 'none'} examples per task.")
+                     f"limit {first['config'].get('limit') or 'none'} examples per task, "
+                     f"batch size {first['config'].get('batch_size', 'unknown')} (speedups shrink as batches "
+                     f"grow: a batch runs until its last row exits; the paper measures at batch size 1).")
         workers = max(r.get("worker", {}).get("concurrent_workers", 1) for r in ok)
         lines.append(f"Machine: {hw.get('cpu_model')}, {hw.get('torch_threads')} torch thread(s) per trial"
                      f"{', GPU ' + hw['gpu'] if hw.get('gpu') else ''}; up to {workers} trial(s) ran at once.")

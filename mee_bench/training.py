@@ -125,7 +125,7 @@ def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
                 max_new_tokens=64,
                 num_beams=1,
                 do_sample=False,
-                past_key_values=cache,
+                cache=cache,
             )
             hypotheses += tokenizer.batch_decode(generated, skip_special_tokens=True)
     model.train()

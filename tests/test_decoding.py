@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from conftest import tiny_model
 from mee_bench.decoding import EarlyExitGenerator
 from mee_bench.measures import MEASURES, ExitMeasure
+from mee_bench.model import load_model
 from mee_bench.policy import ExitPolicy
 
 MAX_NEW = 12
+SENTENCES = ["Why not start now?", "The boat capsized.", "Since there was nothing left to do, we left."]
 
 
 def padded_batch(lengths: list[int], side: str = "right", seed: int = 1, vocab: int = 32000):
@@ -26,8 +29,13 @@ def padded_batch(lengths: list[int], side: str = "right", seed: int = 1, vocab: 
     return ids, mask
 
 
-def hf_greedy(model, ids, mask, max_new_tokens=MAX_NEW) -> list[list[int]]:
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)
+def hf_greedy(model, ids, mask, max_new_tokens=MAX_NEW, lazy_cache=False) -> list[list[int]]:
+    # transformers sizes generate's default cache by the *encoder* depth; a decoder deeper than
+    # the encoder needs a cache that grows a layer at a time
+    cache = {"cache": EncoderDecoderCache(DynamicCache(), DynamicCache())} if lazy_cache else {}
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, **cache
+    )
     rows = []
     for row in out[:, 1:].tolist():
         if 1 in row:
@@ -51,6 +59,15 @@ def test_full_policy_in_bfloat16_matches_generate():
     ids, mask = padded_batch([8, 6])
     out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("full"), MAX_NEW)
     assert out.tokens == hf_greedy(model, ids, mask)
+
+
+def test_full_policy_matches_model_generate_on_the_embedded_default_model():
+    model, tokenizer = load_model()  # 4 encoder and 6 decoder layers
+    generator = EarlyExitGenerator(model, tokenizer)
+    ids, mask = generator.tokenize([f"translate English to French: {s}" for s in SENTENCES])
+    out = generator.generate(ids, mask, ExitPolicy("full"), 24)
+    assert out.tokens == hf_greedy(model, ids, mask, 24, lazy_cache=True)
+    assert all(len(set(row)) > 3 for row in out.tokens)
 
 
 def test_different_encoder_and_decoder_depths_match_slow_greedy():

@@ -17,7 +17,7 @@ def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardw
         "trial_id": f"{task}-{measure}-{threshold}-{layer}",
         "status": status,
         "trial": {"task": task, "measure": measure, "threshold": threshold, "min_exit_layer": layer},
-        "config": {"model": {"pretrained": "/m/mee-t5-default", "dtype": "float32", "device": "cpu"}, "limit": 8},
+        "config": {"model": {"pretrained": "/m/mee-t5-default", "dtype": "float32", "device": "cpu"}, "limit": 8, "batch_size": 1},
         "hardware": hardware,
     }
     if status == "ok":
@@ -107,6 +107,7 @@ def test_build_writes_markdown_csv_latex_and_plots(tmp_path):
     markdown = (sweep / "leaderboard.md").read_text()
     assert "# Leaderboard: demo" in markdown and "2.00x" in markdown and "analysis only" in markdown
     assert "estimated" in markdown and "1 trial(s) failed" in markdown
+    assert "limit 8 examples per task, batch size 1" in markdown
     assert "\\toprule" in (sweep / "leaderboard.tex").read_text()
     with (sweep / "leaderboard.csv").open() as handle:
         rows = list(csv.DictReader(handle))
