@@ -39,6 +39,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/decode_speed.py
+	$(BIN)/python benchmarks/policy_speed.py
 
 # Maintainers: rebuild the embedded default model from nothing with the project's own recipe
 # (about 3 hours on 2 CPU cores; every stage resumes from its last checkpoint if interrupted):

@@ -1,0 +1,116 @@
+"""Speed of real exit policies on the embedded default model and real sentences, side by side.
+
+A sweep times each trial once, so its speedups also carry the machine's drift between trials
+(about +-10% on a 2-core machine). Here every policy decodes the same held-out Tatoeba
+sentences one at a time (batch 1, the paper's setting) with the model's own exit heads, and
+the repetitions are interleaved, so drift hits all policies alike. Reported per policy: the
+median decoder ms/token over repetitions, the speedup over `full` and the average exit layer.
+
+    python benchmarks/policy_speed.py [--quick] [--sentences 40] [--repeats 5] [--threads 1]
+
+Writes results/bench/policy_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from itertools import islice
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from mee_bench.data import DATA_DIR_ENV, local_split_path, read_jsonl
+from mee_bench.decoding import EarlyExitGenerator
+from mee_bench.heads import ExitHeads, find_heads
+from mee_bench.model import DEFAULT_MODEL_DIR, load_model
+from mee_bench.policy import ExitPolicy
+
+REPO = Path(__file__).resolve().parent.parent
+POLICIES = {
+    "full": ExitPolicy("full"),
+    "fixed, layer 2": ExitPolicy("fixed", min_exit_layer=2),
+    "lstm 0.5, from 2": ExitPolicy("lstm", threshold=0.5, min_exit_layer=2),
+    "lstm 0.9, from 4": ExitPolicy("lstm", threshold=0.9, min_exit_layer=4),
+    "saturation 0.95, from 4": ExitPolicy("saturation", threshold=0.95, min_exit_layer=4),
+    "softmax 0.5, from 2": ExitPolicy("softmax", threshold=0.5, min_exit_layer=2),
+    "monotonic_heuristic 0.9, from 4": ExitPolicy("monotonic_heuristic", threshold=0.9, min_exit_layer=4),
+}
+
+
+def tatoeba_sentences(count: int) -> list[str]:
+    """The first `count` distinct English sentences of the held-out Tatoeba split, as task prompts."""
+    path = local_split_path("tatoeba_fra_eng", "validation")
+    if path is None:
+        raise SystemExit(f"no tatoeba_fra_eng/validation.jsonl: set {DATA_DIR_ENV} to a data root holding it")
+    distinct = dict.fromkeys(row["translation"]["en"] for row in read_jsonl(path))
+    return [f"translate English to French: {text}" for text in islice(distinct, count)]
+
+
+def decode_all(generator: EarlyExitGenerator, inputs: list[torch.Tensor], policy: ExitPolicy) -> tuple[float, int, list[int]]:
+    """Decoder seconds, tokens and exit layers of every sentence decoded alone."""
+    seconds, tokens, layers = 0.0, 0, []
+    for ids in inputs:
+        out = generator.generate(ids, None, policy, max_new_tokens=64)
+        seconds += out.stats.decoder_s
+        tokens += out.stats.tokens
+        layers += out.exit_layers[0]
+    return seconds, tokens, layers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="8 sentences, 2 repetitions (a smoke run)")
+    parser.add_argument("--sentences", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the sweep gives each trial 1)")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "policy_speed.json")
+    args = parser.parse_args(argv)
+    sentences, repeats = (8, 2) if args.quick else (args.sentences, args.repeats)
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_model(DEFAULT_MODEL_DIR)
+    generator = EarlyExitGenerator(model, tokenizer, ExitHeads.load(find_heads(DEFAULT_MODEL_DIR, None)))
+    inputs = [generator.tokenize([prompt])[0] for prompt in tatoeba_sentences(sentences)]
+    for policy in POLICIES.values():
+        decode_all(generator, inputs[:2], policy)  # warm-up
+
+    ms_per_token: dict[str, list[float]] = {name: [] for name in POLICIES}
+    exit_layers: dict[str, list[int]] = {}
+    for _ in range(repeats):
+        for name, policy in POLICIES.items():
+            seconds, tokens, layers = decode_all(generator, inputs, policy)
+            ms_per_token[name].append(1000 * seconds / tokens)
+            exit_layers[name] = layers
+    full = statistics.median(ms_per_token["full"])
+    rows = [
+        {
+            "policy": name,
+            "ms_per_token": statistics.median(samples),
+            "speedup_vs_full": full / statistics.median(samples),
+            "slowest_to_fastest": max(samples) / min(samples),
+            "avg_exit_layer": statistics.fmean(exit_layers[name]),
+        }
+        for name, samples in ms_per_token.items()
+    ]
+    print(tabulate(rows, headers="keys", floatfmt=".3f"))
+
+    result = {
+        "policies": rows,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+        "settings": {"model": DEFAULT_MODEL_DIR.name, "task": "tatoeba_enfr_mee", "sentences": sentences,
+                     "repeats": repeats, "batch": 1, "max_new_tokens": 64, "dtype": "float32"},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
