@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run demo test bench readme-leaderboard default-model monotonicity
+.PHONY: setup run demo test test-fast bench readme-leaderboard default-model monotonicity
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[test]"
-	$(BIN)/python -m mee_bench.install_lm_eval_hook  # editable installs do not carry the .pth that registers `--model mee`
+	$(BIN)/python -m mee_bench.harness.install_hook  # editable installs do not carry the .pth that registers `--model mee`
 	touch $@
 
 # The main job: the quickstart sweep on the embedded default model (resumes if interrupted).
@@ -36,6 +36,10 @@ readme-leaderboard: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests that start Ray, subprocesses or the lm-eval CLI.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/decode_speed.py

@@ -28,10 +28,10 @@ import torch
 from tabulate import tabulate
 from transformers import T5Config, T5ForConditionalGeneration
 
-from mee_bench.decoding import EarlyExitGenerator
-from mee_bench.heads import ExitHeads
-from mee_bench.model import DEFAULT_MODEL_DIR
-from mee_bench.policy import ExitPolicy
+from mee_bench.engine.decoding import EarlyExitGenerator
+from mee_bench.engine.heads import ExitHeads
+from mee_bench.paths import DEFAULT_MODEL_DIR
+from mee_bench.engine.policy import ExitPolicy
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {

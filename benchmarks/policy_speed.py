@@ -24,11 +24,14 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from mee_bench.data import DATA_DIR_ENV, local_split_path, read_jsonl
-from mee_bench.decoding import EarlyExitGenerator
-from mee_bench.heads import ExitHeads, find_heads
-from mee_bench.model import DEFAULT_MODEL_DIR, load_model
-from mee_bench.policy import ExitPolicy
+from mee_bench.harness.data import local_split_path, read_jsonl
+
+from mee_bench.paths import DATA_DIR_ENV
+from mee_bench.engine.decoding import EarlyExitGenerator
+from mee_bench.engine.heads import ExitHeads, find_heads
+from mee_bench.engine.loading import load_model
+from mee_bench.paths import DEFAULT_MODEL_DIR
+from mee_bench.engine.policy import ExitPolicy
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = {

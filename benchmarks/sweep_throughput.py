@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from mee_bench.model import DEFAULT_MODEL_DIR
-from mee_bench.sweep import run_sweep
-from mee_bench.sweep_config import to_config
+from mee_bench.paths import DEFAULT_MODEL_DIR
+from mee_bench.sweep.runner import run_sweep
+from mee_bench.sweep.config import to_config
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = REPO.parent / "shared" / "models" / "t5-tokenizer"

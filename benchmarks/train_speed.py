@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
-from mee_bench.model import REPO_ROOT, T5LayerRunner
-from mee_bench.train_data import MixtureBatches, TokenizedSource
-from mee_bench.training import build_model, build_optimizer, load_sources, make_objective, train_step
-from mee_bench.training_config import load_config
+from mee_bench.engine.t5 import T5LayerRunner
+
+from mee_bench.paths import REPO_ROOT
+from mee_bench.train.data import MixtureBatches, TokenizedSource
+from mee_bench.train.loop import build_model, build_optimizer, load_sources, make_objective, train_step
+from mee_bench.train.config import load_config
 
 OBJECTIVES = ("final", "weighted_ce", "weighted_ce_kd")
 TOKENIZER_DIRS = (REPO_ROOT / "models" / "mee-t5-default", REPO_ROOT / "runs" / "default-base")
@@ -41,7 +43,7 @@ def default_tokenizer(cfg, sources):
     for directory in TOKENIZER_DIRS:
         if (directory / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(str(directory)), str(directory)
-    from mee_bench.tokenizer_training import train_sentencepiece
+    from mee_bench.train.tokenizer import train_sentencepiece
 
     directory = Path(tempfile.mkdtemp(prefix="mee-tokenizer-"))
     train_sentencepiece([e for _, rows in sources for e in rows], directory, cfg.tokenizer.vocab_size, cfg.seed)

@@ -11,12 +11,12 @@ import sys
 
 COMMANDS = {
     "demo": ("mee_bench.demo", "early-exit generation on the embedded default model: tokens, exit layers, speedup"),
-    "train": ("mee_bench.training", "train a T5 with the final / weighted_ce / weighted_ce_kd objective"),
-    "train-heads": ("mee_bench.head_training", "train the classifier, last_three_mlp and lstm exit heads of a model"),
-    "sweep": ("mee_bench.sweep", "run measures x thresholds x min exit layers x tasks on Ray with CodeCarbon"),
-    "leaderboard": ("mee_bench.leaderboard", "rebuild leaderboard tables and plots from a sweep's records"),
-    "analyze": ("mee_bench.analysis", "the monotonicity study (the paper's Figures 1-3) on any model"),
-    "model-report": ("mee_bench.model_report", "a model's full-depth quality, per-layer agreement and training curves"),
+    "train": ("mee_bench.train.loop", "train a T5 with the final / weighted_ce / weighted_ce_kd objective"),
+    "train-heads": ("mee_bench.train.heads", "train the classifier, last_three_mlp and lstm exit heads of a model"),
+    "sweep": ("mee_bench.sweep.runner", "run measures x thresholds x min exit layers x tasks on Ray with CodeCarbon"),
+    "leaderboard": ("mee_bench.sweep.leaderboard", "rebuild leaderboard tables and plots from a sweep's records"),
+    "analyze": ("mee_bench.study.analysis", "the monotonicity study (the paper's Figures 1-3) on any model"),
+    "model-report": ("mee_bench.study.model_report", "a model's full-depth quality, per-layer agreement and training curves"),
 }
 
 

@@ -12,11 +12,14 @@ import time
 
 from tabulate import tabulate
 
-from mee_bench.data import data_root, read_jsonl
-from mee_bench.decoding import EarlyExitGenerator
-from mee_bench.heads import ExitHeads, find_heads
-from mee_bench.model import DEFAULT_MODEL_DIR, load_model
-from mee_bench.policy import ExitPolicy
+from mee_bench.harness.data import read_jsonl
+
+from mee_bench.paths import data_root
+from mee_bench.engine.decoding import EarlyExitGenerator
+from mee_bench.engine.heads import ExitHeads, find_heads
+from mee_bench.engine.loading import load_model
+from mee_bench.paths import DEFAULT_MODEL_DIR
+from mee_bench.engine.policy import ExitPolicy
 
 FALLBACK_SENTENCES = [
     "Why not start now?",

@@ -1,9 +1,8 @@
-"""Shared fixtures: tiny T5s built from a config in seconds, the offline T5 tokenizer."""
+"""Shared fixtures (the offline T5 tokenizer, a saved tiny T5) and the environment every test runs in."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,39 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # threads made tests several times slower.
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-TOKENIZER_DIR = SHARED / "models" / "t5-tokenizer"
-DATA_DIR = SHARED / "data"
-
-
-def tiny_config(vocab_size: int = 32128, layers: int = 4, decoder_layers: int | None = None, **overrides):
-    from transformers import T5Config
-
-    values = dict(
-        vocab_size=vocab_size,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=layers,
-        num_decoder_layers=decoder_layers or layers,
-        num_heads=4,
-        decoder_start_token_id=0,
-        eos_token_id=1,
-        pad_token_id=0,
-        dropout_rate=0.0,
-        initializer_factor=4.0,
-    )
-    values.update(overrides)
-    return T5Config(**values)
-
-
-def tiny_model(seed: int = 0, **config_overrides):
-    """A random T5 whose greedy outputs vary from token to token (a large init keeps it off one repeated token)."""
-    from transformers import T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(tiny_config(**config_overrides)).eval()
+from tests.helpers import TOKENIZER_DIR, tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,287 @@
+"""Early-exit greedy decoding: the hot path.
+
+One token per step, one decoder layer at a time. After each layer the policy's measure
+may let rows exit; exited rows leave the active set, so they cost nothing in deeper
+layers. Skipped layers get their self-attention K/V either copied from the exit state
+(CALM) or computed later in one parallel catch-up call with the next token that goes
+deep (FREE's synchronized parallel decoding, `deferred`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mee_bench.engine.heads import ExitHeads
+from mee_bench.engine.measures import Oracle
+from mee_bench.engine.t5 import DecoderCache, T5LayerRunner
+from mee_bench.engine.policy import ExitPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationStats:
+    """Efficiency figures of one or more generate calls (they add up with `merge`)."""
+
+    num_layers: int
+    tokens: int = 0
+    exit_histogram: Counter = field(default_factory=Counter)
+    encoder_s: float = 0.0
+    decoder_s: float = 0.0
+    measure_s: float = 0.0
+
+    @property
+    def avg_exit_layer(self) -> float:
+        return sum(layer * n for layer, n in self.exit_histogram.items()) / max(self.tokens, 1)
+
+    def merge(self, other: "GenerationStats") -> "GenerationStats":
+        return GenerationStats(
+            num_layers=self.num_layers,
+            tokens=self.tokens + other.tokens,
+            exit_histogram=self.exit_histogram + other.exit_histogram,
+            encoder_s=self.encoder_s + other.encoder_s,
+            decoder_s=self.decoder_s + other.decoder_s,
+            measure_s=self.measure_s + other.measure_s,
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "num_layers": self.num_layers,
+            "avg_exit_layer": self.avg_exit_layer,
+            "exit_histogram": {str(k): self.exit_histogram[k] for k in sorted(self.exit_histogram)},
+            "encoder_ms": 1e3 * self.encoder_s,
+            "decoder_ms": 1e3 * self.decoder_s,
+            "measure_ms": 1e3 * self.measure_s,
+            "decode_ms_per_token": 1e3 * self.decoder_s / max(self.tokens, 1),
+        }
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # generated ids per row, EOS included when produced
+    exit_layers: list[list[int]]  # 1-based layer each token left the decoder at
+    confidences: list[list[float]]  # the measure's value at the exit (or last check) layer; nan if never checked
+    stats: GenerationStats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EarlyExitGenerator:
+    """Greedy early-exit generation over an unmodified Hugging Face T5."""
+
+    def __init__(self, model, tokenizer=None, heads: ExitHeads | None = None) -> None:
+        self.runner = T5LayerRunner(model)
+        self.tokenizer = tokenizer
+        self.heads = heads.to(self.runner.device) if heads is not None else None
+        self.start_id = model.config.decoder_start_token_id
+        self.eos_id = model.config.eos_token_id
+
+    @property
+    def num_layers(self) -> int:
+        return self.runner.num_layers
+
+    def tokenize(self, prompts: Sequence[str], max_input_length: int | None = None) -> tuple[Tensor, Tensor]:
+        """Right-padded input ids; prompts longer than the model allows are truncated with a warning."""
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError("empty input: every prompt must be a non-empty string")
+        limit = max_input_length or self.tokenizer.model_max_length
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts)).input_ids]
+        too_long = sum(n > limit for n in lengths)
+        if too_long:
+            log.warning(
+                "%d of %d prompts exceed %d tokens and are truncated (set max_input_length to change the limit)",
+                too_long, len(prompts), limit,
+            )
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=limit)
+        return enc.input_ids.to(self.runner.device), enc.attention_mask.to(self.runner.device)
+
+    def generate_text(
+        self,
+        prompts: Sequence[str],
+        policy: ExitPolicy,
+        max_new_tokens: int = 64,
+        stop_strings: Sequence[str] = (),
+        max_input_length: int | None = None,
+    ) -> tuple[list[str], GenerationOutput]:
+        input_ids, attention_mask = self.tokenize(prompts, max_input_length)
+        output = self.generate(input_ids, attention_mask, policy, max_new_tokens, stop_strings)
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in output.tokens]
+        return texts, output
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        policy: ExitPolicy,
+        max_new_tokens: int = 64,
+        stop_strings: Sequence[str] = (),
+    ) -> GenerationOutput:
+        runner, num_layers = self.runner, self.runner.num_layers
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError("empty input: input_ids must be a non-empty [batch, length] tensor")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: build EarlyExitGenerator(model, tokenizer)")
+        policy.check_model(num_layers)
+        measure = policy.build_measure(self.heads)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch, device = input_ids.shape[0], runner.device
+        stats = GenerationStats(num_layers=num_layers)
+
+        started = time.perf_counter()
+        encoder_states = runner.encode(input_ids, attention_mask)
+        cache = runner.new_cache(encoder_states, attention_mask, max_new_tokens)
+        _sync(device)
+        stats.encoder_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        deferred = policy.kv_strategy == "deferred" and measure.can_exit
+        done_layers = torch.full((batch, max_new_tokens), num_layers, dtype=torch.long, device=device)
+        pending_states = encoder_states.new_zeros(batch, max_new_tokens, runner.d_model) if deferred else None
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        exit_layers: list[list[int]] = [[] for _ in range(batch)]
+        confidences: list[list[float]] = [[] for _ in range(batch)]
+        alive = torch.arange(batch, device=device)
+        last_tokens = torch.full((batch,), self.start_id, dtype=torch.long, device=device)
+
+        for step in range(max_new_tokens):
+            threshold = policy.threshold_at(step, max_new_tokens)
+            rows, slot = alive, torch.arange(alive.numel(), device=device)
+            hidden = runner.embed(last_tokens[rows])[:, None]
+            token = torch.zeros(rows.numel(), dtype=torch.long, device=device)
+            exit_layer = torch.full_like(token, num_layers)
+            confidence = torch.full(token.shape, float("nan"), device=device)
+            measure.start(hidden, policy.min_exit_layer)
+            last_score = None  # the measure's latest values for the rows still running
+            catching_up = deferred and step > 0 and bool((done_layers[rows, :step] < num_layers).any())
+            for index in range(num_layers):
+                row_arg = None if rows.numel() == batch else rows
+                if catching_up:
+                    hidden = self._layer_with_catch_up(index, hidden, cache, rows, row_arg, step, done_layers, pending_states)
+                else:
+                    hidden = runner.layer(index, hidden, cache, row_arg, step, step)
+                layer = index + 1
+                if layer == num_layers:
+                    break
+                memo: list[Tensor] = []
+
+                def layer_logits(states: Tensor = hidden) -> Tensor:
+                    if not memo:
+                        memo.append(runner.logits(states))
+                    return memo[0]
+
+                measured = time.perf_counter()
+                score = measure.step(layer, hidden, layer_logits)
+                stats.measure_s += time.perf_counter() - measured
+                if score is None:
+                    continue
+                last_score = score
+                exits = score >= threshold
+                exiting = int(exits.sum())
+                if exiting == 0:
+                    continue
+                everyone = exiting == rows.numel()  # the common case at batch size 1: no indexing
+                leaving = slice(None) if everyone else exits.nonzero().squeeze(1)
+                exit_hidden = hidden if everyone else hidden[leaving]
+                exit_logits = (memo[0] if everyone else memo[0][leaving]) if memo else runner.logits(exit_hidden)
+                exit_slot = slot if everyone else slot[leaving]
+                token[exit_slot] = exit_logits[:, -1].argmax(-1)
+                exit_layer[exit_slot] = layer
+                confidence[exit_slot] = (score if everyone else score[leaving]).float()
+                leaving_rows = rows if everyone else rows[leaving]
+                if deferred:
+                    done_layers[leaving_rows, step] = layer
+                    pending_states[leaving_rows, step] = exit_hidden[:, 0]
+                else:
+                    runner.copy_skipped_kv(layer, exit_hidden, cache, leaving_rows, step)
+                if everyone:
+                    rows = rows[:0]
+                    break
+                staying = ~exits
+                rows, slot, hidden, last_score = rows[staying], slot[staying], hidden[staying], score[staying]
+                measure.select(staying)
+            if rows.numel():
+                token[slot] = runner.logits(hidden)[:, -1].argmax(-1)
+                if last_score is not None:
+                    confidence[slot] = last_score.float()
+            if isinstance(measure, Oracle):
+                exit_layer = measure.exit_layers(token, num_layers)
+
+            finished = self._record(alive, token, exit_layer, confidence, tokens, exit_layers, confidences, stop_strings)
+            last_tokens[alive] = token
+            alive = alive[~finished]
+            if alive.numel() == 0:
+                break
+        _sync(device)
+        stats.decoder_s = time.perf_counter() - started
+        for row_layers in exit_layers:
+            stats.exit_histogram.update(row_layers)
+        stats.tokens = sum(len(row) for row in tokens)
+        return GenerationOutput(tokens, exit_layers, confidences, stats)
+
+    def _layer_with_catch_up(
+        self,
+        index: int,
+        hidden: Tensor,
+        cache: DecoderCache,
+        rows: Tensor,
+        row_arg: Tensor | None,
+        step: int,
+        done_layers: Tensor,
+        pending_states: Tensor,
+    ) -> Tensor:
+        """Run layer `index` for the current token together with every earlier token of the
+        same row that exited before this layer, in one call with an explicit causal mask."""
+        pending = done_layers[rows, :step] == index
+        if not bool(pending.any()):
+            return self.runner.layer(index, hidden, cache, row_arg, step, step)
+        width = int(pending.sum(1).max()) + 1
+        candidates = torch.arange(step, device=hidden.device).expand_as(pending)
+        ordered = torch.where(pending, candidates, step).sort(dim=1).values[:, : width - 1]
+        positions = torch.cat([ordered, ordered.new_full((rows.numel(), 1), step)], dim=1)
+        is_pending = positions < step
+        block_rows = rows[:, None].expand_as(positions)
+        block = pending_states[block_rows, positions.clamp(max=step - 1)]
+        block = torch.where(is_pending[..., None], block, hidden)
+        block = self.runner.layer(index, block, cache, row_arg, positions, step)
+        pending_states[block_rows[is_pending], positions[is_pending]] = block[is_pending]
+        done_layers[block_rows[is_pending], positions[is_pending]] = index + 1
+        return block[:, -1:]
+
+    def _record(
+        self,
+        alive: Tensor,
+        token: Tensor,
+        exit_layer: Tensor,
+        confidence: Tensor,
+        tokens: list[list[int]],
+        exit_layers: list[list[int]],
+        confidences: list[list[float]],
+        stop_strings: Sequence[str],
+    ) -> Tensor:
+        """Append this step's results per row; return which rows are now finished."""
+        finished = []
+        for row, tok, layer, conf in zip(alive.tolist(), token.tolist(), exit_layer.tolist(), confidence.tolist()):
+            tokens[row].append(tok)
+            exit_layers[row].append(layer)
+            confidences[row].append(conf)
+            done = tok == self.eos_id
+            if not done and stop_strings:
+                text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
+                done = any(stop in text for stop in stop_strings)
+            finished.append(done)
+        return torch.tensor(finished, dtype=torch.bool, device=alive.device)

@@ -1,0 +1,240 @@
+"""Confidence measures behind one interface and one registry.
+
+A measure is asked once per decoder layer, for the rows still running; it returns a
+confidence per row at the layers where an exit is allowed, or None. Per-token state
+(the previous state, the LSTM carry, the last three states or scores) lives in the
+measure and shrinks with the active rows. Adding a measure = one class + `@register`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mee_bench.engine.heads import ExitHeads
+
+MEASURES: dict[str, type["ExitMeasure"]] = {}
+
+
+def register(cls: type["ExitMeasure"]) -> type["ExitMeasure"]:
+    MEASURES[cls.name] = cls
+    return cls
+
+
+class ExitMeasure:
+    """Base class: never exits. Subclasses override `step` (and `select` when they keep state)."""
+
+    name: ClassVar[str]
+    needs_heads: ClassVar[bool] = False
+    can_exit: ClassVar[bool] = True
+    threshold_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+
+    def __init__(self, heads: ExitHeads | None = None) -> None:
+        self.heads = heads
+        self.first_check_layer = 1
+
+    def start(self, embedding: Tensor, first_check_layer: int) -> None:
+        """A new token: `embedding` [A, 1, d] is the decoder input, i.e. "layer 0"."""
+        self.first_check_layer = first_check_layer
+
+    def step(self, layer: int, hidden: Tensor, logits: Callable[[], Tensor]) -> Tensor | None:
+        """`hidden` [A, 1, d] is the raw output of decoder `layer` (1-based); `logits()` its
+        memoised LM-head logits. Returns a confidence [A] at check layers, else None."""
+        return None
+
+    def select(self, keep: Tensor) -> None:
+        """Keep only the rows where `keep` is true (the others exited)."""
+
+
+def top1_probability(logits: Tensor) -> Tensor:
+    logits = logits.float()
+    return torch.exp(logits.max(-1).values - torch.logsumexp(logits, -1))
+
+
+@register
+class Full(ExitMeasure):
+    """Never exits: the baseline every speedup is measured against."""
+
+    name = "full"
+    can_exit = False
+
+
+@register
+class Fixed(ExitMeasure):
+    """Always confident: every token exits at the minimum exit layer (a fixed-depth baseline)."""
+
+    name = "fixed"
+
+    def step(self, layer, hidden, logits):
+        if layer < self.first_check_layer:
+            return None
+        return hidden.new_ones(hidden.shape[0], dtype=torch.float32)
+
+
+@register
+class Softmax(ExitMeasure):
+    """CALM: top-1 minus top-2 softmax probability at the current layer."""
+
+    name = "softmax"
+
+    def step(self, layer, hidden, logits):
+        if layer < self.first_check_layer:
+            return None
+        scores = logits().float()[:, -1]
+        top2 = scores.topk(2, dim=-1).values
+        log_z = torch.logsumexp(scores, -1, keepdim=True)
+        probs = torch.exp(top2 - log_z)
+        return probs[:, 0] - probs[:, 1]
+
+
+@register
+class Saturation(ExitMeasure):
+    """CALM: cosine similarity of h_i and h_(i-1) (h_0 is the decoder input embedding)."""
+
+    name = "saturation"
+    threshold_range = (-1.0, 1.0)
+
+    def start(self, embedding, first_check_layer):
+        super().start(embedding, first_check_layer)
+        self.previous = embedding
+
+    def step(self, layer, hidden, logits):
+        previous, self.previous = self.previous, hidden
+        if layer < self.first_check_layer:
+            return None
+        return F.cosine_similarity(hidden[:, -1].float(), previous[:, -1].float(), dim=-1)
+
+    def select(self, keep):
+        self.previous = self.previous[keep]
+
+
+def exit_probability(head_logits: Tensor) -> Tensor:
+    return head_logits.softmax(-1)[..., 1]
+
+
+class LearnedMeasure(ExitMeasure):
+    needs_heads = True
+
+    def __init__(self, heads: ExitHeads | None = None) -> None:
+        if heads is None:
+            raise ValueError(
+                f"measure {self.name!r} needs trained exit heads and none were found; "
+                "train them with `mee-bench train-heads MODEL` or pass heads=PATH"
+            )
+        super().__init__(heads)
+        self.head_dtype = next(heads.parameters()).dtype
+
+
+@register
+class Classifier(LearnedMeasure):
+    """CALM: an MLP on the current state -> P(exit)."""
+
+    name = "classifier"
+
+    def step(self, layer, hidden, logits):
+        if layer < self.first_check_layer:
+            return None
+        return exit_probability(self.heads.classifier(hidden[:, -1].to(self.head_dtype)))
+
+
+@register
+class LSTMMeasure(LearnedMeasure):
+    """MEE: a 2-layer LSTM over h_1..h_i; its carry moves one layer per step, never recomputed."""
+
+    name = "lstm"
+
+    def start(self, embedding, first_check_layer):
+        super().start(embedding, first_check_layer)
+        self.carry = None
+
+    def step(self, layer, hidden, logits):
+        out, self.carry = self.heads.lstm.step(hidden[:, -1].to(self.head_dtype), self.carry)
+        if layer < self.first_check_layer:
+            return None
+        return exit_probability(out)
+
+    def select(self, keep):
+        self.carry = [(state[keep], cell[keep]) for state, cell in self.carry]
+
+
+@register
+class LastThreeMLP(LearnedMeasure):
+    """MEE: an MLP over [h_(i-2), h_(i-1), h_i]."""
+
+    name = "last_three_mlp"
+
+    def start(self, embedding, first_check_layer):
+        super().start(embedding, first_check_layer)
+        self.history = [embedding[:, -1], embedding[:, -1]]
+
+    def step(self, layer, hidden, logits):
+        self.history = [*self.history[-2:], hidden[:, -1]]
+        if layer < self.first_check_layer:
+            return None
+        features = torch.cat(self.history, dim=-1).to(self.head_dtype)
+        return exit_probability(self.heads.last_three_mlp(features))
+
+    def select(self, keep):
+        self.history = [state[keep] for state in self.history]
+
+
+@register
+class MonotonicHeuristic(ExitMeasure):
+    """MEE: exit iff the top-1 probabilities of the last three layers strictly increase
+    and all reach the threshold. The confidence is the smallest of the three when they
+    rise, else 0, so `confidence >= threshold` is exactly that rule."""
+
+    name = "monotonic_heuristic"
+
+    def start(self, embedding, first_check_layer):
+        super().start(embedding, first_check_layer)
+        self.scores: list[Tensor] = []
+
+    def step(self, layer, hidden, logits):
+        if layer < self.first_check_layer - 2:
+            return None
+        self.scores = [*self.scores[-2:], top1_probability(logits()[:, -1])]
+        if layer < self.first_check_layer or len(self.scores) < 3:
+            return None
+        first, second, third = self.scores
+        rising = (first < second) & (second < third)
+        return torch.where(rising, first, torch.zeros_like(first))
+
+    def select(self, keep):
+        self.scores = [score[keep] for score in self.scores]
+
+
+@register
+class Oracle(ExitMeasure):
+    """Runs every layer and records the first layer (>= the minimum) after which the top-1
+    never changes. An upper bound for analysis; its tokens are the full model's."""
+
+    name = "oracle"
+    can_exit = False
+
+    def start(self, embedding, first_check_layer):
+        super().start(embedding, first_check_layer)
+        self.top1: list[Tensor] = []
+
+    def step(self, layer, hidden, logits):
+        if layer >= self.first_check_layer:
+            self.top1.append(logits()[:, -1].argmax(-1))
+        return None
+
+    def exit_layers(self, final_tokens: Tensor, num_layers: int) -> Tensor:
+        """Per row, the oracle exit layer given the final layer's tokens."""
+        exit_layer = torch.full_like(final_tokens, num_layers)
+        for offset in range(len(self.top1) - 1, -1, -1):
+            agrees = (self.top1[offset] == final_tokens) & (exit_layer == self.first_check_layer + offset + 1)
+            exit_layer = torch.where(agrees, exit_layer - 1, exit_layer)
+        return exit_layer
+
+
+def build_measure(name: str, heads: ExitHeads | None = None) -> ExitMeasure:
+    if name not in MEASURES:
+        raise ValueError(f"unknown measure {name!r}; valid measures: {', '.join(sorted(MEASURES))}")
+    cls = MEASURES[name]
+    return cls(heads) if cls.needs_heads else cls()

@@ -1,0 +1,70 @@
+"""An exit policy: which measure, what threshold (static or decaying), from which layer,
+and how skipped layers get their key/value entries."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from mee_bench.engine.heads import ExitHeads
+from mee_bench.engine.measures import MEASURES, ExitMeasure, build_measure
+
+THRESHOLD_SCHEDULES = ("static", "decaying")
+KV_STRATEGIES = ("copy", "deferred")
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    measure: str = "full"
+    threshold: float = 0.9
+    min_exit_layer: int = 4
+    threshold_schedule: str = "static"
+    tau: float = 4.0
+    kv_strategy: str = "copy"
+
+    def __post_init__(self) -> None:
+        if self.measure not in MEASURES:
+            raise ValueError(f"unknown measure {self.measure!r}; valid measures: {', '.join(sorted(MEASURES))}")
+        low, high = MEASURES[self.measure].threshold_range
+        if not (isinstance(self.threshold, (int, float)) and low <= self.threshold <= high):
+            raise ValueError(
+                f"threshold={self.threshold!r} is outside [{low}, {high}] for measure {self.measure!r}; "
+                f"pick a value in that range"
+            )
+        if self.threshold_schedule not in THRESHOLD_SCHEDULES:
+            raise ValueError(
+                f"threshold_schedule={self.threshold_schedule!r} is unknown; use one of {', '.join(THRESHOLD_SCHEDULES)}"
+            )
+        if self.kv_strategy not in KV_STRATEGIES:
+            raise ValueError(f"kv_strategy={self.kv_strategy!r} is unknown; use one of {', '.join(KV_STRATEGIES)}")
+        if not isinstance(self.min_exit_layer, int) or self.min_exit_layer < 1:
+            raise ValueError(f"min_exit_layer={self.min_exit_layer!r} must be an integer >= 1")
+        if self.tau <= 0:
+            raise ValueError(f"tau={self.tau!r} must be > 0")
+
+    def check_model(self, num_layers: int) -> None:
+        if self.measure != "full" and self.min_exit_layer > num_layers:
+            raise ValueError(
+                f"min_exit_layer={self.min_exit_layer} exceeds the model's {num_layers} decoder layers; "
+                f"use a value in 1..{num_layers}"
+            )
+
+    def threshold_at(self, step: int, max_new_tokens: int) -> float:
+        """The threshold for the token at `step` (0-based).
+
+        `decaying` is the schedule lambda(t) = 0.9*lambda + 0.1*lambda*exp(-tau*t/N), N = max
+        new tokens: it starts at lambda and relaxes towards 0.9*lambda as the output grows.
+        """
+        if self.threshold_schedule == "static":
+            return self.threshold
+        return 0.9 * self.threshold + 0.1 * self.threshold * math.exp(-self.tau * step / max_new_tokens)
+
+    def build_measure(self, heads: ExitHeads | None = None) -> ExitMeasure:
+        return build_measure(self.measure, heads)
+
+    @property
+    def needs_heads(self) -> bool:
+        return MEASURES[self.measure].needs_heads
+
+    def as_dict(self) -> dict:
+        return asdict(self)

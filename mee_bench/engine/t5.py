@@ -1,0 +1,208 @@
+"""The T5 layer runner: the one place that knows T5 decoder internals.
+
+Running one decoder layer against an explicit key/value cache, projecting a skipped
+layer's K/V from an exit state, and the logits of any layer. Decoding, training and the
+analysis read layers through here, so a transformers change is fixed once. We call the
+model's own modules (layer norms, q/k/v/o projections, feed-forward, final norm, LM head)
+and never fork `modeling_t5.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class DecoderCache:
+    """Per-layer self-attention K/V for every decoder position, plus the cross-attention K/V.
+
+    Preallocated for the whole generation so that a row's entries can be written at any
+    position and any layer (the copy and deferred strategies both need that).
+    """
+
+    self_k: Tensor  # [layers, B, H, T, d_kv]: one tensor, so skipped layers are written in one call
+    self_v: Tensor
+    cross_k: list[Tensor]  # per layer [B, H, S, d_kv]
+    cross_v: list[Tensor]
+    cross_bias: Tensor  # [B, 1, 1, S] additive encoder padding mask
+    self_bias: Tensor  # [H, T, T] relative position bias with the causal mask folded in
+
+
+class T5LayerRunner:
+    """Runs an unmodified Hugging Face T5 decoder one layer at a time.
+
+    `rows` selects the batch rows being computed (None = all rows, no copies); queries sit
+    at explicit decoder `positions`, so a block of catch-up tokens and the current token
+    can run in one call.
+    """
+
+    def __init__(self, model) -> None:
+        config = model.config
+        self.model = model
+        self.config = config
+        self.blocks = list(model.decoder.block)
+        self.num_layers = len(self.blocks)
+        self.num_heads = config.num_heads
+        self.d_kv = config.d_kv
+        self.d_model = config.d_model
+        self.output_scale = config.d_model**-0.5 if config.scale_decoder_outputs else 1.0
+        self.position_bias_module = self.blocks[0].layer[0].SelfAttention
+        self._kv_weights: Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def new_cache(self, encoder_states: Tensor, attention_mask: Tensor, max_positions: int) -> DecoderCache:
+        batch, dtype = encoder_states.shape[0], encoder_states.dtype
+        shape = (batch, self.num_heads, max_positions, self.d_kv)
+        cross_k, cross_v = [], []
+        for block in self.blocks:
+            attn = block.layer[1].EncDecAttention
+            cross_k.append(self._heads(attn.k(encoder_states)))
+            cross_v.append(self._heads(attn.v(encoder_states)))
+        min_value = torch.finfo(dtype).min
+        cross_bias = torch.zeros(attention_mask.shape, dtype=dtype, device=encoder_states.device)
+        cross_bias = cross_bias.masked_fill(attention_mask == 0, min_value)[:, None, None, :]
+        return DecoderCache(
+            self_k=encoder_states.new_zeros(self.num_layers, *shape),
+            self_v=encoder_states.new_zeros(self.num_layers, *shape),
+            cross_k=cross_k,
+            cross_v=cross_v,
+            cross_bias=cross_bias,
+            self_bias=self.causal_position_bias(max_positions, dtype),
+        )
+
+    def causal_position_bias(self, length: int, dtype: torch.dtype) -> Tensor:
+        bias = self.position_bias_module.compute_bias(length, length, device=self.device)[0].to(dtype)
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+        return torch.where(causal, bias, torch.finfo(dtype).min)
+
+    def embed(self, token_ids: Tensor) -> Tensor:
+        return self.model.decoder.embed_tokens(token_ids)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(*x.shape[:-1], self.num_heads, self.d_kv).transpose(-3, -2)
+
+    def _merge(self, x: Tensor) -> Tensor:
+        return x.transpose(-3, -2).reshape(*x.shape[:-3], x.shape[-2], self.num_heads * self.d_kv)
+
+    def layer(
+        self,
+        index: int,
+        hidden: Tensor,
+        cache: DecoderCache,
+        rows: Tensor | None,
+        positions: Tensor | int,
+        last_position: int,
+    ) -> Tensor:
+        """Run decoder layer `index` (0-based) on `hidden` [A, Q, d] and write its K/V.
+
+        `positions` is an int (one query per row at that position) or a [A, Q] tensor;
+        keys span positions 0..`last_position`.
+        """
+        block = self.blocks[index]
+        self_attn_layer, cross_layer = block.layer[0], block.layer[1]
+        attn = self_attn_layer.SelfAttention
+        normed = self_attn_layer.layer_norm(hidden)
+        query = self._heads(attn.q(normed))
+        self._write_kv(cache, index, rows, positions, self._heads(attn.k(normed)), self._heads(attn.v(normed)))
+        end = last_position + 1
+        if rows is None:
+            keys, values = cache.self_k[index][:, :, :end], cache.self_v[index][:, :, :end]
+        else:
+            keys, values = cache.self_k[index][rows, :, :end], cache.self_v[index][rows, :, :end]
+        if isinstance(positions, int):
+            bias = cache.self_bias[:, positions : positions + 1, :end]
+        else:
+            bias = cache.self_bias[:, :, :end][:, positions].transpose(0, 1)
+        context = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=1.0)
+        hidden = hidden + attn.o(self._merge(context))
+
+        cross = cross_layer.EncDecAttention
+        query = self._heads(cross.q(cross_layer.layer_norm(hidden)))
+        if rows is None:
+            keys, values, bias = cache.cross_k[index], cache.cross_v[index], cache.cross_bias
+        else:
+            keys, values, bias = cache.cross_k[index][rows], cache.cross_v[index][rows], cache.cross_bias[rows]
+        context = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=1.0)
+        hidden = hidden + cross.o(self._merge(context))
+        return block.layer[-1](hidden)
+
+    def _write_kv(
+        self, cache: DecoderCache, index: int, rows: Tensor | None, positions: Tensor | int, key: Tensor, value: Tensor
+    ) -> None:
+        if isinstance(positions, int):
+            if rows is None:
+                cache.self_k[index][:, :, positions] = key[:, :, 0]
+                cache.self_v[index][:, :, positions] = value[:, :, 0]
+            else:
+                cache.self_k[index][rows, :, positions] = key[:, :, 0]
+                cache.self_v[index][rows, :, positions] = value[:, :, 0]
+            return
+        batch_rows = (rows if rows is not None else torch.arange(key.shape[0], device=key.device))[:, None]
+        batch_rows = batch_rows.expand_as(positions)
+        cache.self_k[index][batch_rows, :, positions] = key.transpose(1, 2)
+        cache.self_v[index][batch_rows, :, positions] = value.transpose(1, 2)
+
+    def copy_skipped_kv(self, first_skipped: int, hidden: Tensor, cache: DecoderCache, rows: Tensor, position: int) -> None:
+        """CALM's state copying: layers >= `first_skipped` get K/V projected from the exit state
+        [A, 1, d], each through its own layer norm and K/V weights, as one matmul."""
+        first_norm = self.blocks[first_skipped].layer[0].layer_norm
+        variance = hidden.float().pow(2).mean(-1, keepdim=True)
+        normed = (hidden * torch.rsqrt(variance + first_norm.variance_epsilon)).to(hidden.dtype)
+        skipped = self.num_layers - first_skipped
+        width = self.num_heads * self.d_kv
+        weights = self._stacked_kv_weights()[first_skipped * 2 * width :]
+        kv = (normed[:, 0] @ weights.T).view(-1, skipped, 2, self.num_heads, self.d_kv).transpose(0, 1)
+        cache.self_k[first_skipped:, rows, :, position] = kv[:, :, 0]
+        cache.self_v[first_skipped:, rows, :, position] = kv[:, :, 1]
+
+    def _stacked_kv_weights(self) -> Tensor:
+        """Every decoder layer's self-attention K and V weights with its layer-norm weight folded
+        in ([layers * 2 * inner, d]); built once, for inference (training does not copy states)."""
+        if self._kv_weights is None:
+            parts = []
+            for block in self.blocks:
+                layer = block.layer[0]
+                scale = layer.layer_norm.weight
+                parts += [layer.SelfAttention.k.weight * scale, layer.SelfAttention.v.weight * scale]
+            self._kv_weights = torch.cat(parts).detach()
+        return self._kv_weights
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Logits of any layer's raw output: the model's final norm, output scaling and LM head."""
+        return self.model.lm_head(self.model.decoder.final_layer_norm(hidden) * self.output_scale)
+
+    def all_layer_states(
+        self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Teacher-forced raw states of every decoder layer (not final-normed), embedding first.
+
+        Hugging Face's `decoder_hidden_states` ends with an already final-normed state, so
+        applying `logits` to it would norm twice; these states are all raw.
+        """
+        captured: list[Tensor] = []
+        hooks = [block.register_forward_hook(lambda _m, _i, out: captured.append(out[0])) for block in self.blocks]
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                use_cache=False,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return out.logits, [self.embed(decoder_input_ids), *captured]

@@ -1,0 +1,162 @@
+"""The lm-eval hook: lets the stock `lm_eval` command find `--model mee` and the `*_mee` tasks.
+
+lm-eval 0.4.13 has no plugin entry points. `mee_bench_lm_eval.pth` in site-packages (see
+`install_lm_eval_hook`) therefore puts a trigger finder on `sys.meta_path` whenever Python
+starts, unless `MEE_BENCH_NO_LM_EVAL_HOOK=1`. The trigger imports nothing; it only checks
+each imported name against `WATCHED` and, for those four lm-eval modules, calls `find_spec`
+here, which wraps the real loader so that `patch` runs right after lm-eval executed the module:
+
+- `lm_eval.models`: registers `mee` as a lazy placeholder, so nothing of mee-bench (torch
+  included) is imported until someone asks for that model;
+- `lm_eval.tasks.manager`: `TaskManager` also indexes `mee_bench/tasks`, before any user
+  `include_path` (a user's own task of the same name still wins); `include_defaults=False`
+  leaves it out, like lm-eval's built-in tasks;
+- `lm_eval.evaluator`: when the model is the `mee` adapter, every evaluation starts with
+  fresh efficiency counters and its results get `results["mee"][task]`, which
+  `lm_eval --output_path` writes into the results JSON;
+- `lm_eval.utils`: `make_table` appends the efficiency table after lm-eval's last table
+  (the CLI prints the task table, then the group table when there is one).
+
+A patch that fails (say, a future lm-eval moved something) warns instead of breaking lm-eval.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
+
+DISABLE_ENV = "MEE_BENCH_NO_LM_EVAL_HOOK"
+MODEL_NAME = "mee"
+MODEL_TARGET = "mee_bench.harness.lm_eval_model:MEELM"
+ADAPTER_MODULE = "mee_bench.harness.lm_eval_model"
+TRIGGER_NAME = "MeeBenchLmEvalTrigger"
+
+
+def register_model(module: ModuleType) -> None:
+    """`--model mee` resolves to the adapter, imported only when that model is asked for."""
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME, target=MODEL_TARGET)
+
+
+def index_package_tasks(module: ModuleType) -> None:
+    """Every `TaskManager` with lm-eval's default tasks also gets ours (once)."""
+    from mee_bench.harness.tasks import TASKS_DIR
+
+    init = module.TaskManager.__init__
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        given = bound.arguments["include_path"]
+        paths = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
+        if bound.arguments["include_defaults"] and TASKS_DIR not in {Path(p).resolve() for p in paths}:
+            bound.arguments["include_path"] = [TASKS_DIR, *paths]
+        init(*bound.args, **bound.kwargs)
+
+    module.TaskManager.__init__ = __init__
+
+
+def mee_adapter(lm: Any) -> Any:
+    """The `MEELM` behind `lm` (lm-eval's `CachingLM` keeps it as `.lm`), or None."""
+    adapter_module = sys.modules.get(ADAPTER_MODULE)
+    if adapter_module is None:
+        return None
+    for candidate in (lm, getattr(lm, "__dict__", {}).get("lm")):
+        if isinstance(candidate, adapter_module.MEELM):
+            return candidate
+    return None
+
+
+def attach_efficiency(module: ModuleType) -> None:
+    """`evaluate` of a `mee` model resets its efficiency counters and returns them as `results["mee"]`."""
+    evaluate = module.evaluate
+
+    @functools.wraps(evaluate)
+    def evaluate_with_efficiency(*args: Any, **kwargs: Any):
+        adapter = mee_adapter(kwargs["lm"] if "lm" in kwargs else args[0] if args else None)
+        if adapter is None:
+            return evaluate(*args, **kwargs)
+        adapter.reset_efficiency()
+        results = evaluate(*args, **kwargs)
+        if results is not None:
+            sys.modules[ADAPTER_MODULE].attach_efficiency(results, adapter)
+        return results
+
+    module.evaluate = evaluate_with_efficiency
+
+
+def append_efficiency_table(module: ModuleType) -> None:
+    """`make_table` (the CLI's printer) adds the efficiency table after lm-eval's last table."""
+    make_table = module.make_table
+
+    @functools.wraps(make_table)
+    def make_table_with_efficiency(result_dict: dict, column: str = "results", sort_results: bool = False) -> str:
+        table = make_table(result_dict, column, sort_results)
+        is_last_table = column == "groups" or "groups" not in result_dict
+        if is_last_table and result_dict.get(MODEL_NAME):
+            from mee_bench.harness.lm_eval_model import efficiency_table
+
+            table = f"{table}\n{efficiency_table(result_dict[MODEL_NAME])}\n"
+        return table
+
+    module.make_table = make_table_with_efficiency
+
+
+PATCHES: dict[str, Callable[[ModuleType], None]] = {
+    "lm_eval.models": register_model,
+    "lm_eval.tasks.manager": index_package_tasks,
+    "lm_eval.evaluator": attach_efficiency,
+    "lm_eval.utils": append_efficiency_table,
+}
+
+
+def patch(module: ModuleType) -> None:
+    """Apply the patch for `module`; a failure becomes a warning naming the way out."""
+    try:
+        PATCHES[module.__name__](module)
+    except Exception as err:  # a changed lm-eval must not stop lm-eval itself from working
+        warnings.warn(
+            f"mee-bench could not hook into {module.__name__} ({type(err).__name__}: {err}); "
+            f"`--model mee` or the *_mee tasks may be missing. Set {DISABLE_ENV}=1 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+WATCHED = frozenset(PATCHES)
+
+
+def find_spec(fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
+    """The spec the other finders give for a watched module, its loader made to run `patch`
+    after executing the module. Start-up triggers (there may be two: Python 3.11 venvs run
+    each `.pth` file twice) are skipped."""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None) if getattr(finder, "__name__", "") != TRIGGER_NAME else None
+        spec = find(fullname, path, target) if find is not None else None
+        if spec is not None:
+            break
+    else:
+        return None
+    loader = spec.loader
+    if loader is None or not hasattr(loader, "exec_module"):
+        return spec
+    exec_module = loader.exec_module
+
+    def exec_then_patch(module: ModuleType) -> None:
+        exec_module(module)
+        patch(module)
+
+    loader.exec_module = exec_then_patch
+    return spec

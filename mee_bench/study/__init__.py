@@ -1,0 +1,1 @@
+"""Analysis: the paper's monotonicity statistics, their driver and plots, and the model report."""

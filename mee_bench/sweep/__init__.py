@@ -1,0 +1,1 @@
+"""Sweeps: typed config, trial backend, Ray runner, result store, energy and leaderboards."""

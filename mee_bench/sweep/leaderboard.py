@@ -1,0 +1,405 @@
+"""Leaderboards and plots from a sweep's records: what a researcher pastes into a paper.
+
+Per task: every configuration with its quality, the change against `full`, average exit
+layer, speedup against `full`, ms/token, energy and CO2. Speedup is `full`'s decoder
+ms/token divided by the configuration's, and only between trials of the same sweep on the
+same hardware; the oracle runs every layer (it is an analysis bound) and gets no speedup.
+Everything here is rebuilt from the JSON records, so `mee-bench leaderboard DIR` can be
+rerun at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tabulate import tabulate
+
+from mee_bench.sweep.store import MANIFEST, load_records
+
+# The quality number a task is judged by (the paper's choice where it has one); other
+# metrics are shown beside it. Unknown tasks use the first metric of METRIC_PREFERENCE present.
+PRIMARY_METRIC = {
+    "squad_mee": "f1",
+    "cnndm_mee": "rougeL",
+    "wmt15_enfr_mee": "bleu",
+    "bigpatent_mee": "rougeL",
+    "tatoeba_enfr_mee": "bleu",
+}
+METRIC_PREFERENCE = ("f1", "exact_match", "rougeL", "rougeLsum", "rouge1", "bleu", "chrf", "acc")
+ANALYSIS_ONLY = {"oracle"}
+MISSING = "n/a"
+
+
+@dataclass
+class Row:
+    task: str
+    policy: str
+    threshold: float | None
+    min_exit_layer: int | None
+    metrics: dict[str, float | None]
+    quality: float | None
+    delta: float | None
+    avg_exit_layer: float | None
+    num_layers: int | None
+    speedup: float | None
+    ms_per_token: float | None
+    energy_wh: float | None
+    co2_g: float | None
+    power: str
+
+    @property
+    def analysis_only(self) -> bool:
+        return self.policy in ANALYSIS_ONLY
+
+
+@dataclass
+class TaskBoard:
+    task: str
+    metric: str
+    metric_names: list[str]
+    rows: list[Row]
+    failed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def primary_metric(task: str, names: list[str]) -> str | None:
+    if PRIMARY_METRIC.get(task) in names:
+        return PRIMARY_METRIC[task]
+    preferred = [m for m in METRIC_PREFERENCE if m in names]
+    return (preferred or sorted(names) or [None])[0]
+
+
+def _hardware_key(record: dict) -> tuple:
+    hw = record.get("hardware", {})
+    return hw.get("cpu_model"), hw.get("cpu_count"), hw.get("torch_threads"), hw.get("gpu")
+
+
+def _order(policies: list[str]) -> dict[str, int]:
+    order = {"full": -1}
+    for index, policy in enumerate(policies):
+        order.setdefault(policy, index)
+    return order
+
+
+def task_boards(records: list[dict], measure_order: list[str] | None = None) -> list[TaskBoard]:
+    """Group records by task and compute each configuration's comparison with `full`."""
+    by_task: dict[str, list[dict]] = {}
+    for record in records:
+        by_task.setdefault(record["trial"]["task"], []).append(record)
+    boards = []
+    for task, task_records in by_task.items():
+        ok = [r for r in task_records if r.get("status") == "ok"]
+        names = sorted({name for r in ok for name in r.get("metrics", {})})
+        metric = primary_metric(task, names)
+        full = next((r for r in ok if r["trial"]["measure"] == "full"), None)
+        board = TaskBoard(task, metric or MISSING, [metric] + [n for n in names if n != metric] if metric else [], [])
+        board.failed = len(task_records) - len(ok)
+        if full is None:
+            board.notes.append("no successful `full` trial: deltas and speedups are not available")
+        for record in ok:
+            board.rows.append(_row(task, record, metric, full, board))
+        order = _order(measure_order or sorted({r.policy for r in board.rows}))
+        board.rows.sort(key=lambda r: (order.get(r.policy, len(order)), r.threshold or 0.0, r.min_exit_layer or 0))
+        boards.append(board)
+    return sorted(boards, key=lambda b: b.task)
+
+
+def _row(task: str, record: dict, metric: str | None, full: dict | None, board: TaskBoard) -> Row:
+    trial, efficiency, energy = record["trial"], record.get("efficiency", {}), record.get("energy", {})
+    quality = record["metrics"].get(metric) if metric else None
+    full_quality = full["metrics"].get(metric) if full and metric else None
+    speedup = None
+    ms = efficiency.get("decode_ms_per_token")
+    if full is not None and trial["measure"] not in ANALYSIS_ONLY and ms:
+        if _hardware_key(full) == _hardware_key(record):
+            speedup = full["efficiency"]["decode_ms_per_token"] / ms
+        else:
+            board.notes.append(f"{trial['measure']} ran on different hardware than `full`: no speedup shown")
+    kwh, kg = energy.get("energy_kwh"), energy.get("emissions_kg_co2eq")
+    return Row(
+        task=task,
+        policy=trial["measure"],
+        threshold=trial["threshold"],
+        min_exit_layer=trial["min_exit_layer"],
+        metrics=record["metrics"],
+        quality=quality,
+        delta=None if quality is None or full_quality is None else quality - full_quality,
+        avg_exit_layer=efficiency.get("avg_exit_layer"),
+        num_layers=efficiency.get("num_layers"),
+        speedup=speedup,
+        ms_per_token=ms,
+        energy_wh=None if kwh is None else 1e3 * kwh,
+        co2_g=None if kg is None else 1e3 * kg,
+        power=energy.get("power_source", "unknown"),
+    )
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def _sig(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.3g}"
+
+
+def _speedup(row: Row) -> str:
+    if row.analysis_only:
+        return "analysis only"
+    return MISSING if row.speedup is None else f"{row.speedup:.2f}x"
+
+
+def task_table(board: TaskBoard) -> tuple[list[str], list[list[str]]]:
+    """Formatted header and rows of one task's leaderboard (shared by Markdown and LaTeX)."""
+    header = ["policy", "threshold", "min exit layer", *board.metric_names, f"delta {board.metric} vs full",
+              "avg exit layer", "speedup vs full", "ms/token", "energy (Wh)", "CO2 (g)", "power"]
+    rows = []
+    for row in board.rows:
+        policy = f"{row.policy} (analysis only)" if row.analysis_only else row.policy
+        rows.append([
+            policy,
+            _sig(row.threshold),
+            MISSING if row.min_exit_layer is None else str(row.min_exit_layer),
+            *(_num(row.metrics.get(name)) for name in board.metric_names),
+            MISSING if row.delta is None else f"{row.delta:+.2f}",
+            _num(row.avg_exit_layer),
+            _speedup(row),
+            _num(row.ms_per_token),
+            _sig(row.energy_wh),
+            _sig(row.co2_g),
+            row.power,
+        ])
+    return header, rows
+
+
+@dataclass
+class SummaryRow:
+    task: str
+    policy: str
+    best: Row | None
+    reason: str = ""
+
+
+def summary(boards: list[TaskBoard], tolerance: float = 1.0) -> list[SummaryRow]:
+    """Per task and policy: the fastest configuration within `tolerance` quality points of `full`, or none."""
+    result = []
+    for board in boards:
+        policies = dict.fromkeys(r.policy for r in board.rows if r.policy != "full" and not r.analysis_only)
+        for policy in policies:
+            candidates = [
+                r for r in board.rows
+                if r.policy == policy and r.speedup is not None and r.delta is not None and r.delta >= -tolerance
+            ]
+            best = max(candidates, key=lambda r: r.speedup) if candidates else None
+            reason = "" if best else f"none within {tolerance:g} point(s) of full"
+            result.append(SummaryRow(board.task, policy, best, reason))
+    return result
+
+
+def summary_table(rows: list[SummaryRow], boards: list[TaskBoard]) -> tuple[list[str], list[list[str]]]:
+    metrics = {b.task: b.metric for b in boards}
+    header = ["task", "policy", "threshold", "min exit layer", "quality", "delta vs full", "speedup vs full", "avg exit layer"]
+    table = []
+    for item in rows:
+        best = item.best
+        if best is None:
+            table.append([item.task, item.policy, "none", "none", "none", "none", "none", "none"])
+            continue
+        table.append([
+            item.task, item.policy, _sig(best.threshold),
+            MISSING if best.min_exit_layer is None else str(best.min_exit_layer),
+            f"{_num(best.quality)} {metrics[item.task]}", f"{best.delta:+.2f}", _speedup(best), _num(best.avg_exit_layer),
+        ])
+    return header, table
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both speedup and quality, by increasing speedup."""
+    front: list[tuple[float, float]] = []
+    for speed, quality in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not front or quality > front[-1][1]:
+            front.append((speed, quality))
+    return front[::-1]
+
+
+def plot_quality_vs_speedup(board: TaskBoard, path: Path, tolerance: float) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.4))
+    axes = figure.subplots()
+    points = [(r.speedup, r.quality) for r in board.rows if r.speedup is not None and r.quality is not None]
+    for policy in dict.fromkeys(r.policy for r in board.rows if not r.analysis_only):
+        mine = [(r.speedup, r.quality) for r in board.rows if r.policy == policy and r.speedup and r.quality is not None]
+        if mine:
+            axes.scatter(*zip(*mine), label=policy, marker="*" if policy == "full" else "o", s=90 if policy == "full" else 30)
+    if points:
+        axes.step(*zip(*pareto_front(points)), where="pre", color="black", linewidth=1, label="Pareto front")
+    full = next((r for r in board.rows if r.policy == "full" and r.quality is not None), None)
+    if full is not None:
+        axes.axhline(full.quality - tolerance, color="grey", linestyle=":", label=f"full - {tolerance:g} point(s)")
+    axes.set_xlabel("speedup vs full (decoder ms/token)")
+    axes.set_ylabel(board.metric)
+    axes.set_title(f"{board.task}: quality vs speedup")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def plot_exit_layers(boards: list[TaskBoard], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(6.4, 3.2 * len(boards)), 4.4))
+    all_axes = figure.subplots(1, len(boards), squeeze=False)[0]
+    for axes, board in zip(all_axes, boards):
+        policies = list(dict.fromkeys(r.policy for r in board.rows))
+        for index, policy in enumerate(policies):
+            layers = [r.avg_exit_layer for r in board.rows if r.policy == policy and r.avg_exit_layer is not None]
+            axes.scatter([index] * len(layers), layers, s=25, alpha=0.7)
+            if layers:
+                axes.hlines(sum(layers) / len(layers), index - 0.3, index + 0.3, color="black")
+        depth = max((r.num_layers or 0 for r in board.rows), default=0)
+        if depth:
+            axes.axhline(depth, color="grey", linestyle=":", label=f"{depth} decoder layers")
+            axes.legend(fontsize="small")
+        axes.set_xticks(range(len(policies)), policies, rotation=45, ha="right")
+        axes.set_ylabel("average exit layer")
+        axes.set_title(board.task)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def _csv_rows(boards: list[TaskBoard]) -> tuple[list[str], list[list]]:
+    metric_names = sorted({n for b in boards for n in b.metric_names})
+    header = ["task", "policy", "threshold", "min_exit_layer", "primary_metric", "quality", "delta_vs_full",
+              *metric_names, "avg_exit_layer", "speedup_vs_full", "decode_ms_per_token", "energy_wh", "co2_g",
+              "power_source", "analysis_only"]
+    rows = []
+    for board in boards:
+        for r in board.rows:
+            rows.append([r.task, r.policy, r.threshold, r.min_exit_layer, board.metric, r.quality, r.delta,
+                         *(r.metrics.get(n) for n in metric_names), r.avg_exit_layer, r.speedup, r.ms_per_token,
+                         r.energy_wh, r.co2_g, r.power, r.analysis_only])
+    return header, rows
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+
+
+def _context(records: list[dict]) -> list[str]:
+    """The facts a reader needs to trust the numbers: model, machine, how power was obtained."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    lines = []
+    if ok:
+        first = ok[0]
+        hw, energy = first.get("hardware", {}), first.get("energy", {})
+        lines.append(f"Model: `{Path(first['config']['model']['pretrained']).name}` "
+                     f"({first['config']['model']['dtype']}, {first['config']['model']['device']}); "
+                     f"limit {first['config'].get('limit') or 'none'} examples per task, "
+                     f"batch size {first['config'].get('batch_size', 'unknown')} (speedups shrink as batches "
+                     f"grow: a batch runs until its last row exits; the paper measures at batch size 1).")
+        workers = max(r.get("worker", {}).get("concurrent_workers", 1) for r in ok)
+        lines.append(f"Machine: {hw.get('cpu_model')}, {hw.get('torch_threads')} torch thread(s) per trial"
+                     f"{', GPU ' + hw['gpu'] if hw.get('gpu') else ''}; up to {workers} trial(s) ran at once.")
+        sources = sorted({r.get("energy", {}).get("power_source", "unknown") for r in ok})
+        lines.append(f"Energy and CO2: CodeCarbon, grid of {energy.get('country_iso_code')}; power was "
+                     f"**{' / '.join(sources)}** ({energy.get('power_detail', 'no detail')}).")
+    lines.append("Speedup: `full`'s decoder ms/token divided by the configuration's, same sweep and same "
+                 "hardware. The oracle runs every layer and reports where it could have exited: analysis only.")
+    failed = len(records) - len(ok)
+    if failed:
+        lines.append(f"{failed} trial(s) failed and are not shown; their records in `records/` hold the errors.")
+    return lines
+
+
+def build_leaderboard(output_dir: str | Path, tolerance: float = 1.0) -> list[Path]:
+    """Write leaderboard.{md,csv,tex}, summary.{csv,tex} and the plots into `output_dir`; return the paths."""
+    output_dir = Path(output_dir)
+    records = load_records(output_dir)
+    if not any(r.get("status") == "ok" for r in records):
+        raise ValueError(f"{output_dir} holds no successful trial records; run `mee-bench sweep CONFIG` first")
+    manifest_path = output_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    measures = manifest.get("config", {}).get("measures")
+    name = manifest.get("config", {}).get("name") or output_dir.name
+    boards = task_boards(records, measures)
+    chosen = summary(boards, tolerance)
+    written: list[Path] = []
+
+    markdown = [f"# Leaderboard: {name}", "", *_context(records), ""]
+    latex = []
+    for board in boards:
+        header, rows = task_table(board)
+        plot = output_dir / f"quality_vs_speedup_{board.task}.png"
+        plot_quality_vs_speedup(board, plot, tolerance)
+        written.append(plot)
+        markdown += [f"## {board.task} (quality: {board.metric})", "", tabulate(rows, header, tablefmt="github", disable_numparse=True), ""]
+        markdown += [f"_{note}_" for note in dict.fromkeys(board.notes)] + [f"![quality vs speedup]({plot.name})", ""]
+        latex += [f"% {board.task} (quality: {board.metric})", tabulate(rows, header, tablefmt="latex_booktabs", disable_numparse=True), ""]
+    header, rows = summary_table(chosen, boards)
+    exit_plot = output_dir / "avg_exit_layer.png"
+    plot_exit_layers(boards, exit_plot)
+    markdown += [f"## Summary: the fastest configuration within {tolerance:g} quality point(s) of full", "",
+                 tabulate(rows, header, tablefmt="github", disable_numparse=True), "", f"![average exit layer per policy]({exit_plot.name})", ""]
+    files = {
+        "leaderboard.md": "\n".join(markdown),
+        "leaderboard.tex": "\n".join(latex),
+        "summary.tex": tabulate(rows, header, tablefmt="latex_booktabs", disable_numparse=True) + "\n",
+    }
+    for filename, text in files.items():
+        (output_dir / filename).write_text(text)
+        written.append(output_dir / filename)
+    _write_csv(output_dir / "leaderboard.csv", *_csv_rows(boards))
+    _write_csv(output_dir / "summary.csv", header, rows)
+    written += [output_dir / "leaderboard.csv", output_dir / "summary.csv", exit_plot]
+    return written
+
+
+def embed_in_markdown(document: str | Path, output_dir: str | Path) -> Path:
+    """Replace the block between `<!-- leaderboard:start -->` and `<!-- leaderboard:end -->` in
+    `document` with the sweep's leaderboard, so a README shows generated numbers, never typed ones."""
+    document, output_dir = Path(document), Path(output_dir)
+    text = document.read_text()
+    start, end = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{document} has no '{start}' ... '{end}' block to fill; add those two lines where the table goes")
+    relative = os.path.relpath(output_dir.resolve(), document.parent.resolve())
+    board = (output_dir / "leaderboard.md").read_text()
+    board = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", board, flags=re.M)
+    board = re.sub(r"!\[([^\]]*)\]\(([^)/]+)\)", lambda m: f"![{m.group(1)}]({relative}/{m.group(2)})", board)
+    note = f"<!-- generated by `mee-bench leaderboard {output_dir} --readme {document.name}`; do not edit by hand -->"
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    document.write_text(f"{head}{start}\n{note}\n\n{board.strip()}\n\n{end}{tail}")
+    return document
+
+
+def cli(argv: list[str]) -> int:
+    """`mee-bench leaderboard results/<sweep> [--readme README.md]`."""
+    parser = argparse.ArgumentParser(prog="mee-bench leaderboard", description="Rebuild tables and plots from a sweep's records.")
+    parser.add_argument("output_dir", help="a sweep directory, e.g. results/quickstart")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="quality points below full still counted as 'as good' (default 1)")
+    parser.add_argument("--readme", help="also write the leaderboard into this markdown file's leaderboard block")
+    args = parser.parse_args(argv)
+    if not Path(args.output_dir).is_dir():
+        print(f"mee-bench leaderboard: error: {args.output_dir} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        paths = build_leaderboard(args.output_dir, args.tolerance)
+        if args.readme:
+            paths.append(embed_in_markdown(args.readme, args.output_dir))
+    except ValueError as err:
+        print(f"mee-bench leaderboard: error: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,182 @@
+"""A sweep's results on disk: trial ids and the resumable, atomic record store.
+
+It exists apart from `sweep.py` because what makes a sweep resumable and safe to kill has
+nothing to do with Ray: a trial id is a stable hash of the grid point and of every setting
+that changes its result, so a rerun recognises finished trials; each record is written to a
+temp file and moved into place with `os.replace`, so a kill never leaves half a record; a
+lock lets one driver write a directory at a time; and a manifest refuses to mix records of
+a different config unless `--force` adopts it (records outside the new grid move to
+`superseded/`). The leaderboard reads the same records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import IO, Any, Iterable
+
+from mee_bench.sweep.config import SweepConfig, Trial, config_dict
+
+log = logging.getLogger(__name__)
+
+RECORDS_DIR = "records"
+MANIFEST = "sweep.json"
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start or continue; the message says why and what to do."""
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(pretrained: str, heads: str | None) -> str:
+    """Cheap identity of the weights: config + size, head and tail of every weight file.
+
+    A retrained model in the same directory gets a new fingerprint, so its trials are new
+    trials rather than stale records skipped on resume. A hub id is its own fingerprint.
+    """
+    digest = hashlib.sha256(pretrained.encode())
+    files = []
+    if Path(pretrained).is_dir():
+        files = sorted(p for p in Path(pretrained).iterdir() if p.suffix in (".json", ".safetensors", ".bin", ".model"))
+    if heads and Path(heads).is_file():
+        files.append(Path(heads))
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def result_settings(config: SweepConfig) -> dict:
+    """Everything besides the grid point that changes a trial's result (and so its id)."""
+    return {
+        "model": dataclasses.asdict(config.model),
+        "model_fingerprint": model_fingerprint(config.model.pretrained, config.model.heads),
+        **{k: getattr(config, k) for k in ("threshold_schedule", "kv_strategy", "limit", "batch_size", "max_gen_toks", "seed")},
+        "carbon": dataclasses.asdict(config.carbon),
+    }
+
+
+def trial_id(trial: Trial, settings: dict) -> str:
+    """A readable, file-safe name for the grid point plus a hash of it and of `settings`."""
+    threshold = "na" if trial.threshold is None else f"{trial.threshold:g}"
+    layer = "na" if trial.min_exit_layer is None else trial.min_exit_layer
+    readable = f"{trial.task}__{trial.measure}__t{threshold}__m{layer}"
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in readable)
+    return f"{safe}__{_digest([dataclasses.asdict(trial), settings])[:10]}"
+
+
+def sweep_fingerprint(config: SweepConfig, settings: dict) -> str:
+    """Same fingerprint = same sweep (resume). Execution details (Ray, paths, name) do not count."""
+    identity = {k: v for k, v in config_dict(config).items() if k not in ("ray", "output_dir", "name")}
+    return _digest([identity, settings])
+
+
+def load_records(output_dir: str | Path) -> list[dict]:
+    """Every trial record of a sweep directory (a file that is not valid JSON is skipped with a warning)."""
+    records = []
+    for path in sorted((Path(output_dir) / RECORDS_DIR).glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("skipping unreadable record %s: %s", path, err)
+    return records
+
+
+def _flatten(value: Any, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        flat: dict = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
+class ResultStore:
+    """The records of one sweep directory, guarded by a lock so one driver writes at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.records = self.root / RECORDS_DIR
+        self._lock: IO[str] | None = None
+
+    def open(self, fingerprint: str, config: dict, trial_ids: Iterable[str], force: bool) -> None:
+        """Claim the directory: new, or the same config (resume), or `force` (records outside the grid move aside)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / ".lock", "w")
+        try:
+            self._claim(fingerprint, config, set(trial_ids), force)
+        except BaseException:
+            self.close()
+            raise
+
+    def _claim(self, fingerprint: str, config: dict, trial_ids: set[str], force: bool) -> None:
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SweepError(f"another sweep is writing to {self.root}; wait for it or use another output_dir") from None
+        manifest_path = self.root / MANIFEST
+        existing = sorted(self.records.glob("*.json")) if self.records.is_dir() else []
+        previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        same = previous is not None and previous.get("fingerprint") == fingerprint
+        if existing and not same and not force:  # a manifest without records has nothing to protect
+            raise SweepError(self._difference(previous, config, len(existing)))
+        self.records.mkdir(exist_ok=True)
+        for stale in [*self.root.glob(".*.tmp"), *self.records.glob(".*.tmp")]:  # a write cut short by a kill
+            stale.unlink()
+        if not same:
+            aside = self.root / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+            for path in existing:
+                if path.stem not in trial_ids:
+                    aside.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(path), aside / path.name)
+            manifest = {"fingerprint": fingerprint, "config": config, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            self._atomic_write(manifest_path, manifest)
+
+    def _difference(self, previous: dict | None, config: dict, count: int) -> str:
+        where = f"{self.root} holds {count} record(s) of a different sweep config"
+        if previous is None:
+            return f"{where} (no {MANIFEST}); refusing to mix them: pick another output_dir or pass --force"
+        old, new = _flatten(previous.get("config", {})), _flatten(config)
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(("ray.", "output_dir", "name")))
+        shown = ", ".join(changed[:6]) or "the model files"
+        return (
+            f"{where} (differs in: {shown}); refusing to mix them. Use another output_dir, or pass --force "
+            "to adopt the new config (records of trials still in the grid are kept, the others move to superseded/)"
+        )
+
+    def finished(self) -> set[str]:
+        """Ids of the trials with an `ok` record; failed ones are not finished, so a rerun retries them."""
+        return {r["trial_id"] for r in load_records(self.root) if r.get("status") == "ok"}
+
+    def write(self, record: dict) -> None:
+        """Write (or replace) the record of `record["trial_id"]` atomically."""
+        self._atomic_write(self.records / f"{record['trial_id']}.json", record)
+
+    @staticmethod
+    def _atomic_write(path: Path, payload: dict) -> None:
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+        with tmp.open("w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        """Release the lock (a second call does nothing)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None

@@ -1,0 +1,1 @@
+"""Training: config, data, objectives, the loop, checkpoints, the tokenizer and exit-head training."""

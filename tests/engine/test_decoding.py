@@ -1,0 +1,324 @@
+"""The early-exit engine against Hugging Face's own generate and slow, obviously correct references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from tests.helpers import tiny_model
+from mee_bench.engine.decoding import EarlyExitGenerator
+from mee_bench.engine.measures import MEASURES, ExitMeasure
+from mee_bench.engine.loading import load_model
+from mee_bench.engine.policy import ExitPolicy
+
+MAX_NEW = 12
+SENTENCES = ["Why not start now?", "The boat capsized.", "Since there was nothing left to do, we left."]
+
+
+def padded_batch(lengths: list[int], side: str = "right", seed: int = 1, vocab: int = 32000):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        tokens = torch.randint(2, vocab, (n,), generator=generator)
+        tokens[-1] = 1
+        span = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[row, span], mask[row, span] = tokens, 1
+    return ids, mask
+
+
+def hf_greedy(model, ids, mask, max_new_tokens=MAX_NEW, lazy_cache=False) -> list[list[int]]:
+    # transformers sizes generate's default cache by the *encoder* depth; a decoder deeper than
+    # the encoder needs a cache that grows a layer at a time
+    cache = {"cache": EncoderDecoderCache(DynamicCache(), DynamicCache())} if lazy_cache else {}
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, **cache
+    )
+    rows = []
+    for row in out[:, 1:].tolist():
+        if 1 in row:
+            row = row[: row.index(1) + 1]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("lengths", [[9], [9, 5, 7, 3]])
+def test_full_policy_matches_model_generate(lengths):
+    model = tiny_model(seed=0)
+    ids, mask = padded_batch(lengths)
+    out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    assert out.tokens == hf_greedy(model, ids, mask)
+    assert all(layer == 4 for row in out.exit_layers for layer in row)
+    assert len(set(out.tokens[0])) > 2, "the test model must produce varied tokens for the comparison to mean anything"
+
+
+def test_full_policy_in_bfloat16_matches_generate():
+    model = tiny_model(seed=3).to(torch.bfloat16)
+    ids, mask = padded_batch([8, 6])
+    out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    assert out.tokens == hf_greedy(model, ids, mask)
+
+
+def test_full_policy_matches_model_generate_on_the_embedded_default_model():
+    model, tokenizer = load_model()  # 4 encoder and 6 decoder layers
+    generator = EarlyExitGenerator(model, tokenizer)
+    ids, mask = generator.tokenize([f"translate English to French: {s}" for s in SENTENCES])
+    out = generator.generate(ids, mask, ExitPolicy("full"), 24)
+    assert out.tokens == hf_greedy(model, ids, mask, 24, lazy_cache=True)
+    assert all(len(set(row)) > 3 for row in out.tokens)
+
+
+def test_different_encoder_and_decoder_depths_match_slow_greedy():
+    model = tiny_model(seed=2, layers=2, decoder_layers=5)
+    ids, mask = padded_batch([7, 4])
+    out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    for row in range(2):
+        prefix = torch.zeros(1, 1, dtype=torch.long)
+        for _ in range(MAX_NEW):
+            logits = model(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1], decoder_input_ids=prefix).logits
+            prefix = torch.cat([prefix, logits[:, -1:].argmax(-1)], dim=1)
+            if prefix[0, -1] == 1:
+                break
+        assert out.tokens[row] == prefix[0, 1:].tolist()
+
+
+class StepSchedule(ExitMeasure):
+    """Test measure: token number s exits at layer SCHEDULE[s % len] (0 = full depth)."""
+
+    name = "step_schedule"
+    schedule = (2, 0, 1, 3, 0, 2, 2, 0)
+
+    def __init__(self):
+        super().__init__()
+        self.step_index = -1
+
+    def start(self, embedding, first_check_layer):
+        super().start(embedding, first_check_layer)
+        self.step_index += 1
+
+    def step(self, layer, hidden, logits):
+        target = self.schedule[self.step_index % len(self.schedule)]
+        return torch.full((hidden.shape[0],), float(layer == target))
+
+
+@pytest.fixture
+def step_schedule(monkeypatch):
+    monkeypatch.setitem(MEASURES, StepSchedule.name, StepSchedule)
+    return ExitPolicy
+
+
+def reference_copy_decode(model, ids, schedule, max_new_tokens):
+    """Slow reference for CALM's copy strategy, one row, recomputing every layer over the whole
+    prefix with Hugging Face's own T5Block: a position that exited at layer e feeds its exit
+    state h_e as the input of every deeper layer, which is what copying its K/V means."""
+    blocks = model.decoder.block
+    num_layers = len(blocks)
+    encoder_states = model.encoder(input_ids=ids).last_hidden_state
+    tokens, layer_inputs = [0], []  # layer_inputs[p][j] = input of layer j at position p
+    for step in range(max_new_tokens):
+        target = schedule[step % len(schedule)] or num_layers
+        inputs = [model.decoder.embed_tokens(torch.tensor([[tokens[-1]]]))[0, 0]]
+        length = step + 1
+        causal = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
+        bias = blocks[0].layer[0].SelfAttention.compute_bias(length, length) + causal
+        for j in range(target):
+            sequence = torch.stack([layer_inputs[p][j] for p in range(step)] + [inputs[j]])[None]
+            out = blocks[j](sequence, attention_mask=None, position_bias=bias, encoder_hidden_states=encoder_states)[0]
+            inputs.append(out[0, -1])
+        exit_state = inputs[target]
+        inputs += [exit_state] * (num_layers - target)
+        layer_inputs.append(inputs)
+        normed = model.decoder.final_layer_norm(exit_state) * model.config.d_model**-0.5
+        tokens.append(int(model.lm_head(normed).argmax()))
+        if tokens[-1] == 1:
+            break
+    return tokens[1:]
+
+
+def reference_deferred_decode(model, ids, schedule, max_new_tokens):
+    """Slow reference for deferred (FREE-style) catch-up: every position's deep states are the
+    full model's states on the generated prefix, so token t is the argmax of layer e_t's state
+    in a teacher-forced forward over the prefix."""
+    from mee_bench.engine.t5 import T5LayerRunner
+
+    runner = T5LayerRunner(model)
+    tokens = [0]
+    for step in range(max_new_tokens):
+        target = schedule[step % len(schedule)] or runner.num_layers
+        _, states = runner.all_layer_states(ids, torch.ones_like(ids), torch.tensor([tokens]))
+        tokens.append(int(runner.logits(states[target][0, -1]).argmax()))
+        if tokens[-1] == 1:
+            break
+    return tokens[1:]
+
+
+@pytest.mark.parametrize("strategy", ["copy", "deferred"])
+def test_scheduled_exits_match_slow_reference(step_schedule, strategy):
+    model = tiny_model(seed=4)
+    ids, _ = padded_batch([8], seed=5)
+    policy = step_schedule("step_schedule", threshold=0.5, min_exit_layer=1, kv_strategy=strategy)
+    out = EarlyExitGenerator(model).generate(ids, None, policy, MAX_NEW)
+    reference = reference_copy_decode if strategy == "copy" else reference_deferred_decode
+    with torch.no_grad():
+        expected = reference(model, ids, StepSchedule.schedule, MAX_NEW)
+    assert out.tokens[0] == expected
+    assert out.exit_layers[0] == [(StepSchedule.schedule[s % 8] or 4) for s in range(len(expected))]
+
+
+def test_copy_and_deferred_differ_when_deep_tokens_follow_exits(step_schedule):
+    """Guards the references above: the two strategies really take different paths."""
+    model = tiny_model(seed=4)
+    ids, _ = padded_batch([8], seed=5)
+    runs = {}
+    for strategy in ("copy", "deferred"):
+        policy = step_schedule("step_schedule", threshold=0.5, min_exit_layer=1, kv_strategy=strategy)
+        runs[strategy] = EarlyExitGenerator(model).generate(ids, None, policy, 24).tokens[0]
+    assert runs["copy"] != runs["deferred"]
+
+
+def test_catch_up_block_equals_sequential_layers():
+    """One parallel catch-up call computes what running the pending positions one by one does."""
+    from mee_bench.engine.t5 import T5LayerRunner
+
+    torch.manual_seed(0)
+    model = tiny_model(seed=6)
+    runner = T5LayerRunner(model)
+    ids, mask = padded_batch([6, 6])
+    with torch.no_grad():
+        states = runner.encode(ids, mask)
+        hidden = torch.randn(2, 5, 32)
+        sequential, parallel = runner.new_cache(states, mask, 8), runner.new_cache(states, mask, 8)
+        one_by_one = torch.cat([runner.layer(0, hidden[:, p : p + 1], sequential, None, p, p) for p in range(5)], dim=1)
+        positions = torch.arange(5).expand(2, 5)
+        block = runner.layer(0, hidden, parallel, None, positions, 4)
+    torch.testing.assert_close(block, one_by_one, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(parallel.self_k[0][:, :, :5], sequential.self_k[0][:, :, :5])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("strategy", ["copy", "deferred"])
+def test_per_row_exits_in_a_batch_equal_batch_of_one(side, strategy):
+    model = tiny_model(seed=7)
+    ids, mask = padded_batch([9, 4, 7, 6], side=side, seed=8)
+    policy = ExitPolicy("softmax", threshold=0.95, min_exit_layer=1, kv_strategy=strategy)
+    generator = EarlyExitGenerator(model)
+    batched = generator.generate(ids, mask, policy, MAX_NEW)
+    layers = [layer for row in batched.exit_layers for layer in row]
+    assert 1 <= min(layers) and max(layers) == 4 and len(set(layers)) > 1, "the policy must exit at mixed layers"
+    for row in range(4):
+        keep = mask[row].bool()
+        alone = generator.generate(ids[row : row + 1, keep], None, policy, MAX_NEW)
+        assert batched.tokens[row] == alone.tokens[0]
+        assert batched.exit_layers[row] == alone.exit_layers[0]
+
+
+def test_exited_rows_leave_the_active_set():
+    """A row that exits costs nothing deeper: count the rows each decoder layer computes."""
+    model = tiny_model(seed=7)
+    seen: dict[int, int] = {}
+    hooks = [
+        block.layer[-1].register_forward_hook(lambda _m, inp, _o, j=j: seen.__setitem__(j, seen.get(j, 0) + inp[0].shape[0]))
+        for j, block in enumerate(model.decoder.block)
+    ]
+    ids, mask = padded_batch([9, 4, 7, 6], seed=8)
+    out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("softmax", threshold=0.95, min_exit_layer=1), MAX_NEW)
+    for hook in hooks:
+        hook.remove()
+    for j in range(4):
+        expected = sum(layer > j for row in out.exit_layers for layer in row)
+        assert seen[j] == expected
+
+
+def test_min_exit_layer_is_respected():
+    model = tiny_model(seed=7)
+    ids, mask = padded_batch([9, 5], seed=8)
+    out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("softmax", threshold=0.0, min_exit_layer=3), MAX_NEW)
+    assert {layer for row in out.exit_layers for layer in row} == {3}
+
+
+def test_fixed_policy_exits_at_the_minimum_layer_and_stats_add_up():
+    model = tiny_model(seed=7)
+    ids, mask = padded_batch([9, 5], seed=8)
+    out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("fixed", min_exit_layer=2), MAX_NEW)
+    stats = out.stats.as_dict()
+    assert stats["tokens"] == sum(len(row) for row in out.tokens)
+    assert stats["avg_exit_layer"] == 2.0
+    assert stats["exit_histogram"] == {"2": stats["tokens"]}
+    assert stats["encoder_ms"] > 0 and stats["decoder_ms"] > 0
+
+
+def test_oracle_keeps_full_tokens_and_reports_the_stable_layer():
+    model = tiny_model(seed=0)
+    ids, mask = padded_batch([9, 5])
+    generator = EarlyExitGenerator(model)
+    full = generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    oracle = generator.generate(ids, mask, ExitPolicy("oracle", min_exit_layer=1), MAX_NEW)
+    assert oracle.tokens == full.tokens
+    from mee_bench.engine.t5 import T5LayerRunner
+
+    runner = T5LayerRunner(model)
+    with torch.no_grad():
+        for row in range(2):
+            prefix = torch.tensor([[0] + full.tokens[row][:-1]])
+            _, states = runner.all_layer_states(ids[row : row + 1], mask[row : row + 1], prefix)
+            top1 = torch.stack([runner.logits(s[0]).argmax(-1) for s in states[1:]])  # [layers, tokens]
+            for t, layer in enumerate(oracle.exit_layers[row]):
+                assert (top1[layer - 1 :, t] == top1[-1, t]).all()
+                assert layer == 1 or top1[layer - 2, t] != top1[-1, t]
+
+
+def test_stop_strings_end_a_row(t5_tokenizer):
+    model = tiny_model(seed=0)
+    generator = EarlyExitGenerator(model, t5_tokenizer)
+    texts, free = generator.generate_text(["translate English to French: The house."], ExitPolicy("full"), MAX_NEW)
+    assert len(free.tokens[0]) > 3
+    word = t5_tokenizer.decode(free.tokens[0][:3], skip_special_tokens=True).split()[-1]
+    stopped, out = generator.generate_text(["translate English to French: The house."], ExitPolicy("full"), MAX_NEW, [word])
+    assert word in stopped[0] and len(out.tokens[0]) < len(free.tokens[0])
+    assert texts[0].startswith(stopped[0].split(word)[0])
+
+
+def test_eos_ends_generation():
+    generator = EarlyExitGenerator(tiny_model(seed=0))
+    model_logits = generator.runner.logits
+    eos_after_two = torch.zeros(32128)
+    eos_after_two[1] = 1e4
+    calls = []
+
+    def logits(hidden):
+        calls.append(hidden.shape[0])
+        return model_logits(hidden) + (eos_after_two if len(calls) > 2 else 0)
+
+    generator.runner.logits = logits
+    out = generator.generate(*padded_batch([5, 3]), ExitPolicy("full"), MAX_NEW)
+    assert [row[-1] for row in out.tokens] == [1, 1] and [len(row) for row in out.tokens] == [3, 3]
+
+
+def test_exit_logits_use_the_final_norm_exactly_once():
+    """With a perturbed final-norm weight, the engine's last-layer logits are the model's own."""
+    from mee_bench.engine.t5 import T5LayerRunner
+
+    model = tiny_model(seed=9)
+    with torch.no_grad():
+        model.decoder.final_layer_norm.weight.mul_(torch.linspace(0.2, 3.0, 32))
+    runner = T5LayerRunner(model)
+    ids, mask = padded_batch([6])
+    decoder_ids = torch.tensor([[0, 5, 9, 11]])
+    with torch.no_grad():
+        logits, states = runner.all_layer_states(ids, mask, decoder_ids)
+        torch.testing.assert_close(runner.logits(states[-1]), logits)
+        torch.testing.assert_close(logits, model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits)
+
+
+def test_confidence_is_the_value_at_the_exit_or_the_last_check():
+    model = tiny_model(seed=7)
+    ids, mask = padded_batch([9, 4, 7, 6], seed=8)
+    out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("softmax", threshold=0.95, min_exit_layer=2), MAX_NEW)
+    pairs = [(layer, conf) for row in range(4) for layer, conf in zip(out.exit_layers[row], out.confidences[row])]
+    assert {layer for layer, _ in pairs} >= {2, 4}
+    assert all(conf >= 0.95 for layer, conf in pairs if layer < 4)
+    assert all(0.0 <= conf < 0.95 for layer, conf in pairs if layer == 4)
+    full = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    assert all(conf != conf for row in full.confidences for conf in row)  # never checked: nan

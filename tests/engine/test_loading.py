@@ -1,0 +1,86 @@
+"""Loading checkpoints and the engine's bad-input messages."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tests.helpers import TOKENIZER_DIR
+from mee_bench.engine.decoding import EarlyExitGenerator
+from mee_bench.engine.loading import ModelLoadError, load_model
+from mee_bench.engine.policy import ExitPolicy
+
+
+def test_local_checkpoint_loads_from_safetensors_in_both_dtypes(tiny_model_dir):
+    assert (tiny_model_dir / "model.safetensors").is_file()
+    model, tokenizer = load_model(tiny_model_dir)
+    assert model.config.num_layers == 2 and model.config.num_decoder_layers == 4
+    assert tokenizer("translate English to French: The house is wonderful.").input_ids == [
+        13959, 1566, 12, 2379, 10, 37, 629, 19, 1627, 5, 1
+    ]
+    model16, _ = load_model(tiny_model_dir, dtype="bfloat16")
+    assert model16.lm_head.weight.dtype == torch.bfloat16 and not model16.training
+
+
+def test_engine_handles_unequal_depths_from_a_saved_checkpoint(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    texts, out = EarlyExitGenerator(model, tokenizer).generate_text(
+        ["summarize: a b c", "question: who? context: me"], ExitPolicy("softmax", threshold=0.5, min_exit_layer=2), 6
+    )
+    assert len(texts) == 2 and all(2 <= layer <= 4 for row in out.exit_layers for layer in row)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "no-such-model")
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        load_model(tmp_path)
+
+
+def test_non_t5_checkpoint_is_refused(tmp_path):
+    from transformers import BartConfig
+
+    BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="'bart' model; mee-bench runs T5-family"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"dtype": "float16"}, "dtype='float16' is not supported"), ({"device": "tpu"}, "not supported; use cpu or cuda")],
+)
+def test_bad_dtype_or_device(tiny_model_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(tiny_model_dir, **kwargs)
+
+
+def test_empty_input_is_refused(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    generator = EarlyExitGenerator(model, tokenizer)
+    with pytest.raises(ValueError, match="empty input"):
+        generator.generate_text([], ExitPolicy("full"))
+    with pytest.raises(ValueError, match="empty input"):
+        generator.generate_text(["  "], ExitPolicy("full"))
+    with pytest.raises(ValueError, match="empty input"):
+        generator.generate(torch.zeros(1, 0, dtype=torch.long), None, ExitPolicy("full"))
+
+
+def test_too_long_input_is_truncated_with_a_warning(tiny_model_dir, caplog):
+    model, tokenizer = load_model(tiny_model_dir)
+    generator = EarlyExitGenerator(model, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="mee_bench.engine.decoding"):
+        ids, _ = generator.tokenize(["word " * 50, "short"], max_input_length=16)
+    assert ids.shape[1] == 16
+    assert "1 of 2 prompts exceed 16 tokens and are truncated" in caplog.text
+
+
+def test_learned_measure_without_heads_names_the_command(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    with pytest.raises(ValueError, match="mee-bench train-heads"):
+        EarlyExitGenerator(model, tokenizer).generate_text(["summarize: x"], ExitPolicy("lstm", min_exit_layer=2))
+
+
+def test_shared_tokenizer_is_offline():
+    assert (TOKENIZER_DIR / "spiece.model").is_file()

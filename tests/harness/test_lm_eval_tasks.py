@@ -1,0 +1,94 @@
+"""The `*_mee` task YAMLs (indexed and loaded by lm-eval, without its 14k built-in tasks) and their metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from mee_bench.paths import data_root
+from mee_bench.harness.lm_eval_model import task_manager
+from mee_bench.harness.tasks import GROUP_NAME, TASK_NAMES, TASKS_DIR
+from mee_bench.harness.tasks import utils
+
+PAPER_TASKS = ["squad_mee", "cnndm_mee", "wmt15_enfr_mee", "bigpatent_mee"]
+EXPECTED = {
+    "squad_mee": ("question: ", " context: ", {"exact_match", "f1"}),
+    "cnndm_mee": ("summarize: ", None, {"rouge1", "rouge2", "rougeL", "rougeLsum"}),
+    "wmt15_enfr_mee": ("translate English to French: ", None, {"bleu", "chrf"}),
+    "bigpatent_mee": ("summarize: ", None, {"rouge1", "rouge2", "rougeL"}),
+    "tatoeba_enfr_mee": ("translate English to French: ", None, {"bleu", "chrf", "bleu_multiref"}),
+}
+
+
+@pytest.fixture(scope="module")
+def manager():
+    return task_manager(include_defaults=False)
+
+
+def test_the_package_holds_the_five_tasks_and_the_group(manager):
+    assert sorted(p.stem for p in TASKS_DIR.glob("*.yaml")) == sorted([*TASK_NAMES, GROUP_NAME])
+    assert set(TASK_NAMES) <= set(manager.all_subtasks)
+    assert GROUP_NAME in manager.all_groups
+
+
+@pytest.mark.skipif(data_root() is None, reason="needs the local data slices")
+def test_tasks_load_local_data_with_t5_prompts_greedy_settings_and_their_metrics(manager):
+    loaded = manager.load([GROUP_NAME, "tatoeba_enfr_mee"])
+    assert sorted(loaded["tasks"]) == sorted(TASK_NAMES)
+    assert list(loaded["group_map"][GROUP_NAME]) == PAPER_TASKS
+    for name, task in loaded["tasks"].items():
+        prefix, middle, metrics = EXPECTED[name]
+        doc = task.validation_docs()[0]
+        prompt = task.doc_to_text(doc)
+        assert prompt.startswith(prefix) and (middle is None or middle in prompt), name
+        assert task.doc_to_target(doc).strip(), name
+        assert set(task.aggregation()) == metrics, name
+        assert task.config.generation_kwargs["do_sample"] is False and task.config.generation_kwargs["until"] == []
+
+
+def test_squad_scores_use_the_official_normalisation():
+    doc = {"answers": {"text": ["the Eiffel Tower", "Eiffel Tower in Paris"]}}
+    assert utils.normalize_answer("  The  Eiffel-Tower!! ") == "eiffeltower"
+    assert utils.squad_results(doc, ["Eiffel Tower."]) == {"exact_match": 100.0, "f1": 100.0}
+    partial = utils.squad_results(doc, ["tower"])
+    assert partial["exact_match"] == 0.0
+    assert partial["f1"] == pytest.approx(100 * 2 * (1 * 0.5) / 1.5)  # P=1, R=1/2 against "eiffel tower"
+    assert utils.squad_results(doc, ["nothing"]) == {"exact_match": 0.0, "f1": 0.0}
+
+
+def test_translation_metrics_are_corpus_sacrebleu_and_chrf():
+    import sacrebleu
+
+    pairs = [("Le chat dort.", "Le chat dort."), ("Il pleut beaucoup aujourd'hui.", "Il pleut aujourd'hui.")]
+    per_doc = [utils.translation_results({"translation": {"en": "-", "fr": ref}}, [f" {hyp} "]) for ref, hyp in pairs]
+    items = [d["bleu"] for d in per_doc]
+    assert items == pairs
+    assert utils.corpus_bleu(items) == pytest.approx(sacrebleu.corpus_bleu([h for _, h in pairs], [[r for r, _ in pairs]]).score)
+    assert utils.corpus_chrf(items) == pytest.approx(sacrebleu.corpus_chrf([h for _, h in pairs], [[r for r, _ in pairs]]).score)
+    assert utils.corpus_bleu([pairs[0]] * 3) == pytest.approx(100.0)
+
+
+def test_multireference_bleu_scores_each_source_once_against_all_its_references():
+    import sacrebleu
+
+    docs = [("I am sure.", "Je suis sûr."), ("I am sure.", "Je suis sûre."), ("It rains.", "Il pleut.")]
+    outputs = {"I am sure.": "Je suis sûre.", "It rains.": "Il pleut fort."}
+    items = [utils.tatoeba_results({"translation": {"en": en, "fr": fr}}, [outputs[en]])["bleu_multiref"]
+             for en, fr in docs]
+    expected = sacrebleu.corpus_bleu(["Je suis sûre.", "Il pleut fort."],
+                                     [["Je suis sûr.", "Il pleut."], ["Je suis sûre.", None]]).score
+    assert utils.corpus_bleu_multiref(items) == pytest.approx(expected)
+    single = utils.corpus_bleu([(fr, outputs[en]) for en, fr in docs])
+    assert utils.corpus_bleu_multiref(items) > single  # the "sûr" pair no longer counts against a right answer
+    perfect = [(en, fr, fr) for en, fr in docs[:1]] + [("I am sure.", "Je suis sûre.", "Je suis sûr.")]
+    assert utils.corpus_bleu_multiref(perfect) == pytest.approx(100.0)
+
+
+def test_summary_metrics_are_rouge_fmeasures_with_sentence_lines_for_lsum():
+    reference = "Police arrest two men . The car was found in a field ."
+    same_sentences = "Police arrest two men .\nThe car was found in a field ."
+    scores = utils.cnndm_results({"highlights": reference}, [same_sentences])
+    assert scores == pytest.approx({"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0, "rougeLsum": 100.0})
+    swapped = utils.cnndm_results({"highlights": reference}, ["The car was found in a field . Police arrest two men ."])
+    assert swapped["rouge1"] == pytest.approx(100.0)
+    assert swapped["rougeL"] < 100.0 and swapped["rougeLsum"] == pytest.approx(100.0)
+    assert set(utils.bigpatent_results({"abstract": "A paw cleaner."}, ["A cleaner for paws."])) == {"rouge1", "rouge2", "rougeL"}

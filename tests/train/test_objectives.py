@@ -1,0 +1,147 @@
+"""Objective maths: CALM's layer weights, raw-state logits, chunked CE, FREE's KD mappings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.helpers import tiny_model
+
+from mee_bench.engine.t5 import T5LayerRunner
+from mee_bench.train.objectives import (
+    Objective,
+    chunked_cross_entropy,
+    decoder_layer_states,
+    distillation_loss,
+    kd_mapping,
+    layer_weights,
+)
+
+VOCAB = 300
+
+
+def _batch(seed: int = 0, batch: int = 3, source: int = 7, target: int = 6) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(3, VOCAB, (batch, target), generator=generator)
+    labels[0, -2:] = -100
+    decoder_input_ids = torch.cat([torch.zeros(batch, 1, dtype=torch.long), labels[:, :-1].clamp(min=0)], 1)
+    return {
+        "input_ids": torch.randint(3, VOCAB, (batch, source), generator=generator),
+        "attention_mask": torch.ones(batch, source, dtype=torch.long),
+        "decoder_input_ids": decoder_input_ids,
+        "labels": labels,
+    }
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=1, vocab_size=VOCAB, layers=2, decoder_layers=4)
+
+
+def test_layer_weights_follow_calm_and_sum_to_one():
+    weights = layer_weights(6)
+    assert weights == pytest.approx([i / 21 for i in range(1, 7)])
+    assert sum(weights) == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(weights, weights[1:]))
+
+
+def test_last_layer_logits_equal_the_models_own(model):
+    batch = _batch()
+    states = decoder_layer_states(model, batch)
+    assert len(states) == 4
+    expected = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
+    ).logits
+    torch.testing.assert_close(T5LayerRunner(model).logits(states[-1]), expected)
+
+
+def test_final_objective_equals_the_models_own_loss(model):
+    batch = _batch()
+    runner = T5LayerRunner(model)
+    loss, parts = Objective("final", label_smoothing=0.0, chunk_tokens=4)(
+        runner, decoder_layer_states(model, batch), batch["labels"]
+    )
+    expected = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
+        labels=batch["labels"],
+    ).loss
+    torch.testing.assert_close(loss, expected)
+    assert set(parts) == {"ce4", "loss"}
+
+
+def test_weighted_ce_is_the_alpha_weighted_sum_of_layer_losses(model):
+    batch = _batch(seed=2)
+    runner = T5LayerRunner(model)
+    states = decoder_layer_states(model, batch)
+    loss, parts = Objective("weighted_ce", label_smoothing=0.1, chunk_tokens=5)(runner, states, batch["labels"])
+    mask = batch["labels"] != -100
+    per_layer = [F.cross_entropy(runner.logits(s[mask]), batch["labels"][mask], label_smoothing=0.1) for s in states]
+    expected = sum(w * ce for w, ce in zip(layer_weights(4), per_layer))
+    torch.testing.assert_close(loss, expected)
+    assert [parts[f"ce{i}"] for i in range(1, 5)] == pytest.approx([float(x.detach()) for x in per_layer], rel=1e-5)
+
+
+def test_chunked_loss_equals_unchunked_value_and_gradient(model):
+    runner = T5LayerRunner(model)
+    params = [model.decoder.final_layer_norm.weight, model.lm_head.weight]
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 32, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (23,))
+    chunked = chunked_cross_entropy(hidden * 2, labels, runner.logits, params, chunk=5, label_smoothing=0.1)
+    chunked_grads = torch.autograd.grad(chunked * 3, [hidden, *params])
+    plain = F.cross_entropy(runner.logits(hidden * 2), labels, label_smoothing=0.1)
+    plain_grads = torch.autograd.grad(plain * 3, [hidden, *params])
+    torch.testing.assert_close(chunked, plain)
+    for got, want in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_kd_mappings():
+    assert kd_mapping(2, 6, "last") == [6, 6]
+    assert kd_mapping(2, 6, "uniform") == [4, 6]
+    assert kd_mapping(3, 6, "uniform") == [4, 5, 6]
+    assert kd_mapping(4, 6, "uniform") == [5, 5, 6, 6]
+    shallow = [torch.zeros(2, 3), torch.full((2, 3), 5.0)]
+    deep = [torch.full((2, 3), 4.0), torch.full((2, 3), 0.5), torch.full((2, 3), 9.0)]
+    assert kd_mapping(2, 5, "closest", shallow, deep) == [4, 3]
+    with pytest.raises(ValueError, match="exit_layer"):
+        kd_mapping(6, 6, "last")
+    with pytest.raises(ValueError, match="unknown kd mapping"):
+        kd_mapping(2, 6, "nearest")
+
+
+def test_distillation_pulls_shallow_states_only():
+    states = [torch.randn(5, 4, requires_grad=True) for _ in range(4)]
+    loss = distillation_loss(states, exit_layer=2, mapping="last")
+    expected = (F.mse_loss(states[0], states[3]) + F.mse_loss(states[1], states[3])) / 2
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert states[0].grad.abs().sum() > 0 and states[3].grad is None
+    same = [torch.ones(2, 4)] * 4
+    assert float(distillation_loss(same, 2, "uniform")) == 0.0
+
+
+def test_kd_term_compares_final_normed_states_so_the_residual_scale_cannot_run_away(model):
+    runner = T5LayerRunner(model)
+    batch = _batch(seed=3)
+    with torch.no_grad():
+        states = decoder_layer_states(model, batch)
+        objective = Objective("weighted_ce_kd", kd_exit_layer=2, kd_mapping="last")
+        _, parts = objective(runner, states, batch["labels"])
+        _, scaled = objective(runner, [s * 1000.0 for s in states], batch["labels"])
+        mask = batch["labels"] != -100
+        norm = model.decoder.final_layer_norm
+        expected = distillation_loss([norm(s[mask]) for s in states], 2, "last")
+    assert parts["kd"] == pytest.approx(float(expected), rel=1e-5)
+    assert scaled["kd"] == pytest.approx(parts["kd"], rel=1e-3)
+    raw = float(distillation_loss([s[mask] * 1000.0 for s in states], 2, "last"))
+    assert raw > 1e3 * parts["kd"]  # what an MSE on raw states would have been
+
+
+def test_unknown_objective_is_refused():
+    with pytest.raises(ValueError, match="unknown objective 'calm'"):
+        Objective("calm")
