@@ -14,11 +14,13 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
 BUSY_MARGIN_CORES = 0.25  # others may use this much of our share before a trial counts as busy
+Work = TypeVar("Work")
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,53 @@ class PairedTimer:
         return speedup_interval(self.baseline_s, self.candidate_s, confidence, target_half_width=target_half_width)
 
 
+class PairedBlocks(Generic[Work, Result]):
+    """The candidate's real work, each block paired with a timed baseline run of the same work.
+
+    `run(work)` times one block of each (alternating order) and returns the candidate's
+    result, so quality comes from that one decode; `speedup()` then adds timing-only
+    rounds over the same blocks until the interval's relative half-width is at most
+    `target_half_width` or `allowance_s` (counted from the first block) is spent. At least
+    `min_blocks` blocks are timed even past the allowance, so that a slow trial still
+    reports an interval, only a wide one.
+    """
+
+    def __init__(
+        self,
+        baseline: Callable[[Work], object],
+        candidate: Callable[[Work], Result],
+        target_half_width: float = 0.05,
+        allowance_s: float = 60.0,
+        min_blocks: int = 6,
+        sync: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.baseline, self.candidate = baseline, candidate
+        self.target_half_width, self.allowance_s, self.min_blocks = target_half_width, allowance_s, min_blocks
+        self.timer = PairedTimer(sync=sync)
+        self.work: list[Work] = []
+        self.started: float | None = None
+
+    def run(self, work: Work) -> Result:
+        if self.started is None:
+            self.started = time.perf_counter()
+        self.work.append(work)
+        return self.timer.block(lambda: self.baseline(work), lambda: self.candidate(work))[1]
+
+    def speedup(self) -> Speedup:
+        if not self.work:
+            raise ValueError("no timed blocks: run at least one block of work first")
+        index = 0
+        while True:
+            timed = len(self.timer.baseline_s)
+            if timed >= self.min_blocks:
+                current = self.timer.speedup(self.target_half_width)
+                if current.precise or time.perf_counter() - self.started >= self.allowance_s:
+                    return current
+            work = self.work[index % len(self.work)]
+            self.timer.block(lambda: self.baseline(work), lambda: self.candidate(work))
+            index += 1
+
+
 def time_paired(
     blocks: Sequence[tuple[Callable[[], object], Callable[[], object]]],
     target_half_width: float = 0.05,
@@ -124,25 +173,13 @@ def time_paired(
     min_blocks: int = 6,
     sync: Callable[[], None] = lambda: None,
 ) -> Speedup:
-    """Cycle over `blocks` (pairs of baseline / candidate callables) until the interval's
-    relative half-width is at most `target_half_width` or `allowance_s` is spent.
-
-    Every block is timed at least once and at least `min_blocks` blocks are timed, even
-    past the allowance, so that a slow trial still reports an interval, only a wide one.
-    """
+    """Time every (baseline, candidate) pair of callables once, then more rounds as `PairedBlocks` does."""
     if not blocks:
         raise ValueError("no blocks to time")
-    timer = PairedTimer(sync=sync)
-    started = time.perf_counter()
-    floor = max(min_blocks, len(blocks))
-    index = 0
-    while True:
-        timer.block(*blocks[index % len(blocks)])
-        index += 1
-        if index < floor:
-            continue
-        if timer.speedup(target_half_width).precise or time.perf_counter() - started >= allowance_s:
-            return timer.speedup(target_half_width)
+    paired = PairedBlocks(lambda pair: pair[0](), lambda pair: pair[1](), target_half_width, allowance_s, min_blocks, sync)
+    for pair in blocks:
+        paired.run(pair)
+    return paired.speedup()
 
 
 @dataclass

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mee_bench.engine import timing
-from mee_bench.engine.timing import LoadMonitor, PairedTimer, Speedup, speedup_interval, time_paired
+from mee_bench.engine.timing import LoadMonitor, PairedBlocks, PairedTimer, Speedup, speedup_interval, time_paired
 
 
 class FakeClock:
@@ -119,3 +119,23 @@ def test_load_monitor_sees_this_process_and_reports_the_machine():
     assert report["cpus"] >= 1 and report["load_avg_1m"] >= 0
     assert report["other_processes_cpu_cores"] >= 0 and isinstance(report["busy"], bool)
     assert monitor.elapsed > 0
+
+
+def test_paired_blocks_return_the_candidates_work_and_time_each_block_against_the_baseline(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    baseline_calls: list[int] = []
+
+    def baseline(n: int) -> None:
+        baseline_calls.append(n)
+        clock.now += 0.3 * n
+
+    def candidate(n: int) -> str:
+        clock.now += 0.1 * n
+        return f"out{n}"
+
+    paired = PairedBlocks(baseline, candidate, target_half_width=0.05, allowance_s=1e6, min_blocks=4)
+    assert [paired.run(n) for n in (1, 2, 3)] == ["out1", "out2", "out3"]
+    speedup = paired.speedup()
+    assert speedup.median == pytest.approx(3.0) and speedup.precise and speedup.blocks == 4
+    assert baseline_calls == [1, 2, 3, 1]  # the extra round starts over the same work
