@@ -72,6 +72,10 @@ class Virtualenv:
     python: Path
     site_packages: Path
 
+    def installed(self, path: Path) -> Path:
+        """Where a file of the repository's package lies in this virtualenv."""
+        return self.site_packages / in_wheel(path)
+
 
 @pytest.fixture(scope="module")
 def venv(wheel, tmp_path_factory) -> Virtualenv:
@@ -111,7 +115,8 @@ def installed_runs(venv, tmp_path_factory):
         name: subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for name, command in commands.items()
     }
-    outputs = {name: (process.communicate(timeout=TIMEOUT_S)[0], process.returncode) for name, process in processes.items()}
+    outputs = {name: (process.communicate(timeout=TIMEOUT_S)[0], process.returncode)
+               for name, process in processes.items()}
     return work, outputs
 
 
@@ -131,9 +136,10 @@ def test_mee_bench_and_its_default_model_resolve_inside_the_virtualenv(installed
     assert returncode == 0, output[-4000:]
     found = json.loads(output.strip().splitlines()[-1])
     assert Path(found["site_packages"]) == venv.site_packages
-    assert Path(found["package"]) == venv.site_packages / PACKAGE_DIR.name / "__init__.py"
-    assert Path(found["default_model"]) == venv.site_packages / DEFAULT_MODEL_DIR.relative_to(PACKAGE_DIR.parent)
-    assert {"config.json", "model.safetensors", "exit_heads.safetensors", "tokenizer.json"} <= set(found["default_model_files"])
+    assert Path(found["package"]) == venv.installed(PACKAGE_DIR / "__init__.py")
+    assert Path(found["default_model"]) == venv.installed(DEFAULT_MODEL_DIR)
+    expected = {"config.json", "model.safetensors", "exit_heads.safetensors", "tokenizer.json"}
+    assert expected <= set(found["default_model_files"])
 
 
 def test_lm_eval_runs_the_installed_task_on_the_installed_default_model(installed_runs, venv):
@@ -141,8 +147,9 @@ def test_lm_eval_runs_the_installed_task_on_the_installed_default_model(installe
     log, returncode = outputs["lm_eval"]
     assert returncode == 0, log[-4000:]
     task_yaml = re.search(r"Task: tatoeba_enfr_mee \((.+)\)", log)
-    assert task_yaml and Path(task_yaml.group(1)) == venv.site_packages / in_wheel(TASKS_DIR / "tatoeba_enfr_mee.yaml"), log[-4000:]
-    rows = [line.split("|") for line in log.splitlines() if re.match(r"^\|(tatoeba_enfr_mee)?\s*\|\s*\d*\|none", line)]
+    assert task_yaml and Path(task_yaml.group(1)) == venv.installed(TASKS_DIR / "tatoeba_enfr_mee.yaml"), log[-4000:]
+    table_row = re.compile(r"^\|(tatoeba_enfr_mee)?\s*\|\s*\d*\|none")
+    rows = [line.split("|") for line in log.splitlines() if table_row.match(line)]
     printed = {row[5].strip(): float(row[7]) for row in rows}
     assert {"bleu", "chrf", "bleu_multiref"} <= set(printed), log[-4000:]
     (results_file,) = (work / "results").rglob("results_*.json")
@@ -156,5 +163,5 @@ def test_mee_bench_demo_runs_on_the_installed_default_model(installed_runs, venv
     output, returncode = outputs["demo"]
     assert returncode == 0, output[-4000:]
     model = re.search(r"^model: (\S+)", output, re.MULTILINE)
-    assert model and Path(model.group(1)) == venv.site_packages / DEFAULT_MODEL_DIR.relative_to(PACKAGE_DIR.parent), output[-4000:]
+    assert model and Path(model.group(1)) == venv.installed(DEFAULT_MODEL_DIR), output[-4000:]
     assert re.search(r"average exit layer \d\.\d\d of \d", output), output[-4000:]
