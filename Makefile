@@ -49,7 +49,7 @@ bench: setup
 # (about 3 hours on 2 CPU cores; every stage resumes from its last checkpoint if interrupted):
 # base -> continued base -> weighted-CE fine-tune (shipped) with its exit heads and report;
 # the vanilla and FREE fine-tunes and the scratch weighted-CE run are the comparisons.
-DEFAULT_MODEL := models/mee-t5-default
+DEFAULT_MODEL := mee_bench/models/mee-t5-default
 TRAIN_RUNS := default-base default-extend default-weighted-ce default-final default-free default-scratch-weighted-ce
 MODEL_FILES := config.json generation_config.json model.safetensors spiece.model tokenizer.json tokenizer_config.json training.json
 default-model: setup

@@ -26,13 +26,13 @@ import torch
 
 from mee_bench.engine.t5 import T5LayerRunner
 
-from mee_bench.paths import REPO_ROOT
+from mee_bench.paths import DEFAULT_MODEL_DIR, REPO_ROOT
 from mee_bench.train.data import MixtureBatches, TokenizedSource
 from mee_bench.train.loop import build_model, build_optimizer, load_sources, make_objective, train_step
 from mee_bench.train.config import load_config
 
 OBJECTIVES = ("final", "weighted_ce", "weighted_ce_kd")
-TOKENIZER_DIRS = (REPO_ROOT / "models" / "mee-t5-default", REPO_ROOT / "runs" / "default-base")
+TOKENIZER_DIRS = (DEFAULT_MODEL_DIR, REPO_ROOT / "runs" / "default-base")
 OUTPUT = REPO_ROOT / "results" / "bench" / "train_speed.json"
 
 

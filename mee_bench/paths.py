@@ -10,7 +10,8 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "mee-t5-default"
+# Inside the package, so that a wheel carries it (declared as package data in pyproject.toml).
+DEFAULT_MODEL_DIR = PACKAGE_DIR / "models" / "mee-t5-default"
 DATA_DIR_ENV = "MEE_DATA_DIR"
 SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 

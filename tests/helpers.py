@@ -1,15 +1,29 @@
-"""Shared test helpers: where the offline tokenizer and data live, tiny T5s built from a config in seconds."""
+"""Shared test helpers: where the offline tokenizer and data live, the environment of child processes,
+tiny T5s built from a config in seconds."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
+
+from mee_bench.harness.lm_eval_hook import DISABLE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 TOKENIZER_DIR = SHARED / "models" / "t5-tokenizer"
 DATA_DIR = SHARED / "data"
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """This environment for a child Python: offline, one thread, the lm-eval hook on."""
+    env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
+    env.update(
+        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1", **overrides,
+    )
+    return env
 
 
 def tiny_config(vocab_size: int = 32128, layers: int = 4, decoder_layers: int | None = None, **overrides):

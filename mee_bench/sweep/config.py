@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    pretrained: Optional[str] = None  # None = the embedded default model (models/mee-t5-default)
+    pretrained: Optional[str] = None  # None = the embedded default model (mee_bench/models/mee-t5-default)
     dtype: str = "float32"
     device: str = "cpu"
     heads: Optional[str] = None  # None = the exit heads saved beside the model

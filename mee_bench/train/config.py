@@ -129,7 +129,7 @@ def load_config(config: str | Path, overrides: list[str] | tuple[str, ...] = ())
     cfg.output_dir = str(_repo_path(cfg.output_dir))
     for key in ("model.init", "tokenizer.path"):
         value = OmegaConf.select(cfg, key)
-        if value and (_repo_path(value).exists() or str(value).startswith(("runs/", "models/"))):
+        if value and (_repo_path(value).exists() or str(value).startswith(("runs/", "mee_bench/models/"))):
             OmegaConf.update(cfg, key, str(_repo_path(value)))
     return cfg
 

@@ -1,4 +1,5 @@
-"""The stock `lm_eval` command with no flags of ours, the start-up hook, and what a wheel ships.
+"""The stock `lm_eval` command with no flags of ours and the start-up hook (what a wheel ships:
+`tests/test_packaging.py`).
 
 The two `lm_eval` subprocesses each index lm-eval's ~14k built-in tasks (tens of seconds on
 a busy machine), so they run concurrently and cover all five tasks and the group at once.
@@ -9,19 +10,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from mee_bench.harness.lm_eval_hook import DISABLE_ENV, TRIGGER_NAME
-from mee_bench.harness.install_hook import PTH_LINE, PTH_NAME, SHIPPED_PTH, site_packages_pth
+from mee_bench.harness.install_hook import PTH_LINE, SHIPPED_PTH, site_packages_pth
 from mee_bench.harness.tasks import GROUP_NAME, TASK_NAMES, TASKS_DIR
 
-from tests.helpers import REPO
+from tests.helpers import subprocess_env
 
 
 pytestmark = pytest.mark.slow  # starts Ray or subprocesses: `make test-fast` skips it
@@ -39,15 +38,6 @@ EFFICIENCY_KEYS = {
     "decode_ms_per_token", "requests", "wall_ms", "wall_ms_per_token",
 }
 TIMEOUT_S = 480
-
-
-def subprocess_env(**overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
-    env.update(
-        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1", **overrides,
-    )
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -155,19 +145,3 @@ def test_the_pth_files_hold_the_generated_trigger():
     assert installed.is_file() and installed.read_text(encoding="utf-8") == PTH_LINE, (
         f"{installed} is missing or stale: run `python -m mee_bench.harness.install_hook` (editable installs need it)"
     )
-
-
-def test_a_wheel_ships_the_task_yamls_and_the_pth_file_at_its_root(tmp_path):
-    source = tmp_path / "src"
-    shutil.copytree(REPO / "mee_bench", source / "mee_bench", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md", PTH_NAME):
-        shutil.copy(REPO / name, source / name)
-    build = subprocess.run(
-        [sys.executable, "-c", "from setuptools import build_meta as b; print(b.build_wheel('dist'))"],
-        cwd=source, capture_output=True, text=True, timeout=TIMEOUT_S,
-    )
-    assert build.returncode == 0, build.stderr[-4000:]
-    names = set(zipfile.ZipFile(source / "dist" / build.stdout.strip().splitlines()[-1]).namelist())
-    assert PTH_NAME in names
-    expected = {f"mee_bench/harness/tasks/{name}.yaml" for name in (*TASK_NAMES, GROUP_NAME)} | {"mee_bench/harness/tasks/utils.py"}
-    assert expected <= names
