@@ -18,10 +18,9 @@ import platform
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from mee_bench.paths import REPO_ROOT
-from mee_bench.sweep.config import CarbonConfig
 
 PACKAGES = ("mee-bench", "torch", "transformers", "lm_eval", "ray", "codecarbon", "sacrebleu", "rouge-score", "omegaconf")
 MEASURED_CPU_MODES = {
@@ -54,6 +53,16 @@ def carbon_intensity(country_iso_code: str) -> float:
     from codecarbon.input import DataSource
 
     return float(DataSource().get_global_energy_mix_data()[country_iso_code]["carbon_intensity"])
+
+
+@dataclass
+class CarbonConfig:
+    """The sweep config's `carbon` section, kept beside the meter it configures (config imports energy, never back)."""
+
+    country_iso_code: Optional[str] = None  # ISO 3166-1 alpha-3 of where the sweep runs, e.g. FRA
+    offline: bool = True  # offline needs country_iso_code; online asks the network where we are
+    tracking_mode: str = "process"  # "process": this trial's share; "machine": the whole host
+    measure_power_secs: float = 1.0
 
 
 @dataclass
