@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mee_bench.engine.measures import MEASURES
 from mee_bench.sweep.store import (
     RECORDS_DIR,
     ResultStore,
@@ -332,6 +333,11 @@ def _dispatch(
                 "trial_id": ids[trial],
                 "trial": dataclasses.asdict(trial),
                 "config": {"policy": trial.policy(config).as_dict(), **settings},
+                # what tables need to know about the measure, so reading results needs no engine
+                "measure_facts": {
+                    "analysis_only": MEASURES[trial.measure].analysis_only,
+                    "takes_threshold": MEASURES[trial.measure].takes_threshold,
+                },
                 "attempts": attempt,
                 "errors": errors[ids[trial]],
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
