@@ -18,6 +18,7 @@ from typing import Sequence
 from matplotlib.figure import Figure
 from tabulate import tabulate
 
+from mee_bench.formatting import percent
 from mee_bench.study.results import ModelAnalysis
 
 MODEL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
@@ -198,10 +199,6 @@ def _json_safe(value):
     return value
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
-
-
 def summary_markdown(analyses: Sequence[ModelAnalysis], config: dict) -> str:
     """The headline numbers: how early each model settles on its final top-1."""
 
@@ -213,14 +210,14 @@ def summary_markdown(analyses: Sequence[ModelAnalysis], config: dict) -> str:
                *[f"p(final) at L{i}" for i in HEADLINE_LAYERS], "heuristic fires", "heuristic exit = final",
                "heuristic mean exit layer", f"final top-1 = {reference}"]
     rows = [
-        [a.label, a.num_layers, a.tokens, *[_percent(at(a, i, "no_change")) for i in HEADLINE_LAYERS],
-         *[_percent(at(a, i, "confidence_mean")) for i in HEADLINE_LAYERS], _percent(a.heuristic["fires"]),
-         _percent(a.heuristic["exit_equals_final"]), f"{a.heuristic['mean_exit_layer']:.2f}",
-         _percent(a.final_top1_accuracy)]
+        [a.label, a.num_layers, a.tokens, *[percent(at(a, i, "no_change")) for i in HEADLINE_LAYERS],
+         *[percent(at(a, i, "confidence_mean")) for i in HEADLINE_LAYERS], percent(a.heuristic["fires"]),
+         percent(a.heuristic["exit_equals_final"]), f"{a.heuristic['mean_exit_layer']:.2f}",
+         percent(a.final_top1_accuracy)]
         for a in analyses
     ]
     depth = max(a.num_layers for a in analyses)
-    per_layer = [[i, *[_percent(at(a, i, "no_change")) for a in analyses]] for i in range(1, depth + 1)]
+    per_layer = [[i, *[percent(at(a, i, "no_change")) for a in analyses]] for i in range(1, depth + 1)]
     source = config.get("task") or config.get("inputs")
     truncated = max(a.truncated_inputs for a in analyses)
     decoder_inputs = "references" if config["mode"] == "teacher_forced" else "each model's own greedy output"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from mee_bench.formatting import MISSING, fixed, significant
 from mee_bench.sweep.store import MANIFEST, load_records
 
 # The quality number a task is judged by (the paper's choice where it has one); other
@@ -35,7 +36,6 @@ PRIMARY_METRIC = {
     "tatoeba_enfr_mee": "bleu",
 }
 METRIC_PREFERENCE = ("f1", "exact_match", "rougeL", "rougeLsum", "rouge1", "bleu", "chrf", "acc")
-MISSING = "n/a"
 
 
 @dataclass
@@ -151,14 +151,6 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
     )
 
 
-def _num(value: float | None, digits: int = 2) -> str:
-    return MISSING if value is None else f"{value:.{digits}f}"
-
-
-def _sig(value: float | None) -> str:
-    return MISSING if value is None else f"{value:.3g}"
-
-
 def _speedup(row: Row) -> str:
     if row.analysis_only:
         return "analysis only"
@@ -174,15 +166,15 @@ def task_table(board: TaskBoard) -> tuple[list[str], list[list[str]]]:
         measure = f"{row.measure} (analysis only)" if row.analysis_only else row.measure
         rows.append([
             measure,
-            _sig(row.threshold),
+            significant(row.threshold),
             MISSING if row.min_exit_layer is None else str(row.min_exit_layer),
-            *(_num(row.metrics.get(name)) for name in board.metric_names),
+            *(fixed(row.metrics.get(name)) for name in board.metric_names),
             MISSING if row.delta is None else f"{row.delta:+.2f}",
-            _num(row.avg_exit_layer),
+            fixed(row.avg_exit_layer),
             _speedup(row),
-            _num(row.ms_per_token),
-            _sig(row.energy_wh),
-            _sig(row.co2_g),
+            fixed(row.ms_per_token),
+            significant(row.energy_wh),
+            significant(row.co2_g),
             row.power,
         ])
     return header, rows
@@ -222,9 +214,9 @@ def summary_table(rows: list[SummaryRow], boards: list[TaskBoard]) -> tuple[list
             table.append([item.task, item.measure, "none", "none", "none", "none", "none", "none"])
             continue
         table.append([
-            item.task, item.measure, _sig(best.threshold),
+            item.task, item.measure, significant(best.threshold),
             MISSING if best.min_exit_layer is None else str(best.min_exit_layer),
-            f"{_num(best.quality)} {metrics[item.task]}", f"{best.delta:+.2f}", _speedup(best), _num(best.avg_exit_layer),
+            f"{fixed(best.quality)} {metrics[item.task]}", f"{best.delta:+.2f}", _speedup(best), fixed(best.avg_exit_layer),
         ])
     return header, table
 

@@ -55,7 +55,8 @@ class SweepWorker:
         import ray
         import torch
 
-        from mee_bench.sweep.energy import EnergyMeter, hardware_info, package_versions
+        from mee_bench.provenance import hardware_info, package_versions
+        from mee_bench.sweep.energy import EnergyMeter
 
         started = time.perf_counter()
         threads = max(1, int(config.ray.cpus_per_trial))
@@ -306,7 +307,7 @@ def _dispatch(
     """Keep every worker busy; record each outcome as it arrives; retry a failed trial once."""
     import ray
 
-    from mee_bench.sweep.energy import git_commit
+    from mee_bench.provenance import git_commit
 
     common = {"sweep": {"name": config.name, "output_dir": str(config.results_dir)}, "git": git_commit()}
     errors: dict[str, list[str]] = collections.defaultdict(list)
