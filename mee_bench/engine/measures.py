@@ -30,6 +30,8 @@ class ExitMeasure:
     name: ClassVar[str]
     needs_heads: ClassVar[bool] = False
     can_exit: ClassVar[bool] = True
+    analysis_only: ClassVar[bool] = False
+    takes_threshold: ClassVar[bool] = True
     threshold_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
 
     def __init__(self, heads: ExitHeads | None = None) -> None:
@@ -60,6 +62,7 @@ class Full(ExitMeasure):
 
     name = "full"
     can_exit = False
+    takes_threshold = False
 
 
 @register
@@ -67,6 +70,7 @@ class Fixed(ExitMeasure):
     """Always confident: every token exits at the minimum exit layer (a fixed-depth baseline)."""
 
     name = "fixed"
+    takes_threshold = False
 
     def step(self, layer, hidden, logits):
         if layer < self.first_check_layer:
@@ -214,6 +218,8 @@ class Oracle(ExitMeasure):
 
     name = "oracle"
     can_exit = False
+    analysis_only = True
+    takes_threshold = False
 
     def start(self, embedding, first_check_layer):
         super().start(embedding, first_check_layer)

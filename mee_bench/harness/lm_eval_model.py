@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
@@ -197,18 +198,16 @@ class MEELM(TemplateLM):
     # Generation: early exit.
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Greedy early-exit generation, batched per (task, generation kwargs), longest prompts first.
+        """Greedy early-exit generation, batched per (task, generation kwargs), longest prompts first
+        (lm-eval's own `Collator` groups, orders and restores the order).
 
         Results come back in request order; stop strings (`until`) end a row as soon as they
         appear and are cut from the text, as lm-eval's own models do.
         """
         if not requests:
             return []
-        groups: dict[tuple[str, str], list[int]] = {}
-        for index, request in enumerate(requests):
-            key = (request.task_name or UNNAMED_TASK, json.dumps(request.args[1], sort_keys=True, default=str))
-            groups.setdefault(key, []).append(index)
-        settings = {key: _greedy_settings(requests[indices[0]].args[1], self.max_gen_toks) for key, indices in groups.items()}
+        kwargs_by_key = {_kwargs_key(request): request.args[1] for request in requests}
+        settings = {key: _greedy_settings(kwargs, self.max_gen_toks) for key, kwargs in kwargs_by_key.items()}
         encoded = self.tokenizer([request.args[0] for request in requests], verbose=False).input_ids
         too_long = sum(len(ids) > self.max_length for ids in encoded)
         if too_long:
@@ -216,26 +215,29 @@ class MEELM(TemplateLM):
                 "%d of %d prompts exceed max_length=%d tokens; their ends are cut (set max_length to change it)",
                 too_long, len(requests), self.max_length,
             )
-        encoded = [self._fit_encoder_input(ids) for ids in encoded]
-        texts: list[str | None] = [None] * len(requests)
+        collator = Collator(
+            list(zip(requests, (self._fit_encoder_input(ids) for ids in encoded))),
+            sort_fn=lambda item: -len(item[1]),
+            group_fn=lambda item: {"task": item[0].task_name or UNNAMED_TASK, "gen_kwargs": _kwargs_key(item[0])},
+            group_by="gen_kwargs",
+        )
+        texts: list[str] = []
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests (mee)")
-        for key, indices in groups.items():
-            task, (until, max_gen_toks) = key[0], settings[key]
-            indices = sorted(indices, key=lambda i: -len(encoded[i]))
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start : start + self.batch_size]
-                started = time.perf_counter()
-                batch_texts, stats = self._generate_batch([encoded[i] for i in batch], until, max_gen_toks)
-                wall_s = time.perf_counter() - started
-                self._efficiency.setdefault(task, TaskEfficiency(GenerationStats(stats.num_layers))).add(
-                    stats, len(batch), wall_s
-                )
-                for index, text in zip(batch, batch_texts):
-                    texts[index] = text
-                    self.cache_hook.add_partial("generate_until", requests[index].args, text)
-                progress.update(len(batch))
+        for batch in collator.get_batched(n=self.batch_size):
+            first = batch[0][0]
+            until, max_gen_toks = settings[_kwargs_key(first)]
+            started = time.perf_counter()
+            batch_texts, stats = self._generate_batch([ids for _, ids in batch], until, max_gen_toks)
+            wall_s = time.perf_counter() - started
+            self._efficiency.setdefault(
+                first.task_name or UNNAMED_TASK, TaskEfficiency(GenerationStats(stats.num_layers))
+            ).add(stats, len(batch), wall_s)
+            for (request, _), text in zip(batch, batch_texts):
+                texts.append(text)
+                self.cache_hook.add_partial("generate_until", request.args, text)
+            progress.update(len(batch))
         progress.close()
-        return texts
+        return collator.get_original(texts)
 
     def _generate_batch(
         self, encoded: Sequence[list[int]], until: list[str], max_gen_toks: int
@@ -345,6 +347,11 @@ def _tokenizer_limit(tokenizer) -> int:
     """The tokenizer's model_max_length when it states one (T5: 512), else 512."""
     limit = getattr(tokenizer, "model_max_length", None)
     return int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else 512
+
+
+def _kwargs_key(request: Instance) -> str:
+    """A request's generation kwargs as a hashable key (requests with equal keys share batches)."""
+    return json.dumps(request.args[1], sort_keys=True, default=str)
 
 
 def _greedy_settings(gen_kwargs: dict, default_max_gen_toks: int) -> tuple[list[str], int]:

@@ -1,8 +1,8 @@
 """`mee-bench analyze`: the paper's monotonicity study (Figures 1-3) on any T5 checkpoint.
 
 The LM head is applied to every decoder layer's raw state, teacher-forced on references
-or on the model's own greedy output; the statistics of `monotonicity.py` are accumulated
-batch by batch, and `monotonicity_plots.py` writes the numbers, figures and summary.
+or on the model's own greedy output; the statistics of `statistics.py` are accumulated
+batch by batch, and `plots.py` writes the numbers, figures and summary.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import logging
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -24,6 +24,7 @@ from mee_bench.paths import data_root
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.loading import ModelLoadError, load_model
 from mee_bench.engine.t5 import T5LayerRunner
+from mee_bench.study.results import ModelAnalysis
 from mee_bench.study.statistics import LayerStatistics, TokenPredictions, hidden_state_saturation, layer_predictions
 from mee_bench.engine.policy import ExitPolicy
 
@@ -109,26 +110,6 @@ def file_examples(path: str | Path, limit: int | None = None, need_target: bool 
 
 
 # ---------------------------------------------------------------- driver
-
-
-@dataclass
-class ModelAnalysis:
-    """One model's results: what is written to JSON, CSV, the summary and the plots."""
-
-    label: str
-    model: str
-    mode: str
-    num_layers: int
-    sequences: int
-    tokens: int
-    final_top1_accuracy: float  # vs the reference; in free_running mode a self-check (~1, float32 near-ties aside)
-    truncated_inputs: int
-    layers: list[dict]
-    heuristic: dict
-    examples: list[dict] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from mee_bench.engine.loading import ModelLoadError
+from mee_bench.formatting import fixed
 
 from mee_bench.paths import DEFAULT_MODEL_DIR
 
@@ -139,10 +140,6 @@ def write_curves_figure(curves: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
-def _number(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def report_markdown(model: str, quality: dict, agreement: dict, history: dict, figure: str | None) -> str:
     """The report: quality table, per-layer agreement, training stages; every figure from the inputs."""
     lines = [f"# Model report: `{model}`", "",
@@ -150,7 +147,7 @@ def report_markdown(model: str, quality: dict, agreement: dict, history: dict, f
              "## Quality at full depth (`full` policy, greedy, lm-eval tasks of this project)", ""]
     rows = []
     for task, result in quality.items():
-        metrics = ", ".join(f"{name} {_number(value)}" for name, value in result["metrics"].items())
+        metrics = ", ".join(f"{name} {fixed(value)}" for name, value in result["metrics"].items())
         note = "no training data offline: untrained task" if task in UNTRAINED_TASKS else ""
         rows.append([f"`{task}`", result["examples"], metrics, result["seconds"], note])
     lines += [tabulate(rows, ["task", "examples", "metrics", "seconds", "note"], tablefmt="github"), ""]
@@ -164,8 +161,8 @@ def report_markdown(model: str, quality: dict, agreement: dict, history: dict, f
     if history["stages"]:
         lines += ["## Training stages", ""]
         rows = [[s["run"], s["objective"]["name"], s.get("steps"), s.get("tokens_seen"), s.get("wall_time_minutes"),
-                 _number((s.get("evaluations") or [{}])[-1].get("bleu")),
-                 _number((s.get("evaluations") or [{"val_ce": [None]}])[-1]["val_ce"][-1], 3)]
+                 fixed((s.get("evaluations") or [{}])[-1].get("bleu")),
+                 fixed((s.get("evaluations") or [{"val_ce": [None]}])[-1]["val_ce"][-1], 3)]
                 for s in history["stages"] + history["others"]]
         lines += [tabulate(rows, ["run", "objective", "steps", "tokens", "minutes", "last in-loop BLEU",
                                   "last-layer val CE"], tablefmt="github"), ""]

@@ -13,13 +13,13 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from matplotlib.figure import Figure
 from tabulate import tabulate
 
-if TYPE_CHECKING:
-    from mee_bench.study.analysis import ModelAnalysis
+from mee_bench.formatting import percent
+from mee_bench.study.results import ModelAnalysis
 
 MODEL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 TOKEN_COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
@@ -32,12 +32,12 @@ def _color(index: int) -> str:
     return MODEL_COLORS[index % len(MODEL_COLORS)]
 
 
-def _series(analysis: "ModelAnalysis", key: str) -> tuple[list[int], list[float]]:
+def _series(analysis: ModelAnalysis, key: str) -> tuple[list[int], list[float]]:
     rows = [row for row in analysis.layers if row.get(key) is not None]
     return [row["layer"] for row in rows], [math.nan if row[key] is None else row[key] for row in rows]
 
 
-def _layer_axis(ax, analyses: Sequence["ModelAnalysis"]) -> None:
+def _layer_axis(ax, analyses: Sequence[ModelAnalysis]) -> None:
     depth = max(a.num_layers for a in analyses)
     ax.set_xlabel("decoder layer")
     ax.set_xticks(range(1, depth + 1))
@@ -51,7 +51,7 @@ def _label(text: str) -> str:
     return text.replace("$", r"\$").replace("\u2581", "\u2423")
 
 
-def fraction_no_change_figure(analyses: Sequence["ModelAnalysis"]) -> Figure:
+def fraction_no_change_figure(analyses: Sequence[ModelAnalysis]) -> Figure:
     """Figure 1: share of tokens whose top-1 never changes after layer i; beside it, top-1 = final."""
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     left, right = fig.subplots(1, 2, sharey=True)
@@ -70,7 +70,7 @@ def fraction_no_change_figure(analyses: Sequence["ModelAnalysis"]) -> Figure:
     return fig
 
 
-def confidence_curves_figure(analyses: Sequence["ModelAnalysis"]) -> Figure:
+def confidence_curves_figure(analyses: Sequence[ModelAnalysis]) -> Figure:
     """Figure 2: mean and standard deviation of the probability of the eventual prediction."""
     fig = Figure(figsize=(4.2 * len(analyses) + 0.6, 4), layout="constrained")
     axes = fig.subplots(1, len(analyses), sharey=True, squeeze=False)[0]
@@ -114,7 +114,7 @@ def _example_panel(ax, example: dict, num_layers: int) -> None:
     ax.grid(alpha=0.3)
 
 
-def examples_figure(analyses: Sequence["ModelAnalysis"]) -> Figure:
+def examples_figure(analyses: Sequence[ModelAnalysis]) -> Figure:
     """Figure 3: the top-3 predictions per layer of the same tokens, one column per model."""
     rows = max((len(a.examples) for a in analyses), default=0)
     fig = Figure(figsize=(4.4 * len(analyses) + 0.4, 3.2 * max(rows, 1) + 0.4), layout="constrained")
@@ -139,7 +139,7 @@ def examples_figure(analyses: Sequence["ModelAnalysis"]) -> Figure:
     return fig
 
 
-def exit_signals_figure(analyses: Sequence["ModelAnalysis"]) -> Figure:
+def exit_signals_figure(analyses: Sequence[ModelAnalysis]) -> Figure:
     """What MEE's measures read: hidden-state saturation and rising top-1 probabilities."""
     fig = Figure(figsize=(14, 4.2), layout="constrained")
     saturation, rising, kept = fig.subplots(1, 3)
@@ -173,7 +173,7 @@ def exit_signals_figure(analyses: Sequence["ModelAnalysis"]) -> Figure:
     return fig
 
 
-def write_figures(analyses: Sequence["ModelAnalysis"], out_dir: str | Path) -> list[Path]:
+def write_figures(analyses: Sequence[ModelAnalysis], out_dir: str | Path) -> list[Path]:
     """Render every figure as PNG into `out_dir`; return the paths."""
     out = Path(out_dir)
     figures = {
@@ -199,14 +199,10 @@ def _json_safe(value):
     return value
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
-
-
-def summary_markdown(analyses: Sequence["ModelAnalysis"], config: dict) -> str:
+def summary_markdown(analyses: Sequence[ModelAnalysis], config: dict) -> str:
     """The headline numbers: how early each model settles on its final top-1."""
 
-    def at(analysis: "ModelAnalysis", layer: int, key: str) -> float | None:
+    def at(analysis: ModelAnalysis, layer: int, key: str) -> float | None:
         return analysis.layers[layer - 1][key] if layer <= analysis.num_layers else None
 
     reference = "reference" if config["mode"] == "teacher_forced" else "generated (check)"
@@ -214,14 +210,14 @@ def summary_markdown(analyses: Sequence["ModelAnalysis"], config: dict) -> str:
                *[f"p(final) at L{i}" for i in HEADLINE_LAYERS], "heuristic fires", "heuristic exit = final",
                "heuristic mean exit layer", f"final top-1 = {reference}"]
     rows = [
-        [a.label, a.num_layers, a.tokens, *[_percent(at(a, i, "no_change")) for i in HEADLINE_LAYERS],
-         *[_percent(at(a, i, "confidence_mean")) for i in HEADLINE_LAYERS], _percent(a.heuristic["fires"]),
-         _percent(a.heuristic["exit_equals_final"]), f"{a.heuristic['mean_exit_layer']:.2f}",
-         _percent(a.final_top1_accuracy)]
+        [a.label, a.num_layers, a.tokens, *[percent(at(a, i, "no_change")) for i in HEADLINE_LAYERS],
+         *[percent(at(a, i, "confidence_mean")) for i in HEADLINE_LAYERS], percent(a.heuristic["fires"]),
+         percent(a.heuristic["exit_equals_final"]), f"{a.heuristic['mean_exit_layer']:.2f}",
+         percent(a.final_top1_accuracy)]
         for a in analyses
     ]
     depth = max(a.num_layers for a in analyses)
-    per_layer = [[i, *[_percent(at(a, i, "no_change")) for a in analyses]] for i in range(1, depth + 1)]
+    per_layer = [[i, *[percent(at(a, i, "no_change")) for a in analyses]] for i in range(1, depth + 1)]
     source = config.get("task") or config.get("inputs")
     truncated = max(a.truncated_inputs for a in analyses)
     decoder_inputs = "references" if config["mode"] == "teacher_forced" else "each model's own greedy output"
@@ -251,7 +247,7 @@ def summary_markdown(analyses: Sequence["ModelAnalysis"], config: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(analyses: Sequence["ModelAnalysis"], out_dir: str | Path, config: dict) -> list[Path]:
+def write_report(analyses: Sequence[ModelAnalysis], out_dir: str | Path, config: dict) -> list[Path]:
     """Write JSON, CSV, the figures and the markdown summary into `out_dir`; return the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mee_bench.engine.oracle import top1_unchanged_after
+
 TOP_K = 3
 
 
@@ -55,13 +57,6 @@ def predictions_from_logits(logits: Tensor, k: int = TOP_K) -> TokenPredictions:
     """[L, N, V] per-layer logits (layer 1 first, the final layer last) -> TokenPredictions."""
     final_ids = logits[-1].argmax(-1)
     return TokenPredictions.from_layers([layer_predictions(layer_logits, final_ids, k) for layer_logits in logits])
-
-
-def top1_unchanged_after(top1: Tensor) -> Tensor:
-    """[L, N] top-1 ids -> [L, N] bool: the top-1 at layer i equals the top-1 at every later layer."""
-    same_as_next = torch.ones_like(top1, dtype=torch.bool)
-    same_as_next[:-1] = top1[:-1] == top1[1:]
-    return same_as_next.flip(0).int().cumprod(0).flip(0).bool()
 
 
 def top1_matches_final(top1: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import DTYPES
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import KV_STRATEGIES, THRESHOLD_SCHEDULES, ExitPolicy
+from mee_bench.sweep.energy import CarbonConfig, known_countries
 
 # Measures whose exit does not depend on a threshold: `full` and `oracle` never exit,
 # `fixed` always exits at the minimum layer. They get one trial per min exit layer (or one).
@@ -50,14 +51,6 @@ class RayConfig:
     max_concurrent: Optional[int] = None  # workers; None = as many as the cluster's resources allow
     connect_timeout_s: float = 10.0
     temp_dir: Optional[str] = None  # Ray's session files; None = a short directory under /tmp
-
-
-@dataclass
-class CarbonConfig:
-    country_iso_code: Optional[str] = None  # ISO 3166-1 alpha-3 of where the sweep runs, e.g. FRA
-    offline: bool = True  # offline needs country_iso_code; online asks the network where we are
-    tracking_mode: str = "process"  # "process": this trial's share; "machine": the whole host
-    measure_power_secs: float = 1.0
 
 
 @dataclass
@@ -159,8 +152,6 @@ def _check_carbon(carbon: CarbonConfig) -> None:
     _check_choice("carbon.tracking_mode", carbon.tracking_mode, TRACKING_MODES)
     if carbon.measure_power_secs <= 0:
         raise ConfigError(f"carbon.measure_power_secs={carbon.measure_power_secs} must be > 0")
-    from mee_bench.sweep.energy import known_countries
-
     if carbon.country_iso_code is None:
         if carbon.offline:
             raise ConfigError(

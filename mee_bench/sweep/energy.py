@@ -5,7 +5,7 @@ powermetrics on Apple silicon) and otherwise *estimates* power: CPU from its TDP
 its load, or a constant share of the TDP; RAM from the installed memory. The two look
 alike in its output, so we read the tracker's hardware objects after the run and label
 every component `measured` or `estimated`; tables show that label next to the numbers.
-The hardware and software a trial ran on (its provenance) are recorded here too.
+The hardware and software a trial ran on are `mee_bench.provenance`'s business.
 """
 
 from __future__ import annotations
@@ -13,17 +13,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import platform
-import subprocess
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
-from mee_bench.paths import REPO_ROOT
-from mee_bench.sweep.config import CarbonConfig
-
-PACKAGES = ("mee-bench", "torch", "transformers", "lm_eval", "ray", "codecarbon", "sacrebleu", "rouge-score", "omegaconf")
 MEASURED_CPU_MODES = {
     "intel_rapl": "RAPL",
     "windows_emi": "Windows EMI (RAPL)",
@@ -54,6 +46,16 @@ def carbon_intensity(country_iso_code: str) -> float:
     from codecarbon.input import DataSource
 
     return float(DataSource().get_global_energy_mix_data()[country_iso_code]["carbon_intensity"])
+
+
+@dataclass
+class CarbonConfig:
+    """The sweep config's `carbon` section, kept beside the meter it configures (config imports energy, never back)."""
+
+    country_iso_code: Optional[str] = None  # ISO 3166-1 alpha-3 of where the sweep runs, e.g. FRA
+    offline: bool = True  # offline needs country_iso_code; online asks the network where we are
+    tracking_mode: str = "process"  # "process": this trial's share; "machine": the whole host
+    measure_power_secs: float = 1.0
 
 
 @dataclass
@@ -199,60 +201,3 @@ class EnergyMeter:
             cpu_model=data.cpu_model or None,
             gpu_model=data.gpu_model or None,
         )
-
-
-# Provenance: a measurement means little without the hardware and software it was taken on.
-
-
-def hardware_info(torch_threads: int) -> dict:
-    """Where a trial ran: enough to tell whether two trials' timings are comparable."""
-    cpu_model = platform.processor() or None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch_threads,
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "gpu": None,
-    }
-    import torch
-
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def package_versions() -> dict:
-    """Versions of the packages that shape a result (None for one not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def git_commit() -> dict:
-    """The checkout's commit and whether tracked files differ from it (None outside a git checkout)."""
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": bool(dirty)}

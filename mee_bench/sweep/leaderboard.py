@@ -3,9 +3,11 @@
 Per task: every configuration with its quality, the change against `full`, average exit
 layer, speedup against `full`, ms/token, energy and CO2. Speedup is `full`'s decoder
 ms/token divided by the configuration's, and only between trials of the same sweep on the
-same hardware; the oracle runs every layer (it is an analysis bound) and gets no speedup.
-Everything here is rebuilt from the JSON records, so `mee-bench leaderboard DIR` can be
-rerun at any time.
+same hardware; an analysis-only measure (the oracle runs every layer, it is a bound) gets no
+speedup. Everything here is rebuilt from the JSON records, so `mee-bench leaderboard DIR` can be
+rerun at any time, without torch: what a table needs to know about a measure, the sweep wrote
+into each record (`measure_facts`). Tables call the confidence measure a "measure" and the
+whole configured exit rule (measure, threshold, minimum exit layer) a "policy".
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from mee_bench.formatting import MISSING, fixed, significant
 from mee_bench.sweep.store import MANIFEST, load_records
 
 # The quality number a task is judged by (the paper's choice where it has one); other
@@ -33,14 +36,13 @@ PRIMARY_METRIC = {
     "tatoeba_enfr_mee": "bleu",
 }
 METRIC_PREFERENCE = ("f1", "exact_match", "rougeL", "rougeLsum", "rouge1", "bleu", "chrf", "acc")
-ANALYSIS_ONLY = {"oracle"}
-MISSING = "n/a"
 
 
 @dataclass
 class Row:
     task: str
-    policy: str
+    measure: str
+    analysis_only: bool
     threshold: float | None
     min_exit_layer: int | None
     metrics: dict[str, float | None]
@@ -53,10 +55,6 @@ class Row:
     energy_wh: float | None
     co2_g: float | None
     power: str
-
-    @property
-    def analysis_only(self) -> bool:
-        return self.policy in ANALYSIS_ONLY
 
 
 @dataclass
@@ -81,11 +79,21 @@ def _hardware_key(record: dict) -> tuple:
     return hw.get("cpu_model"), hw.get("cpu_count"), hw.get("torch_threads"), hw.get("gpu")
 
 
-def _order(policies: list[str]) -> dict[str, int]:
+def _order(measures: list[str]) -> dict[str, int]:
     order = {"full": -1}
-    for index, policy in enumerate(policies):
-        order.setdefault(policy, index)
+    for index, measure in enumerate(measures):
+        order.setdefault(measure, index)
     return order
+
+
+def measure_facts(record: dict) -> dict:
+    """What the sweep recorded about the trial's measure (`analysis_only`, `takes_threshold`)."""
+    if "measure_facts" not in record:
+        raise ValueError(
+            f"record {record.get('trial_id', '?')} has no measure_facts (it predates them); "
+            "rerun its sweep into a new output_dir to rebuild the records"
+        )
+    return record["measure_facts"]
 
 
 def task_boards(records: list[dict], measure_order: list[str] | None = None) -> list[TaskBoard]:
@@ -105,8 +113,8 @@ def task_boards(records: list[dict], measure_order: list[str] | None = None) -> 
             board.notes.append("no successful `full` trial: deltas and speedups are not available")
         for record in ok:
             board.rows.append(_row(task, record, metric, full, board))
-        order = _order(measure_order or sorted({r.policy for r in board.rows}))
-        board.rows.sort(key=lambda r: (order.get(r.policy, len(order)), r.threshold or 0.0, r.min_exit_layer or 0))
+        order = _order(measure_order or sorted({r.measure for r in board.rows}))
+        board.rows.sort(key=lambda r: (order.get(r.measure, len(order)), r.threshold or 0.0, r.min_exit_layer or 0))
         boards.append(board)
     return sorted(boards, key=lambda b: b.task)
 
@@ -115,9 +123,10 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
     trial, efficiency, energy = record["trial"], record.get("efficiency", {}), record.get("energy", {})
     quality = record["metrics"].get(metric) if metric else None
     full_quality = full["metrics"].get(metric) if full and metric else None
+    analysis_only = measure_facts(record)["analysis_only"]
     speedup = None
     ms = efficiency.get("decode_ms_per_token")
-    if full is not None and trial["measure"] not in ANALYSIS_ONLY and ms:
+    if full is not None and not analysis_only and ms:
         if _hardware_key(full) == _hardware_key(record):
             speedup = full["efficiency"]["decode_ms_per_token"] / ms
         else:
@@ -125,7 +134,8 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
     kwh, kg = energy.get("energy_kwh"), energy.get("emissions_kg_co2eq")
     return Row(
         task=task,
-        policy=trial["measure"],
+        measure=trial["measure"],
+        analysis_only=analysis_only,
         threshold=trial["threshold"],
         min_exit_layer=trial["min_exit_layer"],
         metrics=record["metrics"],
@@ -141,14 +151,6 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
     )
 
 
-def _num(value: float | None, digits: int = 2) -> str:
-    return MISSING if value is None else f"{value:.{digits}f}"
-
-
-def _sig(value: float | None) -> str:
-    return MISSING if value is None else f"{value:.3g}"
-
-
 def _speedup(row: Row) -> str:
     if row.analysis_only:
         return "analysis only"
@@ -157,22 +159,22 @@ def _speedup(row: Row) -> str:
 
 def task_table(board: TaskBoard) -> tuple[list[str], list[list[str]]]:
     """Formatted header and rows of one task's leaderboard (shared by Markdown and LaTeX)."""
-    header = ["policy", "threshold", "min exit layer", *board.metric_names, f"delta {board.metric} vs full",
+    header = ["measure", "threshold", "min exit layer", *board.metric_names, f"delta {board.metric} vs full",
               "avg exit layer", "speedup vs full", "ms/token", "energy (Wh)", "CO2 (g)", "power"]
     rows = []
     for row in board.rows:
-        policy = f"{row.policy} (analysis only)" if row.analysis_only else row.policy
+        measure = f"{row.measure} (analysis only)" if row.analysis_only else row.measure
         rows.append([
-            policy,
-            _sig(row.threshold),
+            measure,
+            significant(row.threshold),
             MISSING if row.min_exit_layer is None else str(row.min_exit_layer),
-            *(_num(row.metrics.get(name)) for name in board.metric_names),
+            *(fixed(row.metrics.get(name)) for name in board.metric_names),
             MISSING if row.delta is None else f"{row.delta:+.2f}",
-            _num(row.avg_exit_layer),
+            fixed(row.avg_exit_layer),
             _speedup(row),
-            _num(row.ms_per_token),
-            _sig(row.energy_wh),
-            _sig(row.co2_g),
+            fixed(row.ms_per_token),
+            significant(row.energy_wh),
+            significant(row.co2_g),
             row.power,
         ])
     return header, rows
@@ -181,40 +183,40 @@ def task_table(board: TaskBoard) -> tuple[list[str], list[list[str]]]:
 @dataclass
 class SummaryRow:
     task: str
-    policy: str
+    measure: str
     best: Row | None
     reason: str = ""
 
 
 def summary(boards: list[TaskBoard], tolerance: float = 1.0) -> list[SummaryRow]:
-    """Per task and policy: the fastest configuration within `tolerance` quality points of `full`, or none."""
+    """Per task and measure: the fastest policy within `tolerance` quality points of `full`, or none."""
     result = []
     for board in boards:
-        policies = dict.fromkeys(r.policy for r in board.rows if r.policy != "full" and not r.analysis_only)
-        for policy in policies:
+        measures = dict.fromkeys(r.measure for r in board.rows if r.measure != "full" and not r.analysis_only)
+        for measure in measures:
             candidates = [
                 r for r in board.rows
-                if r.policy == policy and r.speedup is not None and r.delta is not None and r.delta >= -tolerance
+                if r.measure == measure and r.speedup is not None and r.delta is not None and r.delta >= -tolerance
             ]
             best = max(candidates, key=lambda r: r.speedup) if candidates else None
             reason = "" if best else f"none within {tolerance:g} point(s) of full"
-            result.append(SummaryRow(board.task, policy, best, reason))
+            result.append(SummaryRow(board.task, measure, best, reason))
     return result
 
 
 def summary_table(rows: list[SummaryRow], boards: list[TaskBoard]) -> tuple[list[str], list[list[str]]]:
     metrics = {b.task: b.metric for b in boards}
-    header = ["task", "policy", "threshold", "min exit layer", "quality", "delta vs full", "speedup vs full", "avg exit layer"]
+    header = ["task", "measure", "threshold", "min exit layer", "quality", "delta vs full", "speedup vs full", "avg exit layer"]
     table = []
     for item in rows:
         best = item.best
         if best is None:
-            table.append([item.task, item.policy, "none", "none", "none", "none", "none", "none"])
+            table.append([item.task, item.measure, "none", "none", "none", "none", "none", "none"])
             continue
         table.append([
-            item.task, item.policy, _sig(best.threshold),
+            item.task, item.measure, significant(best.threshold),
             MISSING if best.min_exit_layer is None else str(best.min_exit_layer),
-            f"{_num(best.quality)} {metrics[item.task]}", f"{best.delta:+.2f}", _speedup(best), _num(best.avg_exit_layer),
+            f"{fixed(best.quality)} {metrics[item.task]}", f"{best.delta:+.2f}", _speedup(best), fixed(best.avg_exit_layer),
         ])
     return header, table
 
@@ -234,13 +236,13 @@ def plot_quality_vs_speedup(board: TaskBoard, path: Path, tolerance: float) -> N
     figure = Figure(figsize=(6.4, 4.4))
     axes = figure.subplots()
     points = [(r.speedup, r.quality) for r in board.rows if r.speedup is not None and r.quality is not None]
-    for policy in dict.fromkeys(r.policy for r in board.rows if not r.analysis_only):
-        mine = [(r.speedup, r.quality) for r in board.rows if r.policy == policy and r.speedup and r.quality is not None]
+    for measure in dict.fromkeys(r.measure for r in board.rows if not r.analysis_only):
+        mine = [(r.speedup, r.quality) for r in board.rows if r.measure == measure and r.speedup and r.quality is not None]
         if mine:
-            axes.scatter(*zip(*mine), label=policy, marker="*" if policy == "full" else "o", s=90 if policy == "full" else 30)
+            axes.scatter(*zip(*mine), label=measure, marker="*" if measure == "full" else "o", s=90 if measure == "full" else 30)
     if points:
         axes.step(*zip(*pareto_front(points)), where="pre", color="black", linewidth=1, label="Pareto front")
-    full = next((r for r in board.rows if r.policy == "full" and r.quality is not None), None)
+    full = next((r for r in board.rows if r.measure == "full" and r.quality is not None), None)
     if full is not None:
         axes.axhline(full.quality - tolerance, color="grey", linestyle=":", label=f"full - {tolerance:g} point(s)")
     axes.set_xlabel("speedup vs full (decoder ms/token)")
@@ -257,9 +259,9 @@ def plot_exit_layers(boards: list[TaskBoard], path: Path) -> None:
     figure = Figure(figsize=(max(6.4, 3.2 * len(boards)), 4.4))
     all_axes = figure.subplots(1, len(boards), squeeze=False)[0]
     for axes, board in zip(all_axes, boards):
-        policies = list(dict.fromkeys(r.policy for r in board.rows))
-        for index, policy in enumerate(policies):
-            layers = [r.avg_exit_layer for r in board.rows if r.policy == policy and r.avg_exit_layer is not None]
+        measures = list(dict.fromkeys(r.measure for r in board.rows))
+        for index, measure in enumerate(measures):
+            layers = [r.avg_exit_layer for r in board.rows if r.measure == measure and r.avg_exit_layer is not None]
             axes.scatter([index] * len(layers), layers, s=25, alpha=0.7)
             if layers:
                 axes.hlines(sum(layers) / len(layers), index - 0.3, index + 0.3, color="black")
@@ -267,7 +269,7 @@ def plot_exit_layers(boards: list[TaskBoard], path: Path) -> None:
         if depth:
             axes.axhline(depth, color="grey", linestyle=":", label=f"{depth} decoder layers")
             axes.legend(fontsize="small")
-        axes.set_xticks(range(len(policies)), policies, rotation=45, ha="right")
+        axes.set_xticks(range(len(measures)), measures, rotation=45, ha="right")
         axes.set_ylabel("average exit layer")
         axes.set_title(board.task)
     figure.tight_layout()
@@ -276,13 +278,13 @@ def plot_exit_layers(boards: list[TaskBoard], path: Path) -> None:
 
 def _csv_rows(boards: list[TaskBoard]) -> tuple[list[str], list[list]]:
     metric_names = sorted({n for b in boards for n in b.metric_names})
-    header = ["task", "policy", "threshold", "min_exit_layer", "primary_metric", "quality", "delta_vs_full",
+    header = ["task", "measure", "threshold", "min_exit_layer", "primary_metric", "quality", "delta_vs_full",
               *metric_names, "avg_exit_layer", "speedup_vs_full", "decode_ms_per_token", "energy_wh", "co2_g",
               "power_source", "analysis_only"]
     rows = []
     for board in boards:
         for r in board.rows:
-            rows.append([r.task, r.policy, r.threshold, r.min_exit_layer, board.metric, r.quality, r.delta,
+            rows.append([r.task, r.measure, r.threshold, r.min_exit_layer, board.metric, r.quality, r.delta,
                          *(r.metrics.get(n) for n in metric_names), r.avg_exit_layer, r.speedup, r.ms_per_token,
                          r.energy_wh, r.co2_g, r.power, r.analysis_only])
     return header, rows
@@ -349,7 +351,7 @@ def build_leaderboard(output_dir: str | Path, tolerance: float = 1.0) -> list[Pa
     exit_plot = output_dir / "avg_exit_layer.png"
     plot_exit_layers(boards, exit_plot)
     markdown += [f"## Summary: the fastest configuration within {tolerance:g} quality point(s) of full", "",
-                 tabulate(rows, header, tablefmt="github", disable_numparse=True), "", f"![average exit layer per policy]({exit_plot.name})", ""]
+                 tabulate(rows, header, tablefmt="github", disable_numparse=True), "", f"![average exit layer per measure]({exit_plot.name})", ""]
     files = {
         "leaderboard.md": "\n".join(markdown),
         "leaderboard.tex": "\n".join(latex),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mee_bench.engine.measures import MEASURES
 from mee_bench.sweep.store import (
     RECORDS_DIR,
     ResultStore,
@@ -54,7 +55,8 @@ class SweepWorker:
         import ray
         import torch
 
-        from mee_bench.sweep.energy import EnergyMeter, hardware_info, package_versions
+        from mee_bench.provenance import hardware_info, package_versions
+        from mee_bench.sweep.energy import EnergyMeter
 
         started = time.perf_counter()
         threads = max(1, int(config.ray.cpus_per_trial))
@@ -305,7 +307,7 @@ def _dispatch(
     """Keep every worker busy; record each outcome as it arrives; retry a failed trial once."""
     import ray
 
-    from mee_bench.sweep.energy import git_commit
+    from mee_bench.provenance import git_commit
 
     common = {"sweep": {"name": config.name, "output_dir": str(config.results_dir)}, "git": git_commit()}
     errors: dict[str, list[str]] = collections.defaultdict(list)
@@ -332,6 +334,11 @@ def _dispatch(
                 "trial_id": ids[trial],
                 "trial": dataclasses.asdict(trial),
                 "config": {"policy": trial.policy(config).as_dict(), **settings},
+                # what tables need to know about the measure, so reading results needs no engine
+                "measure_facts": {
+                    "analysis_only": MEASURES[trial.measure].analysis_only,
+                    "takes_threshold": MEASURES[trial.measure].takes_threshold,
+                },
                 "attempts": attempt,
                 "errors": errors[ids[trial]],
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

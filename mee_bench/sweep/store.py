@@ -1,12 +1,13 @@
 """A sweep's results on disk: trial ids and the resumable, atomic record store.
 
-It exists apart from `sweep.py` because what makes a sweep resumable and safe to kill has
+It exists apart from `runner.py` because what makes a sweep resumable and safe to kill has
 nothing to do with Ray: a trial id is a stable hash of the grid point and of every setting
 that changes its result, so a rerun recognises finished trials; each record is written to a
 temp file and moved into place with `os.replace`, so a kill never leaves half a record; a
 lock lets one driver write a directory at a time; and a manifest refuses to mix records of
 a different config unless `--force` adopts it (records outside the new grid move to
-`superseded/`). The leaderboard reads the same records.
+`superseded/`). The leaderboard reads the same records; this module imports neither the
+engine nor the config at run time, so reading results never loads torch.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, TYPE_CHECKING, Any, Iterable
 
-from mee_bench.sweep.config import SweepConfig, Trial, config_dict
+if TYPE_CHECKING:  # the config imports the engine (torch); reading records must not
+    from mee_bench.sweep.config import SweepConfig, Trial
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ def trial_id(trial: Trial, settings: dict) -> str:
 
 def sweep_fingerprint(config: SweepConfig, settings: dict) -> str:
     """Same fingerprint = same sweep (resume). Execution details (Ray, paths, name) do not count."""
-    identity = {k: v for k, v in config_dict(config).items() if k not in ("ray", "output_dir", "name")}
+    identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("ray", "output_dir", "name")}
     return _digest([identity, settings])
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import torch
 
-from mee_bench.paths import REPO_ROOT
+from mee_bench.provenance import git_commit
 from mee_bench.train.config import DEFAULTS, identity
 
 CHECKPOINT_DIR = "checkpoint"
@@ -82,15 +81,10 @@ def save_final_model(output: Path, model, dtype: str) -> None:
     copy.deepcopy(model).to(getattr(torch, dtype)).save_pretrained(str(output))
 
 
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+def commit_label() -> str:
+    """The checkout's commit for the model card: `<sha>`, `<sha>+dirty` or `unknown` outside a git checkout."""
+    git = git_commit()
+    return f"{git['commit']}{'+dirty' if git['dirty'] else ''}" if git["commit"] else "unknown"
 
 
 def prepare_output_dir(cfg) -> tuple[Path, bool]:
@@ -131,7 +125,7 @@ def write_card(output: Path, cfg, state: dict, status: str, history: list[dict])
         "steps": state["step"],
         "tokens_seen": state["tokens"],
         "seed": cfg.seed,
-        "git_commit": git_commit(),
+        "git_commit": commit_label(),
         "wall_time_minutes": round(state["wall_time"] / 60, 2),
         "init": cfg.model.init,
         "config": OmegaConf.to_container(cfg),

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.loading import ModelLoadError, load_model
+from mee_bench.engine.oracle import top1_unchanged_after
 from mee_bench.engine.t5 import T5LayerRunner
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.train.data import IGNORE_INDEX, DataError, MixtureBatches, TokenizedSource, collate, read_examples
@@ -38,11 +39,9 @@ def oracle_labels(top1: Tensor, mode: str = "strict") -> Tensor:
     """
     if mode not in LABEL_MODES:
         raise ValueError(f"unknown label mode {mode!r}; use one of {', '.join(LABEL_MODES)}")
-    agrees = top1 == top1[-1:]
     if mode == "equals_final":
-        return agrees
-    # suffix-AND: reverse cumulative product along the layer axis
-    return agrees.flip(0).int().cumprod(0).flip(0).bool()
+        return top1 == top1[-1:]
+    return top1_unchanged_after(top1)
 
 
 def layer_top1(runner: T5LayerRunner, states: list[Tensor]) -> Tensor:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+from mee_bench.engine.measures import MEASURES
 from mee_bench.sweep.leaderboard import build_leaderboard, cli, pareto_front, summary, task_boards
+from tests.helpers import REPO
 
 HARDWARE = {"cpu_model": "Test CPU", "cpu_count": 2, "torch_threads": 1, "gpu": None}
 
@@ -19,6 +24,7 @@ def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardw
         "trial": {"task": task, "measure": measure, "threshold": threshold, "min_exit_layer": layer},
         "config": {"model": {"pretrained": "/m/mee-t5-default", "dtype": "float32", "device": "cpu"}, "limit": 8, "batch_size": 1},
         "hardware": hardware,
+        "measure_facts": {"analysis_only": MEASURES[measure].analysis_only, "takes_threshold": MEASURES[measure].takes_threshold},
     }
     if status == "ok":
         rec.update(
@@ -50,7 +56,7 @@ def write_sweep(tmp_path, records, measures=None):
 
 
 def rows_by_policy(board):
-    return {(r.policy, r.threshold): r for r in board.rows}
+    return {(r.measure, r.threshold): r for r in board.rows}
 
 
 def test_delta_and_speedup_are_against_full_and_oracle_gets_none():
@@ -62,15 +68,27 @@ def test_delta_and_speedup_are_against_full_and_oracle_gets_none():
     assert rows[("softmax", 0.9)].delta == pytest.approx(-0.5)
     assert rows[("softmax", 0.5)].speedup == pytest.approx(4.0)
     assert rows[("oracle", None)].speedup is None and rows[("oracle", None)].analysis_only
-    assert board.rows[0].policy == "full"
+    assert board.rows[0].measure == "full"
+
+
+def test_analysis_only_comes_from_the_record_not_the_measure_name(tmp_path):
+    fixed = record("tatoeba_enfr_mee", "fixed", None, 2, 18.0, 4.0, 2.0)
+    fixed["measure_facts"]["analysis_only"] = True
+    [board] = task_boards([RECORDS[0], fixed])
+    assert rows_by_policy(board)[("fixed", None)].analysis_only
+    assert rows_by_policy(board)[("fixed", None)].speedup is None
+    old = dict(RECORDS[0])
+    del old["measure_facts"]
+    with pytest.raises(ValueError, match="has no measure_facts"):
+        task_boards([old])
 
 
 def test_summary_picks_the_fastest_within_one_point_or_none():
-    chosen = {item.policy: item for item in summary(task_boards(RECORDS), tolerance=1.0)}
+    chosen = {item.measure: item for item in summary(task_boards(RECORDS), tolerance=1.0)}
     assert set(chosen) == {"softmax", "saturation"}  # neither full nor the oracle compete
     assert chosen["softmax"].best.threshold == 0.9
     assert chosen["saturation"].best is None
-    loose = {item.policy: item for item in summary(task_boards(RECORDS), tolerance=6.0)}
+    loose = {item.measure: item for item in summary(task_boards(RECORDS), tolerance=6.0)}
     assert loose["softmax"].best.threshold == 0.5
 
 
@@ -111,13 +129,13 @@ def test_build_writes_markdown_csv_latex_and_plots(tmp_path):
     assert "\\toprule" in (sweep / "leaderboard.tex").read_text()
     with (sweep / "leaderboard.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["policy"] for r in rows] == ["full", "softmax", "softmax", "saturation", "oracle"]
-    softmax_09 = next(r for r in rows if r["policy"] == "softmax" and r["threshold"] == "0.9")
+    assert [r["measure"] for r in rows] == ["full", "softmax", "softmax", "saturation", "oracle"]
+    softmax_09 = next(r for r in rows if r["measure"] == "softmax" and r["threshold"] == "0.9")
     assert float(softmax_09["speedup_vs_full"]) == pytest.approx(2.0)
     assert float(softmax_09["delta_vs_full"]) == pytest.approx(-0.5)
-    assert next(r for r in rows if r["policy"] == "oracle")["speedup_vs_full"] == ""
+    assert next(r for r in rows if r["measure"] == "oracle")["speedup_vs_full"] == ""
     with (sweep / "summary.csv").open() as handle:
-        summary_rows = {r["policy"]: r for r in csv.DictReader(handle)}
+        summary_rows = {r["measure"]: r for r in csv.DictReader(handle)}
     assert summary_rows["softmax"]["speedup vs full"] == "2.00x"
     assert summary_rows["saturation"]["threshold"] == "none"
 
@@ -133,6 +151,20 @@ def test_cli_rebuilds_and_refuses_empty_dirs(tmp_path, capsys):
     empty = write_sweep(tmp_path / "empty", [RECORDS[-1]])
     assert cli([str(empty)]) == 2
     assert "no successful trial records" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_leaderboard_command_imports_neither_torch_nor_transformers_nor_lm_eval(tmp_path):
+    sweep = write_sweep(tmp_path / "demo", RECORDS, measures=["full", "softmax", "saturation", "oracle", "lstm"])
+    code = (
+        "import sys; from mee_bench.cli import main; status = main(['leaderboard', sys.argv[1]]); "
+        "heavy = [m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules]; "
+        "print('heavy imports:', heavy); sys.exit(status or bool(heavy))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code, str(sweep)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "heavy imports: []" in done.stdout and (sweep / "leaderboard.md").is_file()
 
 
 def test_readme_block_is_filled_from_the_leaderboard_and_refilled_in_place(tmp_path):

@@ -123,6 +123,7 @@ def test_local_ray_sweep_retries_records_failures_and_resumes_on_a_cluster(tiny_
             assert rec["energy"]["energy_kwh"] > 0 and rec["energy"]["power_source"] in {"measured", "partly measured", "estimated"}
         assert rec["hardware"]["torch_threads"] == 1 and rec["versions"]["ray"] == ray.__version__
         assert "commit" in rec["git"] and rec["config"]["policy"]["measure"] == rec["trial"]["measure"]
+        assert rec["measure_facts"] == {"analysis_only": False, "takes_threshold": rec["trial"]["measure"] != "full"}
     # two workers, each loaded once and ran several trials
     by_pid: dict[int, list[dict]] = {}
     for rec in records.values():
