@@ -17,6 +17,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
@@ -24,6 +25,9 @@ from mee_bench.engine.loading import ModelLoadError
 from mee_bench.formatting import fixed
 
 from mee_bench.paths import DEFAULT_MODEL_DIR
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +117,12 @@ def history_curves(history: dict[str, list[dict]]) -> dict[str, list[dict]]:
     return curves
 
 
-def write_curves_figure(curves: dict[str, list[dict]], path: Path) -> Path:
+def curves_figure(curves: dict[str, list[dict]]) -> Figure:
     """Validation BLEU and last-layer CE against cumulative training minutes."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (bleu_ax, ce_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    bleu_ax, ce_ax = fig.subplots(1, 2)
     for name, points in curves.items():
         if not points:
             continue
@@ -133,10 +135,13 @@ def write_curves_figure(curves: dict[str, list[dict]], path: Path) -> Path:
     for ax in (bleu_ax, ce_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    return fig
+
+
+def write_curves_figure(curves: dict[str, list[dict]], path: Path) -> Path:
+    """The training curves as a PNG at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    curves_figure(curves).savefig(path, dpi=110)
     return path
 
 

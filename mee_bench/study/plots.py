@@ -4,7 +4,8 @@ Several models are overlaid like the paper's figures: Figure 1 `fraction-no-chan
 Figure 2 `mean-top1-curves.png` (one panel per model), Figure 3
 `examples-monotonicity.png` (top-3 tokens per layer for the same tokens, one column per
 model) and `exit-signals.png` (the signals the MEE measures read). Only matplotlib's
-object-oriented API is used, so no global backend state is touched.
+object-oriented API is used, so no global backend state is touched; constrained layout and
+wrapped suptitles keep every label inside the figure, however narrow one model makes it.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def confidence_curves_figure(analyses: Sequence[ModelAnalysis]) -> Figure:
         ax.set_ylim(0, 1.03)
     axes[0].set_ylabel("probability of the final prediction")
     axes[0].legend(loc="upper left")
-    fig.suptitle("Confidence in the eventual prediction per layer")
+    fig.suptitle("Confidence in the eventual prediction per layer", wrap=True)
     return fig
 
 
@@ -135,7 +136,7 @@ def examples_figure(analyses: Sequence[ModelAnalysis]) -> Figure:
             if row == rows - 1:
                 ax.set_xlabel("decoder layer")
     fig.suptitle("Top-3 predictions per layer (thick: the final prediction; dots: in that layer's top 3; "
-                 "\u2423: word-initial space)")
+                 "\u2423: word-initial space)", wrap=True)
     return fig
 
 

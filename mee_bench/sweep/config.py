@@ -9,15 +9,14 @@ a valid config into its trials.
 """
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue
 
+from mee_bench.config_errors import ConfigError, check_layer, closest
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import DTYPES
 from mee_bench.paths import DEFAULT_MODEL_DIR
@@ -28,10 +27,6 @@ from mee_bench.sweep.energy import CarbonConfig, known_countries
 # `fixed` always exits at the minimum layer. They get one trial per min exit layer (or one).
 THRESHOLD_FREE = frozenset({"full", "oracle", "fixed"})
 TRACKING_MODES = ("process", "machine")
-
-
-class ConfigError(ValueError):
-    """A sweep config that cannot run; the message says which key and what to do."""
 
 
 @dataclass
@@ -76,34 +71,9 @@ class SweepConfig:
         return Path(self.output_dir if self.output_dir else Path("results") / self.name)
 
 
-def closest(word: str, candidates: Sequence[str]) -> str:
-    """The candidate most similar to `word` (there is always one, so messages can name it)."""
-    return max(candidates, key=lambda c: (difflib.SequenceMatcher(None, word, c).ratio(), -len(c)))
-
-
-def _check_keys(node: DictConfig, schema: type, prefix: str, source: str) -> None:
-    hints = typing.get_type_hints(schema)
-    valid = [f.name for f in dataclasses.fields(schema)]
-    for key in node.keys():
-        name = f"{prefix}{key}"
-        if key not in hints:
-            raise ConfigError(
-                f"unknown config key {name!r} in {source}; the closest valid key is "
-                f"{prefix + closest(str(key), valid)!r} (valid here: {', '.join(valid)})"
-            )
-        value = node._get_node(key)
-        if dataclasses.is_dataclass(hints[key]) and isinstance(value, DictConfig) and not value._is_none():
-            _check_keys(value, hints[key], f"{name}.", source)
-
-
 def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
-    _check_keys(layer, SweepConfig, "", source)
-    try:
-        return OmegaConf.merge(base, layer)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        message = str(getattr(err, "msg", err)).splitlines()[0]
-        raise ConfigError(f"bad value for {key!r} in {source}: {message}") from None
+    check_layer(layer, SweepConfig, source)
+    return OmegaConf.merge(base, layer)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:

@@ -6,6 +6,7 @@ that a kill at any moment leaves either the previous checkpoint or the new one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mee_bench.provenance import git_commit
-from mee_bench.train.config import DEFAULTS, identity
+from mee_bench.train.config import TrainConfig, identity
 
 CHECKPOINT_DIR = "checkpoint"
 RUN_CONFIG = "run_config.yaml"
@@ -87,7 +88,7 @@ def commit_label() -> str:
     return f"{git['commit']}{'+dirty' if git['dirty'] else ''}" if git["commit"] else "unknown"
 
 
-def prepare_output_dir(cfg) -> tuple[Path, bool]:
+def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     """Create the run dir, or check that it holds this same run; returns (path, resuming)."""
     from omegaconf import OmegaConf
 
@@ -96,8 +97,8 @@ def prepare_output_dir(cfg) -> tuple[Path, bool]:
         saved = output / RUN_CONFIG
         if not saved.is_file():
             raise RunError(f"output_dir {output} is not empty and holds no {RUN_CONFIG}; choose another output_dir")
-        # saved over today's defaults, so a key added to DEFAULTS since does not make it a different run
-        previous = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.load(saved))
+        # saved over today's schema, so a key added to TrainConfig since does not make it a different run
+        previous = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(saved))
         mine, theirs = identity(cfg), identity(previous)
         if mine != theirs:
             differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -115,26 +116,25 @@ def prepare_output_dir(cfg) -> tuple[Path, bool]:
     return output, False
 
 
-def write_card(output: Path, cfg, state: dict, status: str, history: list[dict]) -> None:
-    from omegaconf import OmegaConf
-
+def write_card(output: Path, cfg: TrainConfig, state: dict, status: str, history: list[dict]) -> None:
+    config = dataclasses.asdict(cfg)
     card = {
         "status": status,
-        "objective": OmegaConf.to_container(cfg.objective),
-        "data": {"sources": OmegaConf.to_container(cfg.data.sources), "note": DATA_NOTE},
+        "objective": config["objective"],
+        "data": {"sources": config["data"]["sources"], "note": DATA_NOTE},
         "steps": state["step"],
         "tokens_seen": state["tokens"],
         "seed": cfg.seed,
         "git_commit": commit_label(),
         "wall_time_minutes": round(state["wall_time"] / 60, 2),
         "init": cfg.model.init,
-        "config": OmegaConf.to_container(cfg),
+        "config": config,
         "evaluations": history,
     }
     (output / CARD).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
 
 
-def check_init(cfg) -> None:
+def check_init(cfg: TrainConfig) -> None:
     """A fine-tune must start from a finished model, not from a base that is still training."""
     card = Path(cfg.model.init) / CARD if cfg.model.init else None
     if card and card.is_file() and json.loads(card.read_text()).get("status") != "complete":

@@ -1,112 +1,130 @@
-"""Training configs: defaults, presets in configs/train/, overrides, validation, run identity, LR schedule.
+"""Training configs: a typed schema, presets in configs/train/, overrides, validation, run identity, LR schedule.
 
-A run is defined by its config minus the keys that may change between restarts
-(`RESUMABLE_KEYS`), so a resumed run can be told apart from a different one.
+Like the sweep's, the config is dataclasses that OmegaConf fills from a preset or YAML file
+and `key=value` overrides, checked on load: a typo names the closest valid key, a wrong value
+the expected type (`mee_bench.config_errors`, shared with the sweep). A run is defined by its
+config minus the keys that may change between restarts (`RESUMABLE_KEYS`), so a resumed run
+can be told apart from a different one.
 """
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mee_bench.config_errors import ConfigError, apply_overrides, check_layer, instantiate
 from mee_bench.paths import REPO_ROOT
 
 CONFIG_DIR = REPO_ROOT / "configs" / "train"
-
-
-class ConfigError(ValueError):
-    """A config that names an unknown key, preset, objective or an impossible budget."""
-
-
-DEFAULTS = {
-    "output_dir": "runs/train",
-    "seed": 0,
-    "threads": 2,
-    "precision": "fp32",
-    "save_dtype": "bfloat16",
-    "checkpoint_minutes": 5.0,
-    "log_every_steps": 10,
-    "eval_every_steps": 0,
-    "model": {
-        "init": None,
-        "d_model": 256,
-        "d_kv": 32,
-        "num_heads": 8,
-        "d_ff": 768,
-        "num_layers": 4,
-        "num_decoder_layers": 6,
-        "feed_forward_proj": "gated-gelu",
-        "dropout_rate": 0.0,
-    },
-    "tokenizer": {"path": None, "vocab_size": 8000},
-    "data": {
-        "sources": [],
-        "max_source_tokens": 256,
-        "max_target_tokens": 128,
-        "batch_tokens": 6000,
-        "bucket_batches": 50,
-        "limit": None,
-        "validation": {"path": "tatoeba_fra_eng/validation.jsonl", "task": "translate_en_fr", "examples": 200},
-    },
-    "objective": {
-        "name": "weighted_ce",
-        "label_smoothing": 0.1,
-        "chunk_tokens": 2048,
-        "kd_exit_layer": 2,
-        "kd_mapping": "last",
-        "kd_weight": 1.0,
-    },
-    "optim": {
-        "lr": 1e-3,
-        "betas": [0.9, 0.98],
-        "weight_decay": 0.01,
-        "warmup_steps": 100,
-        "schedule": "constant",
-        "decay_fraction": 0.2,
-        "min_lr_ratio": 0.1,
-        "grad_clip": 1.0,
-    },
-    "budget": {"steps": None, "minutes": None},
-}
-
-
-SOURCE_KEYS = {"name", "path", "task", "weight"}
 SCHEDULES = ("constant", "inverse_sqrt", "wsd")
 # Keys that may change between the runs of one training without making it a different run.
 RESUMABLE_KEYS = ("budget", "checkpoint_minutes", "threads", "log_every_steps", "eval_every_steps", "output_dir")
 
 
-def _check_keys(given: dict, allowed: dict, prefix: str = "") -> None:
-    for key, value in given.items():
-        name = f"{prefix}{key}"
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), [str(k) for k in allowed], n=1)
-            hint = (
-                f"; did you mean {prefix}{close[0]}?"
-                if close
-                else f"; valid keys: {', '.join(f'{prefix}{k}' for k in allowed)}"
-            )
-            raise ConfigError(f"unknown config key {name!r}{hint}")
-        if isinstance(allowed[key], dict) and allowed[key] and isinstance(value, dict):
-            _check_keys(value, allowed[key], f"{name}.")
-    for number, source in enumerate(given.get("sources", []) if prefix == "data." else []):
-        unknown = set(source) - SOURCE_KEYS
-        if unknown or not {"path", "task"} <= set(source):
-            raise ConfigError(
-                f"data.sources[{number}] needs path and task (and optional name, weight), got {sorted(source)}"
-            )
+@dataclass
+class ModelConfig:
+    init: Optional[str] = None  # a finished run or model to fine-tune; None = a new T5 of the shape below
+    d_model: int = 256
+    d_kv: int = 32
+    num_heads: int = 8
+    d_ff: int = 768
+    num_layers: int = 4
+    num_decoder_layers: int = 6
+    feed_forward_proj: str = "gated-gelu"
+    dropout_rate: float = 0.0
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None  # None = model.init's tokenizer, else a new SentencePiece trained on the data
+    vocab_size: int = 8000
+
+
+@dataclass
+class SourceConfig:
+    name: Optional[str] = None  # None = the file's folder name
+    path: str = MISSING  # JSON Lines, relative to the data root or absolute
+    task: str = MISSING  # how its records become (source, target) pairs: a key of train.data.TASKS
+    weight: float = 1.0  # its share of each epoch's examples, relative to the other sources
+
+
+@dataclass
+class ValidationConfig:
+    path: str = "tatoeba_fra_eng/validation.jsonl"
+    task: str = "translate_en_fr"
+    examples: int = 200
+
+
+@dataclass
+class DataConfig:
+    sources: List[SourceConfig] = field(default_factory=list)
+    max_source_tokens: int = 256
+    max_target_tokens: int = 128
+    batch_tokens: int = 6000
+    bucket_batches: int = 50
+    limit: Optional[int] = None  # examples read per source; None = all
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "weighted_ce"
+    label_smoothing: float = 0.1
+    chunk_tokens: int = 2048
+    kd_exit_layer: int = 2
+    kd_mapping: str = "last"
+    kd_weight: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    schedule: str = "constant"
+    decay_fraction: float = 0.2
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class BudgetConfig:
+    steps: Optional[int] = None
+    minutes: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/train"
+    seed: int = 0
+    threads: int = 2
+    precision: str = "fp32"
+    save_dtype: str = "bfloat16"
+    checkpoint_minutes: float = 5.0
+    log_every_steps: int = 10
+    eval_every_steps: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
 
 def presets() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def load_config(config: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+def load_config(config: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults <- YAML file or preset <- key=value overrides, validated before anything runs."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     path = Path(config)
     if not path.is_file():
         if path.suffix or "/" in str(config):
@@ -116,21 +134,22 @@ def load_config(config: str | Path, overrides: list[str] | tuple[str, ...] = ())
         path = CONFIG_DIR / f"{config}.yaml"
     try:
         given = OmegaConf.load(path)
-        given.merge_with_dotlist(list(overrides))
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(f"cannot read config {path} with overrides {list(overrides)}: {err}") from err
-    given_dict = OmegaConf.to_container(given)
-    _check_keys(given_dict, DEFAULTS)
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), given_dict)
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
+        raise ConfigError(f"cannot read config {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(given, DictConfig):
+        raise ConfigError(f"config {path} must be a mapping of config keys (output_dir, model, data, ...)")
+    check_layer(given, TrainConfig, str(path))
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), given)
+    apply_overrides(merged, overrides, TrainConfig, example="budget.steps=100 or data.sources.0.weight=0.5")
+    cfg: TrainConfig = instantiate(merged)
     for number, source in enumerate(cfg.data.sources):
-        source.name = source.get("name") or Path(source.path).parent.name or f"source{number}"
-        source.weight = float(source.get("weight") or 1.0)
+        source.name = source.name or Path(source.path).parent.name or f"source{number}"
     _validate(cfg)
     cfg.output_dir = str(_repo_path(cfg.output_dir))
-    for key in ("model.init", "tokenizer.path"):
-        value = OmegaConf.select(cfg, key)
+    for owner, key in ((cfg.model, "init"), (cfg.tokenizer, "path")):
+        value = getattr(owner, key)
         if value and (_repo_path(value).exists() or str(value).startswith(("runs/", "mee_bench/models/"))):
-            OmegaConf.update(cfg, key, str(_repo_path(value)))
+            setattr(owner, key, str(_repo_path(value)))
     return cfg
 
 
@@ -140,7 +159,7 @@ def _repo_path(path: str) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
-def _validate(cfg) -> None:
+def _validate(cfg: TrainConfig) -> None:
     from mee_bench.train.objectives import KD_MAPPINGS, OBJECTIVES
 
     if cfg.objective.name not in OBJECTIVES:
@@ -163,13 +182,15 @@ def _validate(cfg) -> None:
         raise ConfigError("optim.schedule=wsd decays over the last steps, so it needs budget.steps")
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: list at least one {path, task, weight}")
+    for number, source in enumerate(cfg.data.sources):
+        if source.weight <= 0:
+            raise ConfigError(f"data.sources[{number}].weight must be positive, got {source.weight}")
 
 
-def identity(cfg) -> dict:
-    """The config keys that define a run (everything except budget and bookkeeping), flattened."""
-    from omegaconf import OmegaConf
-
-    container = OmegaConf.to_container(cfg) if not isinstance(cfg, dict) else cfg
+def identity(cfg: TrainConfig | object) -> dict:
+    """The config keys that define a run (everything except budget and bookkeeping), flattened.
+    `cfg` is a TrainConfig or an OmegaConf node of one (a saved run_config.yaml)."""
+    container = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else OmegaConf.to_container(cfg)
     flat: dict = {}
 
     def walk(node, prefix: str) -> None:
@@ -185,7 +206,7 @@ def identity(cfg) -> dict:
     return flat
 
 
-def learning_rate(cfg, step: int) -> float:
+def learning_rate(cfg: TrainConfig, step: int) -> float:
     """LR at `step` (0-based): linear warmup, then constant, inverse-sqrt, or warmup-stable-decay."""
     optim = cfg.optim
     warmup = max(1, optim.warmup_steps)

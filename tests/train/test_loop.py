@@ -76,7 +76,7 @@ def test_output_dir_of_a_different_run_is_refused_and_untouched(trained_tiny, ti
 def test_config_errors(tiny_corpus, tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'nope'.*default"):
         load_config("nope")
-    with pytest.raises(ConfigError, match="did you mean optim.lr"):
+    with pytest.raises(ConfigError, match="closest valid key is 'optim.lr'"):
         load_config("quick", ["optim.lrr=1"])
     with pytest.raises(ConfigError, match="unknown objective 'calm'"):
         load_config("quick", ["objective.name=calm"])
