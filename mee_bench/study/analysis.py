@@ -52,10 +52,13 @@ def task_examples(name: str, limit: int | None = None) -> list[Example]:
         raise FileNotFoundError(f"task {name!r} needs {spec.dataset}/{spec.split}.jsonl under the data root; "
                                 f"set {DATA_DIR_ENV}")
     examples = []
-    for row in read_jsonl(path):
+    for number, row in enumerate(read_jsonl(path), start=1):
         if limit is not None and len(examples) >= limit:
             break
-        examples.append(Example(spec.prompt(row), spec.target(row)))
+        try:
+            examples.append(Example(spec.prompt(row), spec.target(row)))
+        except (KeyError, IndexError, TypeError) as err:
+            raise ValueError(f"{path}: row {number} is not a {name} record (missing or wrong field {err})") from err
     return examples
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.helpers import tiny_model
-from mee_bench.paths import data_root
+from mee_bench.paths import DATA_DIR_ENV, data_root
 from mee_bench.harness.catalogue import TASKS
 from mee_bench.harness.data import local_split_path, read_jsonl
 from mee_bench.study.analysis import Example, analyze_model, cli, task_examples
@@ -179,6 +179,14 @@ def test_task_examples_are_the_catalogues_prompt_and_reference_of_local_records(
         examples = task_examples(spec.name, limit=2)
         records = list(zip(read_jsonl(local_split_path(spec.dataset, spec.split)), range(2)))
         assert examples == [Example(spec.prompt(row), spec.target(row)) for row, _ in records], spec.name
+
+
+def test_a_local_record_without_the_tasks_fields_is_refused_naming_file_row_and_field(tmp_path, monkeypatch):
+    (tmp_path / "squad").mkdir()
+    (tmp_path / "squad" / "validation.jsonl").write_text(json.dumps({"question": "Who?"}) + "\n")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(ValueError, match=r"squad/validation.jsonl: row 1 is not a squad_mee record .*'context'"):
+        task_examples("squad_mee")
 
 
 def test_clear_errors(tiny_model_dir, tmp_path, capsys):
