@@ -64,7 +64,7 @@ default-model: setup
 # Maintainers: the monotonicity study of the three fine-tunes (needs `make default-model`'s runs/).
 MONOTONICITY_MODELS := --model runs/default-final --label vanilla --model $(DEFAULT_MODEL) --label weighted-ce \
 	--model runs/default-free --label free
-MONOTONICITY_TASKS := tatoeba_enfr_mee wmt15_enfr_mee squad_mee cnndm_mee bigpatent_mee
+MONOTONICITY_TASKS = $(shell $(BIN)/python -c "from mee_bench.harness.catalogue import TASK_NAMES; print(*TASK_NAMES)")
 monotonicity: setup
 	for task in $(MONOTONICITY_TASKS); do \
 		$(BIN)/mee-bench analyze $(MONOTONICITY_MODELS) --task $$task --limit 200 --out results/monotonicity/$$task || exit 1; done

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.harness.data import local_split_path, read_jsonl
 
 from mee_bench.paths import DATA_DIR_ENV
@@ -45,13 +46,14 @@ POLICIES = {
 }
 
 
-def tatoeba_sentences(count: int) -> list[str]:
-    """The first `count` distinct English sentences of the held-out Tatoeba split, as task prompts."""
-    path = local_split_path("tatoeba_fra_eng", "validation")
+def tatoeba_prompts(count: int) -> list[str]:
+    """The task prompts of the first `count` distinct English sentences of the held-out Tatoeba split."""
+    path = local_split_path(TATOEBA_ENFR.dataset, TATOEBA_ENFR.split)
     if path is None:
-        raise SystemExit(f"no tatoeba_fra_eng/validation.jsonl: set {DATA_DIR_ENV} to a data root holding it")
-    distinct = dict.fromkeys(row["translation"]["en"] for row in read_jsonl(path))
-    return [f"translate English to French: {text}" for text in islice(distinct, count)]
+        raise SystemExit(f"no {TATOEBA_ENFR.dataset}/{TATOEBA_ENFR.split}.jsonl: "
+                         f"set {DATA_DIR_ENV} to a data root holding it")
+    distinct = dict.fromkeys(TATOEBA_ENFR.prompt(row) for row in read_jsonl(path))
+    return list(islice(distinct, count))
 
 
 def decode_all(generator: EarlyExitGenerator, inputs: list[torch.Tensor], policy: ExitPolicy) -> tuple[float, int, list[int]]:
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load_model(DEFAULT_MODEL_DIR)
     generator = EarlyExitGenerator(model, tokenizer, ExitHeads.load(find_heads(DEFAULT_MODEL_DIR, None)))
-    inputs = [generator.tokenize([prompt])[0] for prompt in tatoeba_sentences(sentences)]
+    inputs = [generator.tokenize([prompt])[0] for prompt in tatoeba_prompts(sentences)]
     for policy in POLICIES.values():
         decode_all(generator, inputs[:2], policy)  # warm-up
 
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "policies": rows,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
-        "settings": {"model": DEFAULT_MODEL_DIR.name, "task": "tatoeba_enfr_mee", "sentences": sentences,
+        "settings": {"model": DEFAULT_MODEL_DIR.name, "task": TATOEBA_ENFR.name, "sentences": sentences,
                      "repeats": repeats, "batch": 1, "max_new_tokens": 64, "dtype": "float32"},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

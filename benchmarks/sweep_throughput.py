@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.sweep.runner import run_sweep
 from mee_bench.sweep.config import to_config
@@ -86,7 +87,7 @@ def run_scenario(pretrained: str, args: argparse.Namespace, workers: int, cpus: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pretrained", help="model directory (default: the embedded default model, else a random stand-in)")
-    parser.add_argument("--task", default="tatoeba_enfr_mee")
+    parser.add_argument("--task", default=TATOEBA_ENFR.name)
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--max-gen-toks", type=int, default=24)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from itertools import islice
 
 from tabulate import tabulate
 
-from mee_bench.harness.data import read_jsonl
+from mee_bench.harness.catalogue import TATOEBA_ENFR
+from mee_bench.harness.data import local_split_path, read_jsonl
 
-from mee_bench.paths import data_root
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.heads import ExitHeads, find_heads
 from mee_bench.engine.loading import load_model
@@ -31,16 +32,10 @@ FALLBACK_SENTENCES = [
 
 def demo_sentences(count: int) -> list[str]:
     """English sources from the held-out Tatoeba validation split when present."""
-    root = data_root()
-    path = root / "tatoeba_fra_eng" / "validation.jsonl" if root else None
-    if path is None or not path.is_file():
+    path = local_split_path(TATOEBA_ENFR.dataset, TATOEBA_ENFR.split)
+    if path is None:
         return FALLBACK_SENTENCES[:count]
-    sentences = []
-    for row in read_jsonl(path):
-        sentences.append(row["translation"]["en"])
-        if len(sentences) == count:
-            break
-    return sentences
+    return [row["translation"]["en"] for row in islice(read_jsonl(path), count)]
 
 
 def timed_generate(generator, prompts, policy, max_new_tokens, repeats):
@@ -71,7 +66,8 @@ def cli(argv: list[str]) -> int:
     heads_path = find_heads(args.pretrained) if policy.needs_heads else None
     heads = ExitHeads.load(heads_path) if heads_path else None
     generator = EarlyExitGenerator(model, tokenizer, heads)
-    prompts = [f"translate English to French: {s}" for s in demo_sentences(args.sentences)]
+    sentences = demo_sentences(args.sentences)
+    prompts = [TATOEBA_ENFR.prompt({"translation": {"en": sentence}}) for sentence in sentences]
 
     generator.generate_text(prompts[:1], ExitPolicy("full"), args.max_new_tokens)  # warm-up, untimed
     full_texts, full_out, full_s = timed_generate(generator, prompts, ExitPolicy("full"), args.max_new_tokens, args.repeats)
@@ -88,8 +84,8 @@ def cli(argv: list[str]) -> int:
     print(tabulate(rows, headers=["token", "exit layer", "confidence"]))
     print()
     summary = [
-        (prompt.removeprefix("translate English to French: "), full, early, f"{sum(layers) / len(layers):.2f}")
-        for prompt, full, early, layers in zip(prompts, full_texts, texts, out.exit_layers)
+        (sentence, full, early, f"{sum(layers) / len(layers):.2f}")
+        for sentence, full, early, layers in zip(sentences, full_texts, texts, out.exit_layers)
     ]
     print(tabulate(summary, headers=["source", "full", policy.measure, "avg exit layer"]))
     same = sum(a == b for a, b in zip(full_texts, texts))

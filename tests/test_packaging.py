@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from mee_bench.harness.install_hook import PTH_NAME
-from mee_bench.harness.tasks import GROUP_NAME, TASK_NAMES, TASKS_DIR
+from mee_bench.harness.catalogue import GROUP_NAME, TASK_NAMES, TASKS_DIR
 from mee_bench.paths import DEFAULT_MODEL_DIR, PACKAGE_DIR
 
 from tests.helpers import DATA_DIR, REPO, subprocess_env
@@ -124,6 +124,7 @@ def test_the_wheel_carries_the_default_model_the_task_files_and_the_hook_at_its_
     names = set(zipfile.ZipFile(wheel).namelist())
     assert PTH_NAME in names
     tasks = {TASKS_DIR / f"{name}.yaml" for name in (*TASK_NAMES, GROUP_NAME)} | {TASKS_DIR / "utils.py"}
+    tasks.add(PACKAGE_DIR / "harness" / "catalogue.py")
     assert {in_wheel(path) for path in tasks} <= names
     model_files = {path for path in DEFAULT_MODEL_DIR.rglob("*") if path.is_file()}
     assert {DEFAULT_MODEL_DIR / "model.safetensors", DEFAULT_MODEL_DIR / "exit_heads.safetensors"} <= model_files

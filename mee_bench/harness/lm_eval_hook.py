@@ -50,7 +50,7 @@ def register_model(module: ModuleType) -> None:
 
 def index_package_tasks(module: ModuleType) -> None:
     """Every `TaskManager` with lm-eval's default tasks also gets ours (once)."""
-    from mee_bench.harness.tasks import TASKS_DIR
+    from mee_bench.harness.catalogue import TASKS_DIR
 
     init = module.TaskManager.__init__
     signature = inspect.signature(init)

@@ -32,7 +32,7 @@ from mee_bench.engine.heads import ExitHeads, find_heads
 from mee_bench.engine.loading import ModelLoadError, load_model, resolve_dtype
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.harness.tasks import TASKS_DIR
+from mee_bench.harness.catalogue import TASKS_DIR
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance

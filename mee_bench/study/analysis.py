@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from mee_bench.harness.data import read_jsonl
+from mee_bench.harness.catalogue import TASK_NAMES, UnknownTaskError, task
+from mee_bench.harness.data import local_split_path, read_jsonl
 
-from mee_bench.paths import data_root
+from mee_bench.paths import DATA_DIR_ENV
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.loading import ModelLoadError, load_model
 from mee_bench.engine.t5 import T5LayerRunner
@@ -33,29 +33,6 @@ log = logging.getLogger(__name__)
 MODES = ("teacher_forced", "free_running")
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """Where a task's examples live and how a row becomes (T5 prompt, reference)."""
-
-    path: str  # relative to the data root
-    prompt: str  # `{dotted.field}` placeholders, list items by index: `{answers.text.0}`
-    target: str  # dotted field path of the reference
-
-
-# The analysis's input spec: the T5-style prompts of the project's lm-eval tasks.
-ANALYSIS_TASKS: dict[str, TaskSpec] = {
-    "tatoeba_enfr_mee": TaskSpec(
-        "tatoeba_fra_eng/validation.jsonl", "translate English to French: {translation.en}", "translation.fr"
-    ),
-    "wmt15_enfr_mee": TaskSpec(
-        "wmt15/validation.jsonl", "translate English to French: {translation.en}", "translation.fr"
-    ),
-    "squad_mee": TaskSpec("squad/validation.jsonl", "question: {question} context: {context}", "answers.text.0"),
-    "cnndm_mee": TaskSpec("cnn_dailymail/validation.jsonl", "summarize: {article}", "highlights"),
-    "bigpatent_mee": TaskSpec("big_patent/validation.jsonl", "summarize: {description}", "abstract"),
-}
-
-
 # ---------------------------------------------------------------- inputs
 
 
@@ -65,30 +42,24 @@ class Example:
     target: str | None
 
 
-def _field(row: dict, path: str):
-    value = row
+def task_examples(name: str, limit: int | None = None) -> list[Example]:
+    """The first `limit` (prompt, reference) pairs of a catalogue task, from its local split."""
     try:
-        for part in path.split("."):
-            value = value[int(part)] if isinstance(value, list) else value[part]
-    except (KeyError, IndexError, ValueError, TypeError) as err:
-        raise ValueError(f"row has no field {path!r} ({err!r}); the task's data does not match ANALYSIS_TASKS") from err
-    return value
-
-
-def task_examples(task: str, limit: int | None = None) -> list[Example]:
-    """The first `limit` (prompt, reference) pairs of a task in ANALYSIS_TASKS, from local data."""
-    if task not in ANALYSIS_TASKS:
-        known = ", ".join(ANALYSIS_TASKS)
-        raise ValueError(f"unknown task {task!r}; known tasks: {known} (or pass --inputs FILE.jsonl)")
-    spec, root = ANALYSIS_TASKS[task], data_root()
-    if root is None or not (root / spec.path).is_file():
-        raise FileNotFoundError(f"task {task!r} needs {spec.path} under the data root ({root}); set MEE_DATA_DIR")
+        spec = task(name)
+    except UnknownTaskError as err:
+        raise ValueError(f"{err} (or pass --inputs FILE.jsonl)") from err
+    path = local_split_path(spec.dataset, spec.split)
+    if path is None:
+        raise FileNotFoundError(f"task {name!r} needs {spec.dataset}/{spec.split}.jsonl under the data root; "
+                                f"set {DATA_DIR_ENV}")
     examples = []
-    for row in read_jsonl(root / spec.path):
+    for number, row in enumerate(read_jsonl(path), start=1):
         if limit is not None and len(examples) >= limit:
             break
-        prompt = re.sub(r"\{([^{}]+)\}", lambda m: str(_field(row, m.group(1))), spec.prompt)
-        examples.append(Example(prompt, str(_field(row, spec.target))))
+        try:
+            examples.append(Example(spec.prompt(row), spec.target(row)))
+        except (KeyError, IndexError, TypeError) as err:
+            raise ValueError(f"{path}: row {number} is not a {name} record (missing or wrong field {err})") from err
     return examples
 
 
@@ -242,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", action="append", required=True, help="checkpoint dir or hub id (repeat to overlay)")
     parser.add_argument("--label", action="append", help="a name per --model for plots and tables (default: dir name)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--task", help=f"one of {', '.join(ANALYSIS_TASKS)}")
+    source.add_argument("--task", help=f"one of {', '.join(TASK_NAMES)}")
     source.add_argument("--inputs", help="JSONL with `input` and `target` fields")
     parser.add_argument("--limit", type=int, help="analyze the first N examples (default: all)")
     parser.add_argument("--mode", choices=MODES, default="teacher_forced")

@@ -24,17 +24,12 @@ from pathlib import Path
 from tabulate import tabulate
 
 from mee_bench.formatting import MISSING, fixed, significant
+from mee_bench.harness.catalogue import TASKS
 from mee_bench.sweep.store import MANIFEST, load_records
 
-# The quality number a task is judged by (the paper's choice where it has one); other
-# metrics are shown beside it. Unknown tasks use the first metric of METRIC_PREFERENCE present.
-PRIMARY_METRIC = {
-    "squad_mee": "f1",
-    "cnndm_mee": "rougeL",
-    "wmt15_enfr_mee": "bleu",
-    "bigpatent_mee": "rougeL",
-    "tatoeba_enfr_mee": "bleu",
-}
+# The quality number a task is judged by is the catalogue's primary metric; other metrics are
+# shown beside it. Tasks outside the catalogue use the first metric of METRIC_PREFERENCE present.
+PRIMARY_METRIC = {spec.name: spec.primary_metric for spec in TASKS}
 METRIC_PREFERENCE = ("f1", "exact_match", "rougeL", "rougeLsum", "rouge1", "bleu", "chrf", "acc")
 
 

@@ -15,9 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mee_bench.harness.catalogue import SQUAD, TATOEBA_ENFR, TaskSpec
 from mee_bench.paths import data_root
 
-TASKS = ("translate_en_fr", "squad")
+# A training source's `task` names the catalogue task whose prompt and reference it is read
+# with, so a model is trained on exactly the inputs it is evaluated on.
+TASKS: dict[str, TaskSpec] = {"translate_en_fr": TATOEBA_ENFR, "squad": SQUAD}
 IGNORE_INDEX = -100
 
 
@@ -42,16 +45,6 @@ def resolve_data_path(path: str | Path) -> Path:
     return root / path
 
 
-def _example(row: dict, task: str) -> TrainExample:
-    if task == "translate_en_fr":
-        pair = row["translation"]
-        return TrainExample(f"translate English to French: {pair['en']}", pair["fr"])
-    answers = row["answers"]["text"]
-    if not answers:
-        raise KeyError("answers.text is empty")
-    return TrainExample(f"question: {row['question']} context: {row['context']}", answers[0])
-
-
 def read_examples(path: str | Path, task: str, limit: int | None = None) -> list[TrainExample]:
     """Examples of one JSON Lines source; a missing file or a bad line raises naming file and line."""
     if task not in TASKS:
@@ -65,7 +58,8 @@ def read_examples(path: str | Path, task: str, limit: int | None = None) -> list
             if not line.strip():
                 continue
             try:
-                examples.append(_example(json.loads(line), task))
+                row = json.loads(line)
+                examples.append(TrainExample(TASKS[task].prompt(row), TASKS[task].target(row)))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
             except (KeyError, TypeError, IndexError) as err:

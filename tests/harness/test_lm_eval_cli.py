@@ -18,7 +18,7 @@ import pytest
 
 from mee_bench.harness.lm_eval_hook import DISABLE_ENV, TRIGGER_NAME
 from mee_bench.harness.install_hook import PTH_LINE, SHIPPED_PTH, site_packages_pth
-from mee_bench.harness.tasks import GROUP_NAME, TASK_NAMES, TASKS_DIR
+from mee_bench.harness.catalogue import GROUP_NAME, TASK_NAMES, TASKS, TASKS_DIR, TATOEBA_ENFR
 
 from tests.helpers import subprocess_env
 
@@ -26,13 +26,6 @@ from tests.helpers import subprocess_env
 pytestmark = pytest.mark.slow  # starts Ray or subprocesses: `make test-fast` skips it
 
 LM_EVAL = Path(sys.executable).parent / "lm_eval"
-METRICS = {
-    "squad_mee": {"exact_match", "f1"},
-    "cnndm_mee": {"rouge1", "rouge2", "rougeL", "rougeLsum"},
-    "wmt15_enfr_mee": {"bleu", "chrf"},
-    "bigpatent_mee": {"rouge1", "rouge2", "rougeL"},
-    "tatoeba_enfr_mee": {"bleu", "chrf", "bleu_multiref"},
-}
 EFFICIENCY_KEYS = {
     "tokens", "num_layers", "avg_exit_layer", "exit_histogram", "encoder_ms", "decoder_ms", "measure_ms",
     "decode_ms_per_token", "requests", "wall_ms", "wall_ms_per_token",
@@ -47,7 +40,7 @@ def cli(tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("lm-eval-cli")
     model_args = f"pretrained={tiny_model_dir},measure=softmax,threshold=0.5,min_exit_layer=1"
     commands = {
-        "run": [str(LM_EVAL), "--model", "mee", "--model_args", model_args, "--tasks", f"{GROUP_NAME},tatoeba_enfr_mee",
+        "run": [str(LM_EVAL), "--model", "mee", "--model_args", model_args, "--tasks", f"{GROUP_NAME},{TATOEBA_ENFR.name}",
                 "--limit", "4", "--batch_size", "4", "--gen_kwargs", "max_gen_toks=16", "--output_path", str(work / "results")],
         "ls": [str(LM_EVAL), "ls", "tasks"],
     }
@@ -65,8 +58,8 @@ def test_lm_eval_run_writes_task_metrics_and_the_mee_block_and_prints_its_table(
     assert returncode == 0, log[-4000:]
     (results_file,) = (work / "results").rglob("results_*.json")
     results = json.loads(results_file.read_text())
-    for task, metrics in METRICS.items():
-        assert {f"{m},none" for m in metrics} <= set(results["results"][task]), task
+    for spec in TASKS:
+        assert {f"{m},none" for m in spec.metrics} <= set(results["results"][spec.name]), spec.name
     assert set(results["mee"]) == set(TASK_NAMES)
     for task, figures in results["mee"].items():
         assert set(figures) == EFFICIENCY_KEYS, task

@@ -6,17 +6,8 @@ import pytest
 
 from mee_bench.paths import data_root
 from mee_bench.harness.lm_eval_model import task_manager
-from mee_bench.harness.tasks import GROUP_NAME, TASK_NAMES, TASKS_DIR
+from mee_bench.harness.catalogue import GROUP_NAME, GROUP_TASK_NAMES, TASK_NAMES, TASKS_DIR, TATOEBA_ENFR, task
 from mee_bench.harness.tasks import utils
-
-PAPER_TASKS = ["squad_mee", "cnndm_mee", "wmt15_enfr_mee", "bigpatent_mee"]
-EXPECTED = {
-    "squad_mee": ("question: ", " context: ", {"exact_match", "f1"}),
-    "cnndm_mee": ("summarize: ", None, {"rouge1", "rouge2", "rougeL", "rougeLsum"}),
-    "wmt15_enfr_mee": ("translate English to French: ", None, {"bleu", "chrf"}),
-    "bigpatent_mee": ("summarize: ", None, {"rouge1", "rouge2", "rougeL"}),
-    "tatoeba_enfr_mee": ("translate English to French: ", None, {"bleu", "chrf", "bleu_multiref"}),
-}
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +22,15 @@ def test_the_package_holds_the_five_tasks_and_the_group(manager):
 
 
 @pytest.mark.skipif(data_root() is None, reason="needs the local data slices")
-def test_tasks_load_local_data_with_t5_prompts_greedy_settings_and_their_metrics(manager):
-    loaded = manager.load([GROUP_NAME, "tatoeba_enfr_mee"])
+def test_tasks_load_local_data_with_greedy_settings_and_their_metrics(manager):
+    loaded = manager.load([GROUP_NAME, TATOEBA_ENFR.name])
     assert sorted(loaded["tasks"]) == sorted(TASK_NAMES)
-    assert list(loaded["group_map"][GROUP_NAME]) == PAPER_TASKS
-    for name, task in loaded["tasks"].items():
-        prefix, middle, metrics = EXPECTED[name]
-        doc = task.validation_docs()[0]
-        prompt = task.doc_to_text(doc)
-        assert prompt.startswith(prefix) and (middle is None or middle in prompt), name
-        assert task.doc_to_target(doc).strip(), name
-        assert set(task.aggregation()) == metrics, name
-        assert task.config.generation_kwargs["do_sample"] is False and task.config.generation_kwargs["until"] == []
+    assert list(loaded["group_map"][GROUP_NAME]) == list(GROUP_TASK_NAMES)
+    for name, built in loaded["tasks"].items():
+        doc = built.validation_docs()[0]
+        assert built.doc_to_target(doc).strip(), name
+        assert set(built.aggregation()) == set(task(name).metrics), name
+        assert built.config.generation_kwargs["do_sample"] is False and built.config.generation_kwargs["until"] == []
 
 
 def test_squad_scores_use_the_official_normalisation():

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from tests.helpers import tiny_model
-from mee_bench.paths import data_root
-from mee_bench.study.analysis import ANALYSIS_TASKS, Example, analyze_model, cli, task_examples
+from mee_bench.paths import DATA_DIR_ENV, data_root
+from mee_bench.harness.catalogue import TASKS
+from mee_bench.harness.data import local_split_path, read_jsonl
+from mee_bench.study.analysis import Example, analyze_model, cli, task_examples
 from mee_bench.study.statistics import (
     LayerStatistics,
     TokenPredictions,
@@ -170,13 +172,21 @@ def test_cli_free_running_on_an_inputs_file(tiny_model_dir, tmp_path):
     assert analysis["final_top1_accuracy"] >= 0.9
 
 
-def test_task_table_builds_prompts_from_local_data():
+def test_task_examples_are_the_catalogues_prompt_and_reference_of_local_records():
     if data_root() is None:
         pytest.skip("no local data root")
-    for task, spec in ANALYSIS_TASKS.items():
-        [example] = task_examples(task, limit=1)
-        assert example.input.startswith(spec.prompt.split("{")[0]) and "{" not in example.input[:40], task
-        assert example.target.strip(), task
+    for spec in TASKS:
+        examples = task_examples(spec.name, limit=2)
+        records = list(zip(read_jsonl(local_split_path(spec.dataset, spec.split)), range(2)))
+        assert examples == [Example(spec.prompt(row), spec.target(row)) for row, _ in records], spec.name
+
+
+def test_a_local_record_without_the_tasks_fields_is_refused_naming_file_row_and_field(tmp_path, monkeypatch):
+    (tmp_path / "squad").mkdir()
+    (tmp_path / "squad" / "validation.jsonl").write_text(json.dumps({"question": "Who?"}) + "\n")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(ValueError, match=r"squad/validation.jsonl: row 1 is not a squad_mee record .*'context'"):
+        task_examples("squad_mee")
 
 
 def test_clear_errors(tiny_model_dir, tmp_path, capsys):

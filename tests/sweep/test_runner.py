@@ -12,6 +12,7 @@ from mee_bench.engine.heads import ExitHeads
 from mee_bench.sweep.store import ResultStore, SweepError, load_records, result_settings, trial_id
 from mee_bench.sweep.runner import check_reachable, cli, run_sweep
 from mee_bench.sweep.backend import LMEvalBackend, task_metrics
+from mee_bench.harness.catalogue import TASK_NAMES
 from mee_bench.sweep.config import ConfigError, Trial, check_model, expand_grid, resolve_model, to_config
 
 
@@ -209,7 +210,7 @@ def test_task_metrics_keeps_values_and_drops_stderr_and_alias():
 @pytest.mark.parametrize(
     ("tasks", "include_defaults"),
     [
-        (["tatoeba_enfr_mee", "squad_mee", "cnndm_mee", "wmt15_enfr_mee", "bigpatent_mee"], False),
+        (list(TASK_NAMES), False),
         (["mee"], False),
         (["tatoeba_enfr_mee", "hellaswag"], True),
         (["sqaud_mee"], True),  # a typo gets its suggestion from the full index

@@ -1,4 +1,7 @@
-"""Data loading and metrics for the `*_mee` task YAMLs.
+"""Data loading, prompts and metrics for the `*_mee` task YAMLs.
+
+Prompts, references and metric names come from the task catalogue
+(`mee_bench.harness.catalogue`); this module only adapts them to lm-eval's hooks.
 
 Scores come from the reference implementations: sacreBLEU for BLEU/chrF, rouge-score for
 ROUGE, and the official SQuAD v1.1 answer normalisation for exact match / F1. Every metric
@@ -13,12 +16,13 @@ from collections import Counter
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from mee_bench.harness.catalogue import BIGPATENT, CNNDM, SQUAD, TATOEBA_ENFR, WMT15_ENFR
 from mee_bench.harness.data import load_split
 
 if TYPE_CHECKING:
     import datasets
 
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")  # all that any task asks the scorer for
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -33,6 +37,14 @@ def load_docs(data_name: str, data_split: str, **_task_metadata: Any) -> "datase
     import datasets
 
     return datasets.DatasetDict({data_split: load_split(data_name, data_split)})
+
+
+# The YAMLs' `doc_to_text` and `doc_to_target`: each task's prompt and reference, from the catalogue.
+squad_prompt, squad_target = SQUAD.prompt, SQUAD.target
+cnndm_prompt, cnndm_target = CNNDM.prompt, CNNDM.target
+wmt15_prompt, wmt15_target = WMT15_ENFR.prompt, WMT15_ENFR.target
+bigpatent_prompt, bigpatent_target = BIGPATENT.prompt, BIGPATENT.target
+tatoeba_prompt, tatoeba_target = TATOEBA_ENFR.prompt, TATOEBA_ENFR.target
 
 
 def _prediction(results: list[str]) -> str:
@@ -60,7 +72,7 @@ def squad_f1(prediction: str, truth: str) -> float:
 
 def squad_results(doc: dict, results: list[str]) -> dict[str, float]:
     """Exact match and F1 against the best of the annotators' answers."""
-    prediction, truths = _prediction(results), doc["answers"]["text"]
+    prediction, truths = _prediction(results), SQUAD.references(doc)
     exact = max(float(normalize_answer(prediction) == normalize_answer(t)) for t in truths)
     f1 = max(squad_f1(prediction, t) for t in truths)
     return {"exact_match": 100.0 * exact, "f1": 100.0 * f1}
@@ -90,12 +102,12 @@ def rouge(reference: str, prediction: str, types: tuple[str, ...]) -> dict[str, 
 
 def cnndm_results(doc: dict, results: list[str]) -> dict[str, float]:
     """ROUGE-1/2/L/Lsum against the highlights."""
-    return rouge(doc["highlights"], _prediction(results), ROUGE_TYPES)
+    return rouge(CNNDM.target(doc), _prediction(results), CNNDM.metrics)
 
 
 def bigpatent_results(doc: dict, results: list[str]) -> dict[str, float]:
     """ROUGE-1/2/L against the abstract."""
-    return rouge(doc["abstract"], _prediction(results), ("rouge1", "rouge2", "rougeL"))
+    return rouge(BIGPATENT.target(doc), _prediction(results), BIGPATENT.metrics)
 
 
 # Translation: corpus-level sacreBLEU and chrF over (reference, prediction) pairs.
@@ -103,7 +115,7 @@ def bigpatent_results(doc: dict, results: list[str]) -> dict[str, float]:
 
 def translation_results(doc: dict, results: list[str]) -> dict[str, tuple[str, str]]:
     """(French reference, prediction) pairs: BLEU and chrF are corpus-level, scored at aggregation."""
-    pair = (doc["translation"]["fr"], _prediction(results))
+    pair = (WMT15_ENFR.target(doc), _prediction(results))
     return {"bleu": pair, "chrf": pair}
 
 
@@ -116,14 +128,14 @@ def corpus_bleu(items: list[tuple[str, str]]) -> float:
 
 
 def tatoeba_results(doc: dict, results: list[str]) -> dict[str, tuple]:
-    """As `translation_results`, plus (English source, reference, prediction) for multi-reference BLEU."""
-    reference, prediction = doc["translation"]["fr"], _prediction(results)
+    """As `translation_results`, plus (source prompt, reference, prediction) for multi-reference BLEU."""
+    reference, prediction = TATOEBA_ENFR.target(doc), _prediction(results)
     return {"bleu": (reference, prediction), "chrf": (reference, prediction),
-            "bleu_multiref": (doc["translation"]["en"], reference, prediction)}
+            "bleu_multiref": (TATOEBA_ENFR.prompt(doc), reference, prediction)}
 
 
 def corpus_bleu_multiref(items: list[tuple[str, str, str]]) -> float:
-    """Corpus BLEU over distinct sources, each against all of its references.
+    """Corpus BLEU over distinct sources (prompts), each against all of its references.
 
     Tatoeba lists every valid translation of a sentence as its own pair (the 2001 validation
     pairs hold 1369 distinct English sentences, up to 8 references each), so single-reference

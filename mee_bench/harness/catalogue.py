@@ -1,0 +1,101 @@
+"""The task catalogue: each `*_mee` task's data, prompt, reference and metrics, written once.
+
+lm-eval reads the YAMLs in `tasks/`; their glue (`tasks/utils.py`) takes prompts and fields
+from here, as do training data, the monotonicity study, the model report, the leaderboard,
+the demo and the benchmarks, and tests hold every YAML to its entry. This module imports
+neither torch, transformers nor lm-eval, so the leaderboard can read it cheaply.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import reduce
+from operator import getitem
+from pathlib import Path
+from typing import Any, Mapping
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+GROUP_NAME = "mee"
+
+
+class UnknownTaskError(ValueError):
+    """A task name that is not in the catalogue."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: which records it reads, how a record becomes (prompt, reference), how it is scored."""
+
+    name: str
+    dataset: str  # folder under the data root: `<root>/<dataset>/<split>.jsonl`
+    split: str
+    prompt_template: str  # `str.format_map` over a record: `{translation[en]}` reads record["translation"]["en"]
+    reference_field: str  # dotted path to the reference, or to the list of references
+    metrics: tuple[str, ...]
+    primary_metric: str  # the quality a leaderboard ranks by (the paper's choice where it has one)
+    max_gen_toks: int | None = None
+    until: tuple[str, ...] = ()
+    in_group: bool = True  # one of the paper's tasks, listed in group `mee`
+
+    def __post_init__(self) -> None:
+        if self.primary_metric not in self.metrics:
+            raise ValueError(f"{self.name}: primary metric {self.primary_metric!r} is not one of {self.metrics}")
+
+    def prompt(self, record: Mapping[str, Any]) -> str:
+        """The model input for one record: T5's task prefix around the record's fields."""
+        return self.prompt_template.format_map(record)
+
+    def references(self, record: Mapping[str, Any]) -> list[str]:
+        """Every reference of a record (SQuAD lists several annotators' answers)."""
+        value = reduce(getitem, self.reference_field.split("."), record)
+        return list(value) if isinstance(value, list) else [value]
+
+    def target(self, record: Mapping[str, Any]) -> str:
+        """The one reference a model is trained and teacher-forced on: the first."""
+        references = self.references(record)
+        if not references:
+            raise KeyError(f"{self.reference_field} is empty")
+        return references[0]
+
+
+SQUAD = TaskSpec(
+    name="squad_mee", dataset="squad", split="validation",
+    prompt_template="question: {question} context: {context}", reference_field="answers.text",
+    metrics=("exact_match", "f1"), primary_metric="f1", max_gen_toks=32,
+)
+CNNDM = TaskSpec(
+    name="cnndm_mee", dataset="cnn_dailymail", split="validation",
+    prompt_template="summarize: {article}", reference_field="highlights",
+    metrics=("rouge1", "rouge2", "rougeL", "rougeLsum"), primary_metric="rougeL", max_gen_toks=128,
+)
+WMT15_ENFR = TaskSpec(
+    name="wmt15_enfr_mee", dataset="wmt15", split="validation",
+    prompt_template="translate English to French: {translation[en]}", reference_field="translation.fr",
+    metrics=("bleu", "chrf"), primary_metric="bleu", max_gen_toks=128,
+)
+BIGPATENT = TaskSpec(
+    name="bigpatent_mee", dataset="big_patent", split="validation",
+    prompt_template="summarize: {description}", reference_field="abstract",
+    metrics=("rouge1", "rouge2", "rougeL"), primary_metric="rougeL", max_gen_toks=256,
+)
+TATOEBA_ENFR = TaskSpec(
+    name="tatoeba_enfr_mee", dataset="tatoeba_fra_eng", split="validation",
+    prompt_template="translate English to French: {translation[en]}", reference_field="translation.fr",
+    metrics=("bleu", "chrf", "bleu_multiref"), primary_metric="bleu", max_gen_toks=64, in_group=False,
+)
+
+TASKS: tuple[TaskSpec, ...] = (SQUAD, CNNDM, WMT15_ENFR, BIGPATENT, TATOEBA_ENFR)
+TASK_NAMES: tuple[str, ...] = tuple(spec.name for spec in TASKS)
+GROUP_TASK_NAMES: tuple[str, ...] = tuple(spec.name for spec in TASKS if spec.in_group)
+_BY_NAME = {spec.name: spec for spec in TASKS}
+
+
+def task(name: str) -> TaskSpec:
+    """The catalogue entry of `name`; an unknown name raises naming the closest task and all of them."""
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    [closest] = difflib.get_close_matches(name, TASK_NAMES, n=1, cutoff=0.0)
+    raise UnknownTaskError(
+        f"unknown task {name!r}; did you mean {closest!r}? The tasks are {', '.join(TASK_NAMES)}"
+    )
