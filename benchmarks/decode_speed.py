@@ -110,7 +110,7 @@ def layer_time(generator: EarlyExitGenerator, ids: torch.Tensor, repeats: int, d
     runner = generator.runner
     mask = torch.ones_like(ids)
     with torch.inference_mode():
-        cache = runner.new_cache(runner.encode(ids, mask), mask, 32)
+        cache, _ = runner.start(ids, mask, 32)
         hidden = runner.embed(ids[:, :1])
         position = 16
 

@@ -29,8 +29,7 @@ from mee_bench.harness.data import local_split_path, read_jsonl
 
 from mee_bench.paths import DATA_DIR_ENV
 from mee_bench.engine.decoding import EarlyExitGenerator
-from mee_bench.engine.heads import ExitHeads, find_heads
-from mee_bench.engine.loading import load_model
+from mee_bench.engine.loading import load_generator
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy
 
@@ -78,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     sentences, repeats = (8, 2) if args.quick else (args.sentences, args.repeats)
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_model(DEFAULT_MODEL_DIR)
-    generator = EarlyExitGenerator(model, tokenizer, ExitHeads.load(find_heads(DEFAULT_MODEL_DIR, None)))
+    generator = load_generator(DEFAULT_MODEL_DIR, require_heads=True)
     inputs = [generator.tokenize([prompt])[0] for prompt in tatoeba_prompts(sentences)]
     for policy in POLICIES.values():
         decode_all(generator, inputs[:2], policy)  # warm-up

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mee_bench.engine.t5 import T5LayerRunner
+from mee_bench.engine.runner import build_runner
 
 from mee_bench.paths import DEFAULT_MODEL_DIR, REPO_ROOT
 from mee_bench.train.data import MixtureBatches, TokenizedSource
@@ -74,7 +74,7 @@ def speed(steps: int, threads: int, precision: str) -> dict:
         cfg_o = copy.deepcopy(cfg)
         cfg_o.objective.name = name
         model = copy.deepcopy(base).train()
-        runs[name] = (model, T5LayerRunner(model), make_objective(cfg_o), build_optimizer(cfg_o, model), cfg_o, [])
+        runs[name] = (model, build_runner(model), make_objective(cfg_o), build_optimizer(cfg_o, model), cfg_o, [])
     for index, batch in enumerate(data):
         for name, (model, runner, objective, optimizer, cfg_o, times) in runs.items():
             start = time.perf_counter()
@@ -108,7 +108,7 @@ def peak_rss_child(steps: int, threads: int, precision: str) -> None:
     torch.set_num_threads(threads)
     tokenizer, _, data = batches(cfg, steps)
     model = build_model(cfg, tokenizer).train()
-    runner, objective, optimizer = T5LayerRunner(model), make_objective(cfg), build_optimizer(cfg, model)
+    runner, objective, optimizer = build_runner(model), make_objective(cfg), build_optimizer(cfg, model)
     longest = max(data, key=lambda b: b["input_ids"].numel() + b["labels"].numel())
     for batch in [longest, *data]:
         train_step(model, runner, objective, optimizer, batch, cfg)

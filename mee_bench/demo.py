@@ -16,9 +16,7 @@ from tabulate import tabulate
 from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.harness.data import local_split_path, read_jsonl
 
-from mee_bench.engine.decoding import EarlyExitGenerator
-from mee_bench.engine.heads import ExitHeads, find_heads
-from mee_bench.engine.loading import load_model
+from mee_bench.engine.loading import load_generator
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy
 
@@ -62,10 +60,8 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     policy = ExitPolicy(args.measure, args.threshold, args.min_exit_layer, kv_strategy=args.kv_strategy)
-    model, tokenizer = load_model(args.pretrained, args.dtype, args.device)
-    heads_path = find_heads(args.pretrained) if policy.needs_heads else None
-    heads = ExitHeads.load(heads_path) if heads_path else None
-    generator = EarlyExitGenerator(model, tokenizer, heads)
+    generator = load_generator(args.pretrained, args.dtype, args.device, require_heads=policy.needs_heads)
+    tokenizer = generator.tokenizer
     sentences = demo_sentences(args.sentences)
     prompts = [TATOEBA_ENFR.prompt({"translation": {"en": sentence}}) for sentence in sentences]
 

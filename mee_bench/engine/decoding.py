@@ -13,17 +13,28 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from mee_bench.engine.heads import ExitHeads
-from mee_bench.engine.measures import Oracle
-from mee_bench.engine.t5 import DecoderCache, T5LayerRunner
 from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.runner import build_runner
 
 log = logging.getLogger(__name__)
+
+FALLBACK_INPUT_LIMIT = 512  # T5's own limit, for tokenizers that state none
+
+
+def input_limit(tokenizer, requested: int | None = None) -> int:
+    """Prompt tokens allowed: `requested`, else the tokenizer's `model_max_length` when it states a
+    real one (Hugging Face uses ~1e30 for "none"), else 512."""
+    if requested:
+        return requested
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else FALLBACK_INPUT_LIMIT
 
 
 @dataclass
@@ -78,14 +89,17 @@ def _sync(device: torch.device) -> None:
 
 
 class EarlyExitGenerator:
-    """Greedy early-exit generation over an unmodified Hugging Face T5."""
+    """Greedy early-exit generation over an unmodified Hugging Face model, through its layer runner.
 
-    def __init__(self, model, tokenizer=None, heads: ExitHeads | None = None) -> None:
-        self.runner = T5LayerRunner(model)
+    `heads_path` records where `heads` came from (reported with results).
+    """
+
+    def __init__(self, model, tokenizer=None, heads: ExitHeads | None = None, heads_path: Path | None = None) -> None:
+        self.model = model
+        self.runner = build_runner(model)
         self.tokenizer = tokenizer
         self.heads = heads.to(self.runner.device) if heads is not None else None
-        self.start_id = model.config.decoder_start_token_id
-        self.eos_id = model.config.eos_token_id
+        self.heads_path = heads_path
 
     @property
     def num_layers(self) -> int:
@@ -95,7 +109,7 @@ class EarlyExitGenerator:
         """Right-padded input ids; prompts longer than the model allows are truncated with a warning."""
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("empty input: every prompt must be a non-empty string")
-        limit = max_input_length or self.tokenizer.model_max_length
+        limit = input_limit(self.tokenizer, max_input_length)
         lengths = [len(ids) for ids in self.tokenizer(list(prompts)).input_ids]
         too_long = sum(n > limit for n in lengths)
         if too_long:
@@ -143,20 +157,20 @@ class EarlyExitGenerator:
         stats = GenerationStats(num_layers=num_layers)
 
         started = time.perf_counter()
-        encoder_states = runner.encode(input_ids, attention_mask)
-        cache = runner.new_cache(encoder_states, attention_mask, max_new_tokens)
+        cache, last_tokens = runner.start(input_ids, attention_mask, max_new_tokens)
         _sync(device)
         stats.encoder_s = time.perf_counter() - started
 
         started = time.perf_counter()
         deferred = policy.kv_strategy == "deferred" and measure.can_exit
         done_layers = torch.full((batch, max_new_tokens), num_layers, dtype=torch.long, device=device)
-        pending_states = encoder_states.new_zeros(batch, max_new_tokens, runner.d_model) if deferred else None
+        pending_states = (
+            torch.zeros(batch, max_new_tokens, runner.hidden_size, dtype=runner.dtype, device=device) if deferred else None
+        )
         tokens: list[list[int]] = [[] for _ in range(batch)]
         exit_layers: list[list[int]] = [[] for _ in range(batch)]
         confidences: list[list[float]] = [[] for _ in range(batch)]
         alive = torch.arange(batch, device=device)
-        last_tokens = torch.full((batch,), self.start_id, dtype=torch.long, device=device)
 
         for step in range(max_new_tokens):
             threshold = policy.threshold_at(step, max_new_tokens)
@@ -218,8 +232,7 @@ class EarlyExitGenerator:
                 token[slot] = runner.logits(hidden)[:, -1].argmax(-1)
                 if last_score is not None:
                     confidence[slot] = last_score.float()
-            if isinstance(measure, Oracle):
-                exit_layer = measure.exit_layers(token, num_layers)
+            exit_layer = measure.finish(token, exit_layer, num_layers)
 
             finished = self._record(alive, token, exit_layer, confidence, tokens, exit_layers, confidences, stop_strings)
             last_tokens[alive] = token
@@ -237,7 +250,7 @@ class EarlyExitGenerator:
         self,
         index: int,
         hidden: Tensor,
-        cache: DecoderCache,
+        cache: Any,
         rows: Tensor,
         row_arg: Tensor | None,
         step: int,
@@ -279,7 +292,7 @@ class EarlyExitGenerator:
             tokens[row].append(tok)
             exit_layers[row].append(layer)
             confidences[row].append(conf)
-            done = tok == self.eos_id
+            done = tok == self.runner.eos_token_id
             if not done and stop_strings:
                 text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
                 done = any(stop in text for stop in stop_strings)

@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 HEADS_FILE = "exit_heads.safetensors"
-HEADS_NAMES = ("classifier", "last_three_mlp", "lstm")
 
 
 class StateClassifier(nn.Module):
@@ -82,6 +81,7 @@ class ExitHeads(nn.Module):
         self.classifier = StateClassifier(d_model, classifier_hidden)
         self.last_three_mlp = LastThreeMLP(d_model)
         self.lstm = LayerLSTM(d_model, lstm_hidden)
+        self.metadata: dict = {}  # what the heads file records about their training (e.g. num_layers)
 
     def dims(self) -> dict[str, int]:
         return {"d_model": self.d_model, "classifier_hidden": self.classifier_hidden, "lstm_hidden": self.lstm_hidden}
@@ -101,20 +101,21 @@ class ExitHeads(nn.Module):
         if path.is_dir():
             path = path / HEADS_FILE
         with safe_open(str(path), framework="pt") as handle:
-            dims = json.loads(handle.metadata()["dims"])
-        heads = cls(**dims)
+            header = handle.metadata()
+        heads = cls(**json.loads(header["dims"]))
+        heads.metadata = json.loads(header.get("metadata") or "{}")
         heads.load_state_dict(load_file(str(path)))
         return heads.eval()
 
 
 def find_heads(model_dir: str | Path | None, heads: str | Path | None = None) -> Path | None:
-    """The heads file to use: an explicit path, else the one saved beside the model, else None."""
+    """The heads file to use: an explicit path, else the one saved beside the model (a local
+    directory; a hub id has none), else None."""
     if heads is not None:
         path = Path(heads)
         path = path / HEADS_FILE if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"exit heads not found at {path}; train them with `mee-bench train-heads MODEL`")
         return path
-    if model_dir is not None and (Path(model_dir) / HEADS_FILE).is_file():
-        return Path(model_dir) / HEADS_FILE
-    return None
+    beside = Path(model_dir).expanduser() / HEADS_FILE if model_dir is not None else None
+    return beside if beside is not None and beside.is_file() else None

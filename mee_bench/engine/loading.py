@@ -1,23 +1,30 @@
 """Loading a checkpoint for early exit: safetensors preferred, no remote code unless asked.
 
-Also the dtype and device names every command accepts, checked in one place.
+Also the one builder every entry point uses (`load_generator`: model, heads found beside
+it and checked against it, generator), and the dtype, device and checkpoint-path checks
+every command shares.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
+from mee_bench.engine.decoding import EarlyExitGenerator
+from mee_bench.engine.heads import ExitHeads, find_heads
+from mee_bench.engine.runner import runner_class, supported_model_types
 from mee_bench.paths import DEFAULT_MODEL_DIR
 
+log = logging.getLogger(__name__)
 
-T5_MODEL_TYPES = ("t5", "mt5")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 class ModelLoadError(ValueError):
-    """A checkpoint that cannot serve as an early-exit T5."""
+    """A checkpoint (or its exit heads) that cannot serve for early exit."""
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -28,13 +35,77 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_device(device: str) -> torch.device:
-    if str(device).split(":")[0] not in ("cpu", "cuda"):
+def check_device_name(device: str) -> None:
+    """A device name we can run on, checked without asking whether this machine has it (a sweep
+    driver checks the device of workers elsewhere)."""
+    if str(device).split(":")[0] not in DEVICE_TYPES:
         raise ValueError(f"device={device!r} is not supported; use cpu or cuda")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for but CUDA is not available; use device=cpu")
+
+
+def resolve_device(device: str | None, cpu_fallback: bool = False) -> torch.device:
+    """The device to run on; None picks CUDA when present. CUDA asked for where there is none is
+    an error, or with `cpu_fallback` the CPU with a warning (the stock `lm_eval` command passes
+    `--device cuda:0` unless told otherwise)."""
+    cuda = torch.cuda.is_available()
+    if device is None:
+        return torch.device("cuda" if cuda else "cpu")
+    check_device_name(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a device name; use cpu or cuda") from err
+    if dev.type == "cuda" and not cuda:
+        if not cpu_fallback:
+            raise ValueError(f"device={device!r} was asked for but CUDA is not available; use device=cpu")
+        log.warning("device=%s was asked for but CUDA is not available; running on the CPU", device)
+        return torch.device("cpu")
     return dev
+
+
+def check_checkpoint_path(pretrained: str | Path) -> Path | None:
+    """The local checkpoint directory `pretrained` names, or None for a hub id; a local path
+    that is missing or holds no config.json is an error before anything loads."""
+    text = str(pretrained)
+    local = Path(text).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelLoadError(f"{local} has no config.json: point `pretrained` at a saved checkpoint directory")
+    if not local.exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1):
+        raise ModelLoadError(
+            f"checkpoint {text!r} does not exist: pass an existing directory or a hub id such as google-t5/t5-small"
+        )
+    return local if local.exists() else None
+
+
+def check_heads(heads: ExitHeads, num_layers: int, hidden_size: int, source: str | Path) -> None:
+    """Heads trained for another model are refused: their width must match and, when the heads
+    file records it, their depth too."""
+    if heads.d_model != hidden_size:
+        raise ModelLoadError(
+            f"exit heads {source} were trained for d_model={heads.d_model}, but the model has d_model={hidden_size}; "
+            "train heads for this model with `mee-bench train-heads MODEL`"
+        )
+    trained_layers = heads.metadata.get("num_layers")
+    if trained_layers is not None and trained_layers != num_layers:
+        raise ModelLoadError(
+            f"exit heads {source} were trained for {trained_layers} decoder layers, but the model has {num_layers}; "
+            "train heads for this model with `mee-bench train-heads MODEL`"
+        )
+
+
+def load_heads(
+    pretrained: str | Path, heads: str | Path | None, num_layers: int, hidden_size: int, required: bool = False
+) -> tuple[ExitHeads | None, Path | None]:
+    """The exit heads at `heads`, else those saved beside the model, checked against its shape."""
+    path = find_heads(pretrained, heads)
+    if path is None:
+        if required:
+            raise ModelLoadError(
+                f"no exit heads beside {pretrained}: train them with `mee-bench train-heads MODEL` or pass heads=PATH"
+            )
+        return None, None
+    loaded = ExitHeads.load(path)
+    check_heads(loaded, num_layers, hidden_size, path)
+    return loaded, path
 
 
 def load_model(
@@ -43,35 +114,46 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
 ):
-    """Load a T5-family seq2seq checkpoint and its tokenizer from a directory or a hub id.
+    """Load a checkpoint of a family with a layer runner, and its tokenizer, from a directory or a hub id.
 
     Safetensors weights are preferred; `trust_remote_code` stays off unless asked for.
     """
-    from transformers import AutoConfig, AutoTokenizer, T5ForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     pretrained = str(pretrained or DEFAULT_MODEL_DIR)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
-    local = Path(pretrained).expanduser()
-    if local.exists() and not (local / "config.json").is_file():
-        raise ModelLoadError(f"{local} has no config.json: point `pretrained` at a saved T5 checkpoint directory")
-    if not local.exists() and (pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1):
-        raise ModelLoadError(
-            f"checkpoint {pretrained!r} does not exist: pass an existing directory or a hub id such as google-t5/t5-small"
-        )
+    check_checkpoint_path(pretrained)
     try:
         config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelLoadError(f"cannot load a config from {pretrained!r}: {err}") from err
-    if config.model_type not in T5_MODEL_TYPES:
+    try:
+        runner_class(config.model_type)
+    except ValueError:
         raise ModelLoadError(
             f"{pretrained!r} is a {config.model_type!r} model; mee-bench runs T5-family encoder-decoders "
-            f"({', '.join(T5_MODEL_TYPES)})"
-        )
-    model = T5ForConditionalGeneration.from_pretrained(
-        pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code
-    )
+            f"({', '.join(supported_model_types())})"
+        ) from None
+    model = AutoModelForSeq2SeqLM.from_pretrained(pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     return model.to(dev).eval(), tokenizer
+
+
+def load_generator(
+    pretrained: str | Path | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    heads: str | Path | None = None,
+    require_heads: bool = False,
+    trust_remote_code: bool = False,
+) -> EarlyExitGenerator:
+    """Model, tokenizer and exit heads (at `heads`, else beside the model; checked against it) as one
+    generator: what the demo, the lm-eval adapter and the benchmarks all start from."""
+    pretrained = pretrained or DEFAULT_MODEL_DIR
+    model, tokenizer = load_model(pretrained, dtype, device, trust_remote_code)
+    dims = runner_class(model.config.model_type).config_dims(model.config)
+    exit_heads, path = load_heads(pretrained, heads, *dims, required=require_heads)
+    return EarlyExitGenerator(model, tokenizer, exit_heads, path)

@@ -4,6 +4,9 @@ A measure is asked once per decoder layer, for the rows still running; it return
 confidence per row at the layers where an exit is allowed, or None. Per-token state
 (the previous state, the LSTM carry, the last three states or scores) lives in the
 measure and shrinks with the active rows. Adding a measure = one class + `@register`.
+
+Each class also carries its facts (whether it takes a threshold, which exit head it reads,
+whether it is for analysis only); the sweep, the policy and head training read them here.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mee_bench.engine.heads import ExitHeads
+from mee_bench.engine.oracle import top1_unchanged_after
 
 MEASURES: dict[str, type["ExitMeasure"]] = {}
 
@@ -24,15 +28,32 @@ def register(cls: type["ExitMeasure"]) -> type["ExitMeasure"]:
     return cls
 
 
+def measure_class(name: str) -> type["ExitMeasure"]:
+    """The registered measure called `name`, or the one "unknown measure" error."""
+    if name not in MEASURES:
+        raise ValueError(f"unknown measure {name!r}; valid measures: {', '.join(sorted(MEASURES))}")
+    return MEASURES[name]
+
+
+def head_names() -> list[str]:
+    """The exit heads some registered measure reads: what head training must train."""
+    return sorted({cls.head for cls in MEASURES.values() if cls.head is not None})
+
+
 class ExitMeasure:
     """Base class: never exits. Subclasses override `step` (and `select` when they keep state)."""
 
     name: ClassVar[str]
-    needs_heads: ClassVar[bool] = False
     can_exit: ClassVar[bool] = True
-    analysis_only: ClassVar[bool] = False
-    takes_threshold: ClassVar[bool] = True
+    takes_threshold: ClassVar[bool] = True  # False: the exit layer does not depend on the threshold
+    analysis_only: ClassVar[bool] = False  # True: needs the final layer's answer, so it never speeds anything up
+    head: ClassVar[str | None] = None  # the `ExitHeads` attribute it reads, if any
+    needs_heads: ClassVar[bool] = False  # derived from `head`
     threshold_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.needs_heads = cls.head is not None
 
     def __init__(self, heads: ExitHeads | None = None) -> None:
         self.heads = heads
@@ -49,6 +70,10 @@ class ExitMeasure:
 
     def select(self, keep: Tensor) -> None:
         """Keep only the rows where `keep` is true (the others exited)."""
+
+    def finish(self, tokens: Tensor, exit_layers: Tensor, num_layers: int) -> Tensor:
+        """The exit layers [A] to record for this step's final `tokens` [A] (all rows of the step)."""
+        return exit_layers
 
 
 def top1_probability(logits: Tensor) -> Tensor:
@@ -120,7 +145,7 @@ def exit_probability(head_logits: Tensor) -> Tensor:
 
 
 class LearnedMeasure(ExitMeasure):
-    needs_heads = True
+    """A measure that reads one trained exit head (`head`)."""
 
     def __init__(self, heads: ExitHeads | None = None) -> None:
         if heads is None:
@@ -129,6 +154,7 @@ class LearnedMeasure(ExitMeasure):
                 "train them with `mee-bench train-heads MODEL` or pass heads=PATH"
             )
         super().__init__(heads)
+        self.head_module = getattr(heads, self.head)
         self.head_dtype = next(heads.parameters()).dtype
 
 
@@ -137,11 +163,12 @@ class Classifier(LearnedMeasure):
     """CALM: an MLP on the current state -> P(exit)."""
 
     name = "classifier"
+    head = "classifier"
 
     def step(self, layer, hidden, logits):
         if layer < self.first_check_layer:
             return None
-        return exit_probability(self.heads.classifier(hidden[:, -1].to(self.head_dtype)))
+        return exit_probability(self.head_module(hidden[:, -1].to(self.head_dtype)))
 
 
 @register
@@ -149,13 +176,14 @@ class LSTMMeasure(LearnedMeasure):
     """MEE: a 2-layer LSTM over h_1..h_i; its carry moves one layer per step, never recomputed."""
 
     name = "lstm"
+    head = "lstm"
 
     def start(self, embedding, first_check_layer):
         super().start(embedding, first_check_layer)
         self.carry = None
 
     def step(self, layer, hidden, logits):
-        out, self.carry = self.heads.lstm.step(hidden[:, -1].to(self.head_dtype), self.carry)
+        out, self.carry = self.head_module.step(hidden[:, -1].to(self.head_dtype), self.carry)
         if layer < self.first_check_layer:
             return None
         return exit_probability(out)
@@ -169,6 +197,7 @@ class LastThreeMLP(LearnedMeasure):
     """MEE: an MLP over [h_(i-2), h_(i-1), h_i]."""
 
     name = "last_three_mlp"
+    head = "last_three_mlp"
 
     def start(self, embedding, first_check_layer):
         super().start(embedding, first_check_layer)
@@ -179,7 +208,7 @@ class LastThreeMLP(LearnedMeasure):
         if layer < self.first_check_layer:
             return None
         features = torch.cat(self.history, dim=-1).to(self.head_dtype)
-        return exit_probability(self.heads.last_three_mlp(features))
+        return exit_probability(self.head_module(features))
 
     def select(self, keep):
         self.history = [state[keep] for state in self.history]
@@ -218,8 +247,8 @@ class Oracle(ExitMeasure):
 
     name = "oracle"
     can_exit = False
-    analysis_only = True
     takes_threshold = False
+    analysis_only = True
 
     def start(self, embedding, first_check_layer):
         super().start(embedding, first_check_layer)
@@ -230,17 +259,13 @@ class Oracle(ExitMeasure):
             self.top1.append(logits()[:, -1].argmax(-1))
         return None
 
-    def exit_layers(self, final_tokens: Tensor, num_layers: int) -> Tensor:
+    def finish(self, tokens: Tensor, exit_layers: Tensor, num_layers: int) -> Tensor:
         """Per row, the oracle exit layer given the final layer's tokens."""
-        exit_layer = torch.full_like(final_tokens, num_layers)
-        for offset in range(len(self.top1) - 1, -1, -1):
-            agrees = (self.top1[offset] == final_tokens) & (exit_layer == self.first_check_layer + offset + 1)
-            exit_layer = torch.where(agrees, exit_layer - 1, exit_layer)
-        return exit_layer
+        settled = top1_unchanged_after(torch.stack([*self.top1, tokens]))
+        first = settled.int().argmax(0)  # the first layer from which the top-1 stays put
+        return torch.where(first == len(self.top1), num_layers, self.first_check_layer + first)
 
 
 def build_measure(name: str, heads: ExitHeads | None = None) -> ExitMeasure:
-    if name not in MEASURES:
-        raise ValueError(f"unknown measure {name!r}; valid measures: {', '.join(sorted(MEASURES))}")
-    cls = MEASURES[name]
+    cls = measure_class(name)
     return cls(heads) if cls.needs_heads else cls()

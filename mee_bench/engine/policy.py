@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from mee_bench.engine.heads import ExitHeads
-from mee_bench.engine.measures import MEASURES, ExitMeasure, build_measure
+from mee_bench.engine.measures import ExitMeasure, build_measure, measure_class
 
 THRESHOLD_SCHEDULES = ("static", "decaying")
 KV_STRATEGIES = ("copy", "deferred")
@@ -23,9 +23,7 @@ class ExitPolicy:
     kv_strategy: str = "copy"
 
     def __post_init__(self) -> None:
-        if self.measure not in MEASURES:
-            raise ValueError(f"unknown measure {self.measure!r}; valid measures: {', '.join(sorted(MEASURES))}")
-        low, high = MEASURES[self.measure].threshold_range
+        low, high = measure_class(self.measure).threshold_range
         if not (isinstance(self.threshold, (int, float)) and low <= self.threshold <= high):
             raise ValueError(
                 f"threshold={self.threshold!r} is outside [{low}, {high}] for measure {self.measure!r}; "
@@ -64,7 +62,7 @@ class ExitPolicy:
 
     @property
     def needs_heads(self) -> bool:
-        return MEASURES[self.measure].needs_heads
+        return measure_class(self.measure).needs_heads
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mee_bench.engine.runner import register_runner
+
 
 @dataclass
 class DecoderCache:
@@ -32,24 +34,28 @@ class DecoderCache:
     self_bias: Tensor  # [H, T, T] relative position bias with the causal mask folded in
 
 
+@register_runner("t5", "mt5")
 class T5LayerRunner:
-    """Runs an unmodified Hugging Face T5 decoder one layer at a time.
+    """Runs an unmodified Hugging Face T5 decoder one layer at a time (a `LayerRunner`).
 
     `rows` selects the batch rows being computed (None = all rows, no copies); queries sit
     at explicit decoder `positions`, so a block of catch-up tokens and the current token
     can run in one call.
     """
 
+    is_encoder_decoder = True
+
     def __init__(self, model) -> None:
         config = model.config
         self.model = model
         self.config = config
         self.blocks = list(model.decoder.block)
-        self.num_layers = len(self.blocks)
+        self.num_layers, self.hidden_size = self.config_dims(config)
         self.num_heads = config.num_heads
         self.d_kv = config.d_kv
-        self.d_model = config.d_model
-        self.output_scale = config.d_model**-0.5 if config.scale_decoder_outputs else 1.0
+        self.start_token_id = config.decoder_start_token_id
+        self.eos_token_id = config.eos_token_id
+        self.output_scale = self.hidden_size**-0.5 if config.scale_decoder_outputs else 1.0
         self.position_bias_module = self.blocks[0].layer[0].SelfAttention
         self._kv_weights: Tensor | None = None
 
@@ -61,8 +67,18 @@ class T5LayerRunner:
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
+    @classmethod
+    def config_dims(cls, config) -> tuple[int, int]:
+        return config.num_decoder_layers or config.num_layers, config.d_model
+
     def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def start(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> tuple[DecoderCache, Tensor]:
+        """Encode the prompt and preallocate the decoder cache; every row starts from the decoder start token."""
+        cache = self.new_cache(self.encode(input_ids, attention_mask), attention_mask, max_new_tokens)
+        first = torch.full((input_ids.shape[0],), self.start_token_id, dtype=torch.long, device=input_ids.device)
+        return cache, first
 
     def new_cache(self, encoder_states: Tensor, attention_mask: Tensor, max_positions: int) -> DecoderCache:
         batch, dtype = encoder_states.shape[0], encoder_states.dtype
@@ -183,26 +199,33 @@ class T5LayerRunner:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Logits of any layer's raw output: the model's final norm, output scaling and LM head."""
-        return self.model.lm_head(self.model.decoder.final_layer_norm(hidden) * self.output_scale)
+        return self.model.lm_head(self.final_norm(hidden) * self.output_scale)
 
-    def all_layer_states(
-        self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor
-    ) -> tuple[Tensor, list[Tensor]]:
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        return self.model.decoder.final_layer_norm(hidden)
+
+    def head_parameters(self) -> list[Tensor]:
+        return [self.model.decoder.final_layer_norm.weight, self.model.lm_head.weight]
+
+    def all_layer_states(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor) -> list[Tensor]:
         """Teacher-forced raw states of every decoder layer (not final-normed), embedding first.
 
-        Hugging Face's `decoder_hidden_states` ends with an already final-normed state, so
-        applying `logits` to it would norm twice; these states are all raw.
+        Captured with forward hooks on the decoder blocks: Hugging Face's `decoder_hidden_states`
+        ends with an already final-normed state, and applying `logits` to it would norm twice.
+        The LM head does not run (at a large vocabulary its logits for every position cost
+        gigabytes); the decoder's own final norm still runs on the last state (negligible).
         """
         captured: list[Tensor] = []
         hooks = [block.register_forward_hook(lambda _m, _i, out: captured.append(out[0])) for block in self.blocks]
         try:
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                decoder_input_ids=decoder_input_ids,
+            encoded = self.encode(input_ids, attention_mask)
+            self.model.decoder(
+                input_ids=decoder_input_ids,
+                encoder_hidden_states=encoded,
+                encoder_attention_mask=attention_mask,
                 use_cache=False,
             )
         finally:
             for hook in hooks:
                 hook.remove()
-        return out.logits, [self.embed(decoder_input_ids), *captured]
+        return [self.embed(decoder_input_ids), *captured]

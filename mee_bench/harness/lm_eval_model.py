@@ -27,9 +27,8 @@ from lm_eval.models.utils import Collator
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from mee_bench.engine.decoding import EarlyExitGenerator, GenerationStats
-from mee_bench.engine.heads import ExitHeads, find_heads
-from mee_bench.engine.loading import ModelLoadError, load_model, resolve_dtype
+from mee_bench.engine.decoding import GenerationStats, input_limit
+from mee_bench.engine.loading import ModelLoadError, load_generator, resolve_device, resolve_dtype
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.harness.catalogue import TASKS_DIR
@@ -115,19 +114,17 @@ class MEELM(TemplateLM):
         self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         requested_max_length = None if max_length is None else _positive_int("max_length", max_length)
         resolve_dtype(dtype)
-        self._device = _pick_device(device)
+        self._device = resolve_device(device, cpu_fallback=True)
         if pretrained is None and not DEFAULT_MODEL_DIR.is_dir():
             raise ModelLoadError(
                 f"the embedded default model is not at {DEFAULT_MODEL_DIR} yet: train it with "
                 f"`{TRAIN_DEFAULT_COMMAND}`, or pass --model_args pretrained=PATH_OR_HUB_ID"
             )
         self.pretrained = str(pretrained or DEFAULT_MODEL_DIR)
-        self.model, self.tokenizer = load_model(self.pretrained, dtype, str(self._device), trust_remote_code)
-        local_dir = Path(self.pretrained).expanduser()
-        self.heads_path = find_heads(local_dir if local_dir.is_dir() else None, heads)
-        exit_heads = ExitHeads.load(self.heads_path) if self.heads_path else None
-        self.generator = EarlyExitGenerator(self.model, self.tokenizer, exit_heads)
-        self._max_length = requested_max_length or _tokenizer_limit(self.tokenizer)
+        self.generator = load_generator(self.pretrained, dtype, str(self._device), heads, False, trust_remote_code)
+        self.model, self.tokenizer = self.generator.model, self.generator.tokenizer
+        self.heads_path = self.generator.heads_path
+        self._max_length = input_limit(self.tokenizer, requested_max_length)
         self.set_policy(policy)
         self._efficiency: dict[str, TaskEfficiency] = {}
 
@@ -281,7 +278,7 @@ class MEELM(TemplateLM):
         if not any(targets):
             return [(0.0, True)] * len(pairs)
         input_ids, attention_mask = self._pad(contexts)
-        start_id = self.model.config.decoder_start_token_id
+        start_id = self.generator.runner.start_token_id
         decoder_ids, _ = self._pad([[start_id] + target[:-1] for target in targets])
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids).logits
         log_probs = F.log_softmax(logits.float(), dim=-1)
@@ -323,30 +320,6 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} must be a positive integer")
     return value
-
-
-def _pick_device(device: str | None) -> torch.device:
-    """The requested device; CUDA ones fall back to the CPU (with a warning) where CUDA is
-    missing, because the stock `lm_eval` command passes `--device cuda:0` unless told otherwise."""
-    cuda = torch.cuda.is_available()
-    if device is None:
-        return torch.device("cuda" if cuda else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device={device!r} is not a device name; use cpu or cuda") from err
-    if chosen.type == "cuda" and not cuda:
-        log.warning("device=%s was asked for but CUDA is not available; running on the CPU", device)
-        return torch.device("cpu")
-    if chosen.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r} is not supported; use cpu or cuda")
-    return chosen
-
-
-def _tokenizer_limit(tokenizer) -> int:
-    """The tokenizer's model_max_length when it states one (T5: 512), else 512."""
-    limit = getattr(tokenizer, "model_max_length", None)
-    return int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else 512
 
 
 def _kwargs_key(request: Instance) -> str:

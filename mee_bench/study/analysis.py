@@ -21,9 +21,8 @@ from mee_bench.harness.catalogue import TASK_NAMES, UnknownTaskError, task
 from mee_bench.harness.data import local_split_path, read_jsonl
 
 from mee_bench.paths import DATA_DIR_ENV
-from mee_bench.engine.decoding import EarlyExitGenerator
-from mee_bench.engine.loading import ModelLoadError, load_model
-from mee_bench.engine.t5 import T5LayerRunner
+from mee_bench.engine.decoding import EarlyExitGenerator, input_limit
+from mee_bench.engine.loading import ModelLoadError, check_checkpoint_path, load_model
 from mee_bench.study.results import ModelAnalysis
 from mee_bench.study.statistics import LayerStatistics, TokenPredictions, hidden_state_saturation, layer_predictions
 from mee_bench.engine.policy import ExitPolicy
@@ -93,25 +92,18 @@ class _Batch:
     truncated: int  # inputs that reached the input-length limit
 
 
-def _max_input_tokens(tokenizer, requested: int | None) -> int:
-    if requested:
-        return requested
-    limit = tokenizer.model_max_length
-    return limit if limit and limit < 1_000_000 else 512
-
-
-def _batches(model, tokenizer, examples: Sequence[Example], mode: str, batch_size: int,
+def _batches(generator: EarlyExitGenerator, examples: Sequence[Example], mode: str, batch_size: int,
              max_input_tokens: int, max_output_tokens: int) -> Iterator[_Batch]:
     """Tokenized batches with decoder inputs: the reference or the model's own greedy output."""
-    start_id, pad_id = model.config.decoder_start_token_id, model.config.pad_token_id
-    generator = EarlyExitGenerator(model, tokenizer) if mode == "free_running" else None
+    model, tokenizer = generator.model, generator.tokenizer
+    start_id, pad_id = generator.runner.start_token_id, model.config.pad_token_id
     for first in range(0, len(examples), batch_size):
         chunk = examples[first : first + batch_size]
         enc = tokenizer([ex.input for ex in chunk], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_input_tokens)
         input_ids, attention_mask = enc.input_ids.to(model.device), enc.attention_mask.to(model.device)
         truncated = int((attention_mask.sum(1) >= max_input_tokens).sum())
-        if generator is None:
+        if mode == "teacher_forced":
             dec = tokenizer(text_target=[ex.target for ex in chunk], return_tensors="pt", padding=True,
                             truncation=True, max_length=max_output_tokens)
             targets, target_mask = dec.input_ids.to(model.device), dec.attention_mask.to(model.device)
@@ -167,14 +159,14 @@ def analyze_model(model, tokenizer, examples: Sequence[Example], mode: str = "te
         raise ValueError(f"mode={mode!r} is unknown; use one of {', '.join(MODES)}")
     if not examples:
         raise ValueError("no examples to analyze")
-    runner = T5LayerRunner(model)
+    generator = EarlyExitGenerator(model, tokenizer)
+    runner = generator.runner
     stats = LayerStatistics(runner.num_layers, threshold, min_exit_layer)
     described: list[dict] = []
     sequences = truncated = 0
-    batches = _batches(model, tokenizer, examples, mode, batch_size, _max_input_tokens(tokenizer, max_input_tokens),
-                       max_output_tokens)
+    batches = _batches(generator, examples, mode, batch_size, input_limit(tokenizer, max_input_tokens), max_output_tokens)
     for number, batch in enumerate(batches, start=1):
-        states = runner.all_layer_states(batch.input_ids, batch.attention_mask, batch.decoder_input_ids)[1]
+        states = runner.all_layer_states(batch.input_ids, batch.attention_mask, batch.decoder_input_ids)
         valid = batch.target_mask.bool()
         states = torch.stack([state[valid] for state in states])  # [L+1, N, d]; row 0's tokens come first
         chosen = example_positions(int(valid[0].sum()), example_count) if number == 1 else []
@@ -197,7 +189,7 @@ def analyze_model(model, tokenizer, examples: Sequence[Example], mode: str = "te
         log.info("%s: batch %d, %d sequences, %d tokens", label, number, sequences, stats.tokens)
     if truncated:
         log.warning("%s: %d of %d inputs reach the %d-token input limit and are truncated", label, truncated,
-                    sequences, _max_input_tokens(tokenizer, max_input_tokens))
+                    sequences, input_limit(tokenizer, max_input_tokens))
     return ModelAnalysis(
         label=label, model=name, mode=mode, num_layers=runner.num_layers, sequences=sequences, tokens=stats.tokens,
         final_top1_accuracy=stats.final_correct / max(stats.tokens, 1), truncated_inputs=truncated, layers=stats.rows(),
@@ -232,10 +224,10 @@ def _parser() -> argparse.ArgumentParser:
 def _check_model_paths(models: Sequence[str]) -> None:
     """Fail before any model runs if one of them is a local path that is not a checkpoint."""
     for spec in models:
-        path = Path(spec).expanduser()
-        looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1
-        if (path.exists() and not (path / "config.json").is_file()) or (looks_local and not path.exists()):
-            raise ModelLoadError(f"--model {spec}: not a checkpoint directory (no {path / 'config.json'})")
+        try:
+            check_checkpoint_path(spec)
+        except ModelLoadError as err:
+            raise ModelLoadError(f"--model {spec}: {err}") from None
 
 
 def cli(argv: list[str]) -> int:

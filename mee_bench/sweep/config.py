@@ -18,14 +18,11 @@ from omegaconf.errors import MissingMandatoryValue
 
 from mee_bench.config_errors import ConfigError, check_layer, closest
 from mee_bench.engine.measures import MEASURES
-from mee_bench.engine.loading import DTYPES
+from mee_bench.engine.loading import DTYPES, check_device_name
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import KV_STRATEGIES, THRESHOLD_SCHEDULES, ExitPolicy
 from mee_bench.sweep.energy import CarbonConfig, known_countries
 
-# Measures whose exit does not depend on a threshold: `full` and `oracle` never exit,
-# `fixed` always exits at the minimum layer. They get one trial per min exit layer (or one).
-THRESHOLD_FREE = frozenset({"full", "oracle", "fixed"})
 TRACKING_MODES = ("process", "machine")
 
 
@@ -110,7 +107,9 @@ def config_dict(config: SweepConfig) -> dict:
 
 
 def uses_threshold(measure: str) -> bool:
-    return measure not in THRESHOLD_FREE
+    """Whether the measure's exits depend on a threshold (its class says); threshold-free measures
+    get one trial per min exit layer (or one)."""
+    return MEASURES[measure].takes_threshold
 
 
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
@@ -155,8 +154,10 @@ def validate(config: SweepConfig) -> None:
     if not config.name or "/" in config.name:
         raise ConfigError(f"name={config.name!r} must be a non-empty name without '/' (it names results/<name>)")
     _check_choice("model.dtype", config.model.dtype, list(DTYPES))
-    if not config.model.device.split(":")[0] in ("cpu", "cuda"):
-        raise ConfigError(f"model.device={config.model.device!r} is not supported; use cpu or cuda")
+    try:
+        check_device_name(config.model.device)
+    except ValueError as err:
+        raise ConfigError(f"model.{err}") from None
     _check_choice("threshold_schedule", config.threshold_schedule, THRESHOLD_SCHEDULES)
     _check_choice("kv_strategy", config.kv_strategy, KV_STRATEGIES)
     if not config.tasks:
@@ -243,7 +244,7 @@ def resolve_model(config: SweepConfig) -> SweepConfig:
     if Path(pretrained).expanduser().exists():
         pretrained = str(Path(pretrained).expanduser().resolve())
     try:
-        heads = find_heads(pretrained if Path(pretrained).is_dir() else None, config.model.heads)
+        heads = find_heads(pretrained, config.model.heads)
     except FileNotFoundError as err:
         raise ConfigError(f"model.heads: {err}") from None
     model = dataclasses.replace(config.model, pretrained=pretrained, heads=str(heads) if heads else None)
@@ -255,7 +256,8 @@ def check_model(config: SweepConfig) -> int:
     from transformers import AutoConfig
 
     from mee_bench.engine.heads import ExitHeads
-    from mee_bench.engine.measures import MEASURES
+    from mee_bench.engine.loading import ModelLoadError, check_heads
+    from mee_bench.engine.runner import runner_class
 
     pretrained = config.model.pretrained
     if pretrained == str(DEFAULT_MODEL_DIR) and not DEFAULT_MODEL_DIR.is_dir():
@@ -270,7 +272,10 @@ def check_model(config: SweepConfig) -> int:
             f"model.pretrained={pretrained!r} cannot be read ({str(err).splitlines()[0]}); "
             "point it at a saved T5 checkpoint directory or a hub id"
         ) from None
-    layers = getattr(model_config, "num_decoder_layers", None) or model_config.num_layers
+    try:
+        layers, hidden_size = runner_class(model_config.model_type).config_dims(model_config)
+    except ValueError as err:
+        raise ConfigError(f"model.pretrained={pretrained!r}: {err}") from None
     for layer in config.min_exit_layers:
         if layer > layers and any(m != "full" for m in config.measures):
             raise ConfigError(
@@ -284,10 +289,8 @@ def check_model(config: SweepConfig) -> int:
             "`mee-bench train-heads MODEL`, set model.heads=PATH, or drop those measures"
         )
     if learned:
-        heads_dim = ExitHeads.load(config.model.heads).d_model
-        if heads_dim != model_config.d_model:
-            raise ConfigError(
-                f"exit heads {config.model.heads} were trained for d_model={heads_dim}, but {pretrained} "
-                f"has d_model={model_config.d_model}; train heads for this model"
-            )
+        try:
+            check_heads(ExitHeads.load(config.model.heads), layers, hidden_size, config.model.heads)
+        except ModelLoadError as err:
+            raise ConfigError(f"model.heads: {err}") from None
     return layers

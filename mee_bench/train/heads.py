@@ -22,13 +22,14 @@ from torch import Tensor
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.loading import ModelLoadError, load_model
 from mee_bench.engine.oracle import top1_unchanged_after
-from mee_bench.engine.t5 import T5LayerRunner
+from mee_bench.engine.measures import head_names
+from mee_bench.engine.runner import LayerRunner, build_runner
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.train.data import IGNORE_INDEX, DataError, MixtureBatches, TokenizedSource, collate, read_examples
 
 LABEL_MODES = ("strict", "equals_final")
 METRICS_FILE = "exit_heads_metrics.json"
-HEAD_NAMES = ("classifier", "last_three_mlp", "lstm")
+HEAD_NAMES = tuple(head_names())  # the heads the registered measures read
 
 
 def oracle_labels(top1: Tensor, mode: str = "strict") -> Tensor:
@@ -44,7 +45,7 @@ def oracle_labels(top1: Tensor, mode: str = "strict") -> Tensor:
     return top1_unchanged_after(top1)
 
 
-def layer_top1(runner: T5LayerRunner, states: list[Tensor]) -> Tensor:
+def layer_top1(runner: LayerRunner, states: list[Tensor]) -> Tensor:
     """Top-1 token of every layer 1..L for each row of the [N, d] states (one layer's logits at a time)."""
     return torch.stack([runner.logits(state).argmax(-1) for state in states[1:]])
 
@@ -59,10 +60,10 @@ def head_logits(heads: ExitHeads, states: list[Tensor]) -> dict[str, Tensor]:
     return {"classifier": classifier, "last_three_mlp": last_three, "lstm": lstm.transpose(0, 1)}
 
 
-def token_states(runner: T5LayerRunner, batch: dict[str, Tensor]) -> tuple[list[Tensor], Tensor]:
+def token_states(runner: LayerRunner, batch: dict[str, Tensor]) -> tuple[list[Tensor], Tensor]:
     """Teacher-forced raw states [N, d] of the labelled positions, embedding first, and the oracle top-1s [L, N]."""
     with torch.no_grad():
-        _, states = runner.all_layer_states(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
+        states = runner.all_layer_states(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
         mask = batch["labels"] != IGNORE_INDEX
         states = [s[mask].float() for s in states]
         return states, layer_top1(runner, states)
@@ -92,7 +93,7 @@ def prf(predicted: Tensor, labels: Tensor) -> dict[str, float]:
     }
 
 
-def evaluate_heads(heads: ExitHeads, runner: T5LayerRunner, batches, mode: str) -> dict:
+def evaluate_heads(heads: ExitHeads, runner: LayerRunner, batches, mode: str) -> dict:
     """Per-head, per-layer precision/recall/F1/accuracy on validation batches (P(exit) >= 0.5 predicts exit)."""
     predictions: dict[str, list[Tensor]] = {name: [] for name in HEAD_NAMES}
     labels_all = []
@@ -138,8 +139,8 @@ def train_heads(
     if mode not in LABEL_MODES:
         raise ValueError(f"unknown label mode {mode!r}; use one of {', '.join(LABEL_MODES)}")
     model, tokenizer = load_model(model_dir)
-    runner = T5LayerRunner(model)
-    start_id, pad_id = model.config.decoder_start_token_id, tokenizer.pad_token_id
+    runner = build_runner(model)
+    start_id, pad_id = runner.start_token_id, tokenizer.pad_token_id
     sources = [TokenizedSource(path, read_examples(path, task, limit), tokenizer, 256, 96) for path, task in data]
     mixture = MixtureBatches(sources, [1.0] * len(sources), batch_tokens, seed)
     val_rows = read_examples(validation[0], validation[1], validation_examples)
@@ -151,7 +152,7 @@ def train_heads(
     )
     val_batches = [collate(val_pairs[i : i + 64], start_id, pad_id) for i in range(0, len(val_pairs), 64)]
     torch.manual_seed(seed)
-    heads = ExitHeads(runner.d_model)
+    heads = ExitHeads(runner.hidden_size)
     optimizer = torch.optim.Adam(heads.parameters(), lr=lr)
     layers = runner.num_layers
     for step, batch in enumerate(_batches(mixture, pad_id, start_id), start=1):
@@ -180,7 +181,7 @@ def train_heads(
             "validation_examples": len(val_rows),
         }
     )
-    path = heads.save(model_dir, metadata={"labels": mode, "steps": steps, "seed": seed})
+    path = heads.save(model_dir, metadata={"labels": mode, "steps": steps, "seed": seed, "num_layers": layers})
     (Path(model_dir) / METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return path, report
 

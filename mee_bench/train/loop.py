@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mee_bench.engine.t5 import T5LayerRunner
+from mee_bench.engine.runner import LayerRunner, build_runner
 from mee_bench.train.objectives import Objective, decoder_layer_states
 from mee_bench.train.tokenizer import SPIECE_FILE
 from mee_bench.train.data import DataError, MixtureBatches, TokenizedSource, read_examples
@@ -114,7 +114,7 @@ def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
                 "input_ids"
             ]
             batch = collate(list(zip(sources, targets)), model.config.decoder_start_token_id, tokenizer.pad_token_id)
-            _, parts = eval_objective(runner, decoder_layer_states(model, batch), batch["labels"])
+            _, parts = eval_objective(runner, decoder_layer_states(runner, batch), batch["labels"])
             layer_ce = [parts[f"ce{i}"] * len(chunk) for i in range(1, runner.num_layers + 1)]
             per_layer = layer_ce if per_layer is None else [a + b for a, b in zip(per_layer, layer_ce)]
             # An explicit lazily-sized cache: transformers sizes its default cache by the encoder depth.
@@ -154,10 +154,10 @@ def build_optimizer(cfg, model) -> torch.optim.Optimizer:
     )
 
 
-def train_step(model, runner: T5LayerRunner, objective: Objective, optimizer, batch: dict, cfg) -> dict[str, float]:
+def train_step(model, runner: LayerRunner, objective: Objective, optimizer, batch: dict, cfg) -> dict[str, float]:
     """One optimiser step on one batch; returns the logged loss parts."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        loss, parts = objective(runner, decoder_layer_states(model, batch), batch["labels"])
+        loss, parts = objective(runner, decoder_layer_states(runner, batch), batch["labels"])
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     optimizer.step()
@@ -193,7 +193,7 @@ def train(cfg) -> Path:
         tokenized, [s.weight for s, _ in sources], cfg.data.batch_tokens, cfg.seed, cfg.data.bucket_batches
     )
     objective = make_objective(cfg)
-    runner = T5LayerRunner(model)
+    runner = build_runner(model)
     records = (
         [json.loads(line) for line in (output / METRICS).read_text().splitlines()]
         if (output / METRICS).is_file()

@@ -1,9 +1,9 @@
 """Training objectives: last-layer CE, CALM's weighted CE, FREE's layerwise distillation.
 
-Every layer is read through the model's own final norm, output scaling and LM head
-(`T5LayerRunner.logits`) applied to *raw* layer outputs captured with forward hooks:
-Hugging Face's last `decoder_hidden_states` entry is already final-normed, and norming
-it twice silently changes top-1s. Per-layer cross-entropy runs in token chunks and
+Every layer is read through the model's own final norm and LM head (the runner's `logits`)
+applied to *raw* layer outputs (the runner's `all_layer_states`): Hugging Face's last
+`decoder_hidden_states` entry is already final-normed, and norming it twice silently
+changes top-1s. Per-layer cross-entropy runs in token chunks and
 computes its gradient during the forward pass, so the logits of all layers (gigabytes
 at a large vocabulary) never exist at once and nothing big is kept for backward.
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mee_bench.engine.t5 import T5LayerRunner
+from mee_bench.engine.runner import LayerRunner
 from mee_bench.train.data import IGNORE_INDEX
 
 OBJECTIVES = ("final", "weighted_ce", "weighted_ce_kd")
@@ -141,12 +141,12 @@ class Objective:
             raise ValueError(f"unknown kd mapping {self.kd_mapping!r}; use one of {', '.join(KD_MAPPINGS)}")
 
     def __call__(
-        self, runner: T5LayerRunner, states: Sequence[Tensor], labels: Tensor
+        self, runner: LayerRunner, states: Sequence[Tensor], labels: Tensor
     ) -> tuple[Tensor, dict[str, float]]:
         """`states`: raw outputs of decoder layers 1..L [B, T, d]; `labels` [B, T] with -100 on padding."""
         mask = labels != IGNORE_INDEX
         targets = labels[mask]
-        params = [runner.model.decoder.final_layer_norm.weight, runner.model.lm_head.weight]
+        params = runner.head_parameters()
         num_layers = len(states)
         layers = [num_layers] if self.name == "final" else range(1, num_layers + 1)
         weights = [1.0] if self.name == "final" else layer_weights(num_layers)
@@ -161,30 +161,13 @@ class Objective:
             # Distil the states the LM head reads (after the final RMS norm), not raw residual
             # states: the norm makes the CE blind to their scale, so an MSE between raw states
             # has no bound (measured: 5e3 -> 3e5 in 200 steps, every layer's CE at chance).
-            norm = runner.model.decoder.final_layer_norm
-            kd = distillation_loss([norm(s[mask]) for s in states], self.kd_exit_layer, self.kd_mapping)
+            kd = distillation_loss([runner.final_norm(s[mask]) for s in states], self.kd_exit_layer, self.kd_mapping)
             parts["kd"] = float(kd.detach())
             loss = loss + self.kd_weight * kd
         parts["loss"] = float(loss.detach())
         return loss, parts
 
 
-def decoder_layer_states(model, batch: dict[str, Tensor]) -> list[Tensor]:
-    """Raw outputs of every decoder layer (1..L) under teacher forcing, kept in the autograd graph.
-
-    The decoder's own final norm still runs on the last state (negligible); the LM head does not.
-    """
-    captured: list[Tensor] = []
-    hooks = [block.register_forward_hook(lambda _m, _i, out: captured.append(out[0])) for block in model.decoder.block]
-    try:
-        encoded = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        model.decoder(
-            input_ids=batch["decoder_input_ids"],
-            encoder_hidden_states=encoded,
-            encoder_attention_mask=batch["attention_mask"],
-            use_cache=False,
-        )
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return captured
+def decoder_layer_states(runner: LayerRunner, batch: dict[str, Tensor]) -> list[Tensor]:
+    """Raw outputs of every decoder layer (1..L) under teacher forcing, kept in the autograd graph."""
+    return runner.all_layer_states(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])[1:]

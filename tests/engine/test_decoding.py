@@ -147,7 +147,7 @@ def reference_deferred_decode(model, ids, schedule, max_new_tokens):
     tokens = [0]
     for step in range(max_new_tokens):
         target = schedule[step % len(schedule)] or runner.num_layers
-        _, states = runner.all_layer_states(ids, torch.ones_like(ids), torch.tensor([tokens]))
+        states = runner.all_layer_states(ids, torch.ones_like(ids), torch.tensor([tokens]))
         tokens.append(int(runner.logits(states[target][0, -1]).argmax()))
         if tokens[-1] == 1:
             break
@@ -262,7 +262,7 @@ def test_oracle_keeps_full_tokens_and_reports_the_stable_layer():
     with torch.no_grad():
         for row in range(2):
             prefix = torch.tensor([[0] + full.tokens[row][:-1]])
-            _, states = runner.all_layer_states(ids[row : row + 1], mask[row : row + 1], prefix)
+            states = runner.all_layer_states(ids[row : row + 1], mask[row : row + 1], prefix)
             top1 = torch.stack([runner.logits(s[0]).argmax(-1) for s in states[1:]])  # [layers, tokens]
             for t, layer in enumerate(oracle.exit_layers[row]):
                 assert (top1[layer - 1 :, t] == top1[-1, t]).all()
@@ -307,9 +307,9 @@ def test_exit_logits_use_the_final_norm_exactly_once():
     ids, mask = padded_batch([6])
     decoder_ids = torch.tensor([[0, 5, 9, 11]])
     with torch.no_grad():
-        logits, states = runner.all_layer_states(ids, mask, decoder_ids)
-        torch.testing.assert_close(runner.logits(states[-1]), logits)
-        torch.testing.assert_close(logits, model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits)
+        states = runner.all_layer_states(ids, mask, decoder_ids)
+        expected = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+        torch.testing.assert_close(runner.logits(states[-1]), expected)
 
 
 def test_confidence_is_the_value_at_the_exit_or_the_last_check():

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import TOKENIZER_DIR
 from mee_bench.engine.decoding import EarlyExitGenerator
-from mee_bench.engine.loading import ModelLoadError, load_model
+from mee_bench.engine.heads import HEADS_FILE, ExitHeads
+from mee_bench.engine.loading import (
+    ModelLoadError,
+    check_checkpoint_path,
+    load_generator,
+    load_model,
+    resolve_device,
+)
 from mee_bench.engine.policy import ExitPolicy
 
 
@@ -84,3 +92,59 @@ def test_learned_measure_without_heads_names_the_command(tiny_model_dir):
 
 def test_shared_tokenizer_is_offline():
     assert (TOKENIZER_DIR / "spiece.model").is_file()
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    """The tiny checkpoint in a directory of its own, so heads saved beside it stay in this test."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+def test_load_generator_finds_the_heads_beside_the_model(model_copy):
+    assert load_generator(model_copy).heads is None
+    ExitHeads(d_model=32).save(model_copy, metadata={"num_layers": 4})
+    generator = load_generator(model_copy, require_heads=True)
+    assert generator.heads_path == model_copy / HEADS_FILE and generator.heads.d_model == 32
+    _, out = generator.generate_text(["summarize: a b c"], ExitPolicy("lstm", threshold=0.5, min_exit_layer=2), 4)
+    assert all(2 <= layer <= 4 for layer in out.exit_layers[0])
+
+
+@pytest.mark.parametrize(
+    "heads, metadata, message",
+    [
+        (ExitHeads(d_model=48), {}, "trained for d_model=48, but the model has d_model=32"),
+        (ExitHeads(d_model=32), {"num_layers": 6}, "trained for 6 decoder layers, but the model has 4"),
+    ],
+)
+def test_heads_of_another_model_are_refused_with_the_fix(model_copy, heads, metadata, message):
+    heads.save(model_copy, metadata=metadata)
+    with pytest.raises(ModelLoadError, match=message) as error:
+        load_generator(model_copy)
+    assert "mee-bench train-heads" in str(error.value)
+
+
+def test_required_heads_that_do_not_exist_name_the_command(model_copy):
+    with pytest.raises(ModelLoadError, match="no exit heads beside .*mee-bench train-heads"):
+        load_generator(model_copy, require_heads=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour where CUDA is missing")
+def test_cuda_where_there_is_none_is_an_error_or_a_fallback(caplog):
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available; use device=cpu"):
+        resolve_device("cuda")
+    with caplog.at_level(logging.WARNING, logger="mee_bench.engine.loading"):
+        assert resolve_device("cuda:0", cpu_fallback=True) == torch.device("cpu")
+    assert "running on the CPU" in caplog.text
+
+
+@pytest.mark.parametrize("spec", ["./no-such-dir", "/a/b/c", "~/missing/model/dir"])
+def test_local_paths_that_are_not_checkpoints_are_refused_before_loading(spec):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        check_checkpoint_path(spec)
+
+
+def test_hub_ids_pass_the_path_check():
+    assert check_checkpoint_path("google/flan-t5-base") is None

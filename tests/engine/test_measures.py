@@ -155,7 +155,7 @@ def test_oracle_exit_layer_is_the_first_layer_after_which_top1_never_changes():
     for layer, top in tops.items():
         one_hot = torch.nn.functional.one_hot(torch.tensor(top), 8).float()[:, None] * 10
         measure.step(layer, torch.zeros(3, 1, D), lambda one_hot=one_hot: one_hot)
-    assert measure.exit_layers(torch.tensor([7, 7, 7]), 5).tolist() == [4, 2, 5]
+    assert measure.finish(torch.tensor([7, 7, 7]), torch.tensor([5, 5, 5]), 5).tolist() == [4, 2, 5]
 
 
 def test_decaying_threshold_values():

@@ -47,7 +47,7 @@ def test_layer_weights_follow_calm_and_sum_to_one():
 
 def test_last_layer_logits_equal_the_models_own(model):
     batch = _batch()
-    states = decoder_layer_states(model, batch)
+    states = decoder_layer_states(T5LayerRunner(model), batch)
     assert len(states) == 4
     expected = model(
         input_ids=batch["input_ids"],
@@ -61,7 +61,7 @@ def test_final_objective_equals_the_models_own_loss(model):
     batch = _batch()
     runner = T5LayerRunner(model)
     loss, parts = Objective("final", label_smoothing=0.0, chunk_tokens=4)(
-        runner, decoder_layer_states(model, batch), batch["labels"]
+        runner, decoder_layer_states(runner, batch), batch["labels"]
     )
     expected = model(
         input_ids=batch["input_ids"],
@@ -76,7 +76,7 @@ def test_final_objective_equals_the_models_own_loss(model):
 def test_weighted_ce_is_the_alpha_weighted_sum_of_layer_losses(model):
     batch = _batch(seed=2)
     runner = T5LayerRunner(model)
-    states = decoder_layer_states(model, batch)
+    states = decoder_layer_states(runner, batch)
     loss, parts = Objective("weighted_ce", label_smoothing=0.1, chunk_tokens=5)(runner, states, batch["labels"])
     mask = batch["labels"] != -100
     per_layer = [F.cross_entropy(runner.logits(s[mask]), batch["labels"][mask], label_smoothing=0.1) for s in states]
@@ -129,7 +129,7 @@ def test_kd_term_compares_final_normed_states_so_the_residual_scale_cannot_run_a
     runner = T5LayerRunner(model)
     batch = _batch(seed=3)
     with torch.no_grad():
-        states = decoder_layer_states(model, batch)
+        states = decoder_layer_states(runner, batch)
         objective = Objective("weighted_ce_kd", kd_exit_layer=2, kd_mapping="last")
         _, parts = objective(runner, states, batch["labels"])
         _, scaled = objective(runner, [s * 1000.0 for s in states], batch["labels"])

@@ -1,0 +1,122 @@
+"""The model-family seam: what decoding, the measures, training and the study need from a model.
+
+A runner drives an unmodified Hugging Face model one decoder layer at a time against its
+own cache. Everything outside the runner (the decoding loop, objectives, head training,
+the analysis) speaks this protocol only, so a new family is one module with a runner
+class registered for its `config.model_type`:
+
+    @register_runner("llama", "mistral")
+    class LlamaLayerRunner: ...
+
+and one import line in `mee_bench/engine/__init__.py`, which loads every family.
+
+Positions are generation steps: 0 is the first decoder input of `start`, whatever prompt
+came before it (an encoder-decoder's prompt lives in the encoder; a decoder-only runner
+offsets each row by its prompt length inside its own cache).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@runtime_checkable
+class LayerRunner(Protocol):
+    """One model family's layers, cache and head, as the early-exit engine uses them."""
+
+    num_layers: int  # decoder layers an exit can happen after (the last one included)
+    hidden_size: int  # width of every layer's state
+    is_encoder_decoder: bool
+    start_token_id: int  # a generation's first decoder input when `start` has no prompt token to feed
+    eos_token_id: int
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @classmethod
+    def config_dims(cls, config: Any) -> tuple[int, int]:
+        """(num_layers, hidden_size) from a Hugging Face config alone, without loading weights."""
+        ...
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+        """The encoder's states [B, S, d]; None for a decoder-only model."""
+        ...
+
+    def start(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> tuple[Any, Tensor]:
+        """A new cache for `max_new_tokens` generation steps with the prompt taken in (encoded or
+        prefilled), and the first decoder input token of every row [B]."""
+        ...
+
+    def embed(self, token_ids: Tensor) -> Tensor:
+        """Decoder input states [..., d] of `token_ids`: "layer 0" for the measures."""
+        ...
+
+    def layer(
+        self, index: int, hidden: Tensor, cache: Any, rows: Tensor | None, positions: Tensor | int, last_position: int
+    ) -> Tensor:
+        """Run layer `index` (0-based) on `hidden` [A, Q, d] of batch `rows` (None = all) at generation
+        `positions` (an int, or [A, Q]) against keys 0..`last_position`, writing its K/V; the raw output."""
+        ...
+
+    def copy_skipped_kv(self, first_skipped: int, hidden: Tensor, cache: Any, rows: Tensor, position: int) -> None:
+        """Fill layers >= `first_skipped` at `position` of `rows` with K/V projected from the exit state [A, 1, d]."""
+        ...
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits of any layer's raw output: the model's own final norm and head."""
+        ...
+
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        """The model's own final norm: what the head reads (distillation compares these states)."""
+        ...
+
+    def head_parameters(self) -> list[Tensor]:
+        """The parameters `logits` uses (final norm, head), for training through chunked logits."""
+        ...
+
+    def all_layer_states(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor) -> list[Tensor]:
+        """Teacher-forced raw states [B, T, d] at the `decoder_input_ids` positions given the prompt: the
+        embedding first, then every layer 1..L, not final-normed, in the autograd graph."""
+        ...
+
+
+RUNNERS: dict[str, type] = {}
+
+
+def register_runner(*model_types: str) -> Callable[[type], type]:
+    """Class decorator: `cls` runs models whose `config.model_type` is one of `model_types`."""
+
+    def register(cls: type) -> type:
+        for model_type in model_types:
+            RUNNERS[model_type] = cls
+        return cls
+
+    return register
+
+
+def supported_model_types() -> list[str]:
+    return sorted(RUNNERS)
+
+
+def runner_class(model_type: str) -> type:
+    """The runner registered for a Hugging Face `config.model_type`, or a clear error."""
+    if model_type not in RUNNERS:
+        raise ValueError(
+            f"no layer runner for model type {model_type!r}; supported model types: "
+            f"{', '.join(supported_model_types())} (a new family is a runner module in mee_bench/engine "
+            "registered with @register_runner)"
+        )
+    return RUNNERS[model_type]
+
+
+def build_runner(model: Any) -> LayerRunner:
+    """The layer runner for a loaded Hugging Face model, chosen by its `config.model_type`."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return runner_class(str(model_type))(model)
+
