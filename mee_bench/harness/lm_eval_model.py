@@ -28,6 +28,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from mee_bench.engine.decoding import GenerationStats, input_limit
+from mee_bench.timing import LoadMonitor, PairedBlocks, Speedup
 from mee_bench.engine.loading import ModelLoadError, load_generator, resolve_device, resolve_dtype
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy
@@ -40,10 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRAIN_DEFAULT_COMMAND = "mee-bench train configs/train/default.yaml"
+TIMING_ARGS = ("paired_timing", "timing_precision", "timing_allowance_s")
 POLICY_ARGS = ("measure", "threshold", "min_exit_layer", "threshold_schedule", "tau", "kv_strategy")
 MODEL_ARGS = (
     "pretrained", *POLICY_ARGS, "dtype", "device", "batch_size", "max_length", "heads", "max_gen_toks",
-    "trust_remote_code",
+    "trust_remote_code", *TIMING_ARGS,
 )
 GREEDY_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature"}
 UNNAMED_TASK = "unnamed"
@@ -56,6 +58,8 @@ class TaskEfficiency:
     stats: GenerationStats
     requests: int = 0
     wall_s: float = 0.0
+    paired: Speedup | None = None  # the policy against `full` on the same batches (paired_timing=true)
+    load: dict | None = None  # the machine's load while this task's requests ran
 
     def add(self, stats: GenerationStats, requests: int, wall_s: float) -> None:
         self.stats = self.stats.merge(stats)
@@ -69,6 +73,10 @@ class TaskEfficiency:
             wall_ms=1e3 * self.wall_s,
             wall_ms_per_token=1e3 * self.wall_s / max(self.stats.tokens, 1),
         )
+        if self.paired is not None:
+            figures["paired_speedup"] = self.paired.as_dict()
+        if self.load is not None:
+            figures["load"] = self.load
         return figures
 
 
@@ -80,7 +88,10 @@ class MEELM(TemplateLM):
     measure, threshold, min_exit_layer, threshold_schedule, tau, kv_strategy (the
     `ExitPolicy`; unset ones keep its defaults), dtype, device, batch_size, max_length
     (encoder input tokens), heads (exit heads file; default: beside the model),
-    max_gen_toks (when a task sets none), trust_remote_code.
+    max_gen_toks (when a task sets none), trust_remote_code; paired_timing (time every batch
+    against `full` on the same inputs, interleaved, and report the speedup with its 95%
+    interval), timing_precision (the interval's relative half-width to reach, default 0.05)
+    and timing_allowance_s (extra timing rounds per task stop after this, default 60).
     """
 
     backend = "seq2seq"
@@ -101,6 +112,9 @@ class MEELM(TemplateLM):
         heads: str | None = None,
         max_gen_toks: int = 256,
         trust_remote_code: bool = False,
+        paired_timing: bool | str = False,
+        timing_precision: float = 0.05,
+        timing_allowance_s: float = 60.0,
         **unknown: Any,
     ) -> None:
         super().__init__()
@@ -126,6 +140,9 @@ class MEELM(TemplateLM):
         self.heads_path = self.generator.heads_path
         self._max_length = input_limit(self.tokenizer, requested_max_length)
         self.set_policy(policy)
+        self.paired_timing = _flag("paired_timing", paired_timing)
+        self.timing_precision = _positive_float("timing_precision", timing_precision)
+        self.timing_allowance_s = _positive_float("timing_allowance_s", timing_allowance_s)
         self._efficiency: dict[str, TaskEfficiency] = {}
 
     # Policy and efficiency: the sweep's interface.
@@ -220,27 +237,57 @@ class MEELM(TemplateLM):
         )
         texts: list[str] = []
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests (mee)")
+        timers: dict[str, PairedBlocks] = {}
+        monitors: dict[str, LoadMonitor] = {}
         for batch in collator.get_batched(n=self.batch_size):
             first = batch[0][0]
+            task = first.task_name or UNNAMED_TASK
             until, max_gen_toks = settings[_kwargs_key(first)]
+            work = ([ids for _, ids in batch], until, max_gen_toks)
+            if task not in monitors:
+                monitors[task] = LoadMonitor(threads=torch.get_num_threads()).start()
             started = time.perf_counter()
-            batch_texts, stats = self._generate_batch([ids for _, ids in batch], until, max_gen_toks)
+            if self.paired_timing:
+                if task not in timers:
+                    timers[task] = self._paired_blocks(work)
+                batch_texts, stats = timers[task].run(work)
+            else:
+                batch_texts, stats = self._generate_batch(*work)
             wall_s = time.perf_counter() - started
-            self._efficiency.setdefault(
-                first.task_name or UNNAMED_TASK, TaskEfficiency(GenerationStats(stats.num_layers))
-            ).add(stats, len(batch), wall_s)
+            self._efficiency.setdefault(task, TaskEfficiency(GenerationStats(stats.num_layers))).add(
+                stats, len(batch), wall_s
+            )
             for (request, _), text in zip(batch, batch_texts):
                 texts.append(text)
                 self.cache_hook.add_partial("generate_until", request.args, text)
             progress.update(len(batch))
         progress.close()
+        for task, paired in timers.items():
+            self._efficiency[task].paired = paired.speedup()
+        for task, monitor in monitors.items():
+            self._efficiency[task].load = monitor.stop()
         return collator.get_original(texts)
 
+    def _paired_blocks(self, warm_up_work: tuple) -> PairedBlocks:
+        """Times each batch of the policy against `full` on the same inputs (after one untimed
+        warm-up of both), so the speedup does not carry the machine's drift between runs."""
+        full = ExitPolicy("full")
+        self._generate_batch(*warm_up_work, policy=full)
+        self._generate_batch(*warm_up_work)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
+        return PairedBlocks(
+            baseline=lambda work: self._generate_batch(*work, policy=full),
+            candidate=lambda work: self._generate_batch(*work),
+            target_half_width=self.timing_precision,
+            allowance_s=self.timing_allowance_s,
+            sync=sync,
+        )
+
     def _generate_batch(
-        self, encoded: Sequence[list[int]], until: list[str], max_gen_toks: int
+        self, encoded: Sequence[list[int]], until: list[str], max_gen_toks: int, policy: ExitPolicy | None = None
     ) -> tuple[list[str], GenerationStats]:
         input_ids, attention_mask = self._pad(encoded)
-        output = self.generator.generate(input_ids, attention_mask, self.policy, max_gen_toks, until)
+        output = self.generator.generate(input_ids, attention_mask, policy or self.policy, max_gen_toks, until)
         texts = [_cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), until) for ids in output.tokens]
         return texts, output.stats
 
@@ -322,6 +369,27 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _positive_float(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number > 0:
+        raise ValueError(f"{name}={value!r} must be a number > 0")
+    return number
+
+
+def _flag(name: str, value: bool | str) -> bool:
+    """A boolean model arg: lm-eval passes `true`/`false` through as strings or booleans."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name}={value!r} is not a boolean; use true or false")
+
+
 def _kwargs_key(request: Instance) -> str:
     """A request's generation kwargs as a hashable key (requests with equal keys share batches)."""
     return json.dumps(request.args[1], sort_keys=True, default=str)
@@ -374,15 +442,19 @@ def efficiency_table(block: dict[str, dict]) -> str:
     """A Markdown table of `results["mee"]`, printed after lm-eval's own tables."""
     from tabulate import tabulate
 
-    headers = ["Task", "Requests", "Tokens", "Avg exit layer", "Decode ms/token", "Encoder ms", "Measure ms", "Exit layers"]
+    headers = ["Task", "Requests", "Tokens", "Avg exit layer", "Decode ms/token", "Encoder ms", "Measure ms", "Exit layers",
+               "Speedup vs full (paired, 95%)"]
     rows = []
     for task, figures in block.items():
         histogram = " ".join(f"{layer}:{count}" for layer, count in figures["exit_histogram"].items())
+        paired = figures.get("paired_speedup")
+        busy = " (busy machine)" if figures.get("load", {}).get("busy") else ""
         rows.append([
             task, figures["requests"], figures["tokens"],
             f"{figures['avg_exit_layer']:.2f} / {figures['num_layers']}",
             f"{figures['decode_ms_per_token']:.2f}", f"{figures['encoder_ms']:.1f}", f"{figures['measure_ms']:.1f}",
             histogram,
+            f"{Speedup.from_dict(paired).format()}{busy}" if paired else "paired_timing=false",
         ])
     return "mee early-exit efficiency (generate_until)\n" + tabulate(rows, headers=headers, tablefmt="github")
 

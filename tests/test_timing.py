@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
-from mee_bench.engine import timing
-from mee_bench.engine.timing import LoadMonitor, PairedBlocks, PairedTimer, Speedup, speedup_interval, time_paired
+from mee_bench import timing
+from mee_bench.timing import LoadMonitor, PairedBlocks, PairedTimer, Speedup, speedup_interval, time_paired
 
 
 class FakeClock:
@@ -139,3 +140,9 @@ def test_paired_blocks_return_the_candidates_work_and_time_each_block_against_th
     speedup = paired.speedup()
     assert speedup.median == pytest.approx(3.0) and speedup.precise and speedup.blocks == 4
     assert baseline_calls == [1, 2, 3, 1]  # the extra round starts over the same work
+
+
+def test_a_speedup_survives_a_round_trip_through_its_record():
+    speedup = Speedup(1.3, 1.2, 1.45, 9, target_half_width=0.05)
+    again = Speedup.from_dict(json.loads(json.dumps(speedup.as_dict())))
+    assert again == speedup and again.verdict == "faster" and not again.precise

@@ -59,6 +59,11 @@ class Speedup:
     def as_dict(self) -> dict:
         return {**asdict(self), "half_width": self.half_width, "precise": self.precise, "verdict": self.verdict}
 
+    @classmethod
+    def from_dict(cls, figures: dict) -> "Speedup":
+        """Back from `as_dict` (a record read from disk); the derived fields are recomputed."""
+        return cls(**{name: figures[name] for name in cls.__dataclass_fields__ if name in figures})
+
 
 def speedup_interval(
     baseline_s: Sequence[float],
@@ -194,16 +199,24 @@ class LoadMonitor:
     _system_busy: float = 0.0
     _own: float = 0.0
 
-    def __enter__(self) -> "LoadMonitor":
+    def start(self) -> "LoadMonitor":
         self.started = time.perf_counter()
         self._system_busy, self._own = _system_busy_s(), _own_cpu_s()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> dict:
+        """End the watch; returns `report()`."""
         self.elapsed = time.perf_counter() - self.started
         self.other_cores = max(0.0, (_system_busy_s() - self._system_busy) - (_own_cpu_s() - self._own)) / max(
             self.elapsed, 1e-9
         )
+        return self.report()
+
+    def __enter__(self) -> "LoadMonitor":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def report(self) -> dict:
         cpus = os.cpu_count() or 1
