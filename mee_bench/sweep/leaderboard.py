@@ -53,6 +53,7 @@ class Row:
     energy_wh: float | None
     co2_g: float | None
     power: str
+    calibration: dict | None = None  # a `calibrated` row's guarantee: delta, epsilon, test risk
 
     @property
     def analysis_only(self) -> bool:
@@ -123,9 +124,10 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
         else:
             board.notes.append(f"{trial['measure']} ran on different hardware than `full`: no speedup shown")
     kwh, kg = energy.get("energy_kwh"), energy.get("emissions_kg_co2eq")
+    calibrated = trial["measure"] == "calibrated"
     return Row(
         task=task,
-        policy=trial["measure"],
+        policy=f"calibrated {record['config']['policy']['measure']}" if calibrated else trial["measure"],
         threshold=trial["threshold"],
         min_exit_layer=trial["min_exit_layer"],
         metrics=record["metrics"],
@@ -138,6 +140,20 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
         energy_wh=None if kwh is None else 1e3 * kwh,
         co2_g=None if kg is None else 1e3 * kg,
         power=energy.get("power_source", "unknown"),
+        calibration=record.get("calibration", {}) if calibrated else None,
+    )
+
+
+def _policy_label(row: Row) -> str:
+    if row.analysis_only:
+        return f"{row.policy} (analysis only)"
+    if row.calibration is None:
+        return row.policy
+    within = row.calibration.get("within_delta")
+    verdict = MISSING if within is None else ("yes" if within else "no")
+    return (
+        f"{row.policy} (delta {_sig(row.calibration.get('delta'))}, epsilon {_sig(row.calibration.get('epsilon'))}, "
+        f"test risk within delta: {verdict})"
     )
 
 
@@ -161,9 +177,8 @@ def task_table(board: TaskBoard) -> tuple[list[str], list[list[str]]]:
               "avg exit layer", "speedup vs full", "ms/token", "energy (Wh)", "CO2 (g)", "power"]
     rows = []
     for row in board.rows:
-        policy = f"{row.policy} (analysis only)" if row.analysis_only else row.policy
         rows.append([
-            policy,
+            _policy_label(row),
             _sig(row.threshold),
             MISSING if row.min_exit_layer is None else str(row.min_exit_layer),
             *(_num(row.metrics.get(name)) for name in board.metric_names),

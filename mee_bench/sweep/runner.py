@@ -44,6 +44,7 @@ from mee_bench.sweep.config import (
     resolve_model,
 )
 from mee_bench.sweep.backend import BackendFactory, LMEvalBackend
+from mee_bench.engine.policy import read_policy_file
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -332,6 +333,7 @@ def _dispatch(
                 "trial_id": ids[trial],
                 "trial": dataclasses.asdict(trial),
                 "config": {"policy": trial.policy(config).as_dict(), **settings},
+                **({"calibration": read_policy_file(trial.calibration)[1]} if trial.calibration else {}),
                 "attempts": attempt,
                 "errors": errors[ids[trial]],
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
