@@ -18,7 +18,12 @@ from typing import Dict, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from mee_bench.calibrate.ltt import CalibrationError, check_calibration_size, check_grid_order, check_level
+from mee_bench.calibrate.ltt import (
+    CalibrationError,
+    check_calibration_size,
+    check_grid_order,
+    check_level,
+)
 from mee_bench.engine.loading import DTYPES
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.policy import KV_STRATEGIES, THRESHOLD_SCHEDULES, ExitPolicy

@@ -38,7 +38,7 @@ def group_examples(pairs: Iterable[tuple[str, Any]]) -> list[Example]:
     for prompt, target in pairs:
         targets = target if isinstance(target, list) else [target]
         refs = references.setdefault(prompt, [])
-        refs += [t for t in map(lambda t: "" if t is None else str(t), targets) if t.strip() and t not in refs]
+        refs += [str(t) for t in targets if t is not None and str(t).strip() and str(t) not in refs]
     return [Example(prompt, tuple(refs)) for prompt, refs in references.items()]
 
 

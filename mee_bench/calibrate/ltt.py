@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Sequence
 
 from scipy.special import xlogy
@@ -80,7 +81,7 @@ def check_grid_order(thresholds: Sequence[float]) -> None:
     (a higher threshold exits less often, for every measure the project ships)."""
     if not thresholds:
         raise CalibrationError("empty threshold grid; list thresholds from most to least conservative, e.g. [0.9, 0.7, 0.5]")
-    for earlier, later in zip(thresholds, thresholds[1:]):
+    for earlier, later in pairwise(thresholds):
         if not later < earlier:
             raise CalibrationError(
                 f"threshold grid {list(thresholds)} is not ordered from most to least conservative "

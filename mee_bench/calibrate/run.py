@@ -145,7 +145,7 @@ def timed_test(generator, examples: list[Example], policies: dict[str, ExitPolic
     return texts, stats
 
 
-def calibrate(config: CalibrationConfig, decoder_factory=None) -> dict:
+def calibrate(config: CalibrationConfig) -> dict:
     """Run the whole calibration and return its record (nothing is written here)."""
     started = time.perf_counter()
     data = load_task(config)
@@ -154,9 +154,7 @@ def calibrate(config: CalibrationConfig, decoder_factory=None) -> dict:
         check_references("risk", [e.references for e in calibration + test], config.task)
     generator = build_generator(config)
     prompts = [e.prompt for e in calibration]
-    if decoder_factory is not None:
-        decoder = decoder_factory(config, generator, prompts, data.max_new_tokens)
-    elif config.workers > 1:
+    if config.workers > 1:
         decoder = RayDecoder(config, prompts, data.max_new_tokens)
     else:
         decoder = InProcessDecoder(generator, prompts, data.max_new_tokens, config.batch_size)

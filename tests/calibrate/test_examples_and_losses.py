@@ -6,7 +6,13 @@ import pytest
 
 from mee_bench.calibrate.config import ConfigError, SplitConfig
 from mee_bench.calibrate.consistency import check_references, losses, similarity
-from mee_bench.calibrate.examples import Example, TaskData, check_disjoint, draw_splits, group_examples
+from mee_bench.calibrate.examples import (
+    Example,
+    TaskData,
+    check_disjoint,
+    draw_splits,
+    group_examples,
+)
 
 
 def test_group_examples_merges_references_of_one_prompt():
