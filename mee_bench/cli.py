@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("mee_bench.train.loop", "train a T5 with the final / weighted_ce / weighted_ce_kd objective"),
     "train-heads": ("mee_bench.train.heads", "train the classifier, last_three_mlp and lstm exit heads of a model"),
     "sweep": ("mee_bench.sweep.runner", "run measures x thresholds x min exit layers x tasks on Ray with CodeCarbon"),
+    "calibrate": ("mee_bench.calibrate.run", "pick exit thresholds with a Learn-then-Test risk guarantee (CALM)"),
     "leaderboard": ("mee_bench.sweep.leaderboard", "rebuild leaderboard tables and plots from a sweep's records"),
     "analyze": ("mee_bench.study.analysis", "the monotonicity study (the paper's Figures 1-3) on any model"),
     "model-report": ("mee_bench.study.model_report", "a model's full-depth quality, per-layer agreement and training curves"),

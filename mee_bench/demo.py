@@ -8,8 +8,9 @@ speedup over `full` measured side by side (never against a number from another r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
-from itertools import islice
+from pathlib import Path
 
 from tabulate import tabulate
 
@@ -18,7 +19,7 @@ from mee_bench.harness.data import local_split_path, read_jsonl
 
 from mee_bench.engine.loading import load_generator
 from mee_bench.paths import DEFAULT_MODEL_DIR
-from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.policy import ExitPolicy, read_policy_file, shipped_policy_path
 
 FALLBACK_SENTENCES = [
     "Why not start now?",
@@ -28,12 +29,36 @@ FALLBACK_SENTENCES = [
 ]
 
 
+# Without a shipped policy and without --measure: CALM's softmax measure, which needs no heads.
+FALLBACK_POLICY = ExitPolicy("softmax", 0.9, 2)
+
+
 def demo_sentences(count: int) -> list[str]:
-    """English sources from the held-out Tatoeba validation split when present."""
+    """Distinct English sources from the held-out Tatoeba validation split when present
+    (Tatoeba pairs one English sentence with each of its French translations)."""
     path = local_split_path(TATOEBA_ENFR.dataset, TATOEBA_ENFR.split)
     if path is None:
         return FALLBACK_SENTENCES[:count]
-    return [row["translation"]["en"] for row in islice(read_jsonl(path), count)]
+    sentences: dict[str, None] = {}
+    for row in read_jsonl(path):
+        sentences.setdefault(row["translation"]["en"])
+        if len(sentences) == count:
+            break
+    return list(sentences)
+
+
+def choose_policy(args: argparse.Namespace) -> tuple[ExitPolicy, str]:
+    """--measure if given; else the model's shipped exit_policy.json; else softmax 0.9 from layer 2.
+    --threshold, --min-exit-layer and --kv-strategy adjust whichever is chosen."""
+    adjust = {k: v for k, v in (("threshold", args.threshold), ("min_exit_layer", args.min_exit_layer),
+                                ("kv_strategy", args.kv_strategy)) if v is not None}
+    if args.measure:
+        return ExitPolicy(**{"measure": args.measure, **adjust}), "--measure"
+    local = Path(args.pretrained).expanduser()
+    shipped = shipped_policy_path(local if local.is_dir() else None)
+    if shipped is not None:
+        return dataclasses.replace(read_policy_file(shipped)[0], **adjust), f"the model's shipped policy {shipped}"
+    return dataclasses.replace(FALLBACK_POLICY, **adjust), "the fallback (no exit_policy.json beside the model)"
 
 
 def timed_generate(generator, prompts, policy, max_new_tokens, repeats):
@@ -48,10 +73,10 @@ def timed_generate(generator, prompts, policy, max_new_tokens, repeats):
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mee-bench demo", description=__doc__)
     parser.add_argument("--pretrained", default=str(DEFAULT_MODEL_DIR), help="model directory or hub id")
-    parser.add_argument("--measure", default="monotonic_heuristic")
-    parser.add_argument("--threshold", type=float, default=0.9)
-    parser.add_argument("--min-exit-layer", type=int, default=2)
-    parser.add_argument("--kv-strategy", default="copy", choices=["copy", "deferred"])
+    parser.add_argument("--measure", help="default: the model's shipped exit_policy.json, else softmax 0.9 from layer 2")
+    parser.add_argument("--threshold", type=float)
+    parser.add_argument("--min-exit-layer", type=int)
+    parser.add_argument("--kv-strategy", choices=["copy", "deferred"])
     parser.add_argument("--sentences", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timing repetitions (the best run counts)")
@@ -59,7 +84,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    policy = ExitPolicy(args.measure, args.threshold, args.min_exit_layer, kv_strategy=args.kv_strategy)
+    policy, source = choose_policy(args)
     generator = load_generator(args.pretrained, args.dtype, args.device, require_heads=policy.needs_heads)
     tokenizer = generator.tokenizer
     sentences = demo_sentences(args.sentences)
@@ -70,7 +95,10 @@ def cli(argv: list[str]) -> int:
     texts, out, exit_s = timed_generate(generator, prompts, policy, args.max_new_tokens, args.repeats)
 
     print(f"model: {args.pretrained} ({generator.num_layers} decoder layers)")
-    print(f"policy: {policy.measure}, threshold {policy.threshold}, min exit layer {policy.min_exit_layer}, {policy.kv_strategy}\n")
+    print(
+        f"policy (from {source}): {policy.measure}, threshold {policy.threshold}, "
+        f"min exit layer {policy.min_exit_layer}, {policy.kv_strategy}\n"
+    )
     first = out.tokens[0]
     print(f"source: {prompts[0]}")
     rows = [

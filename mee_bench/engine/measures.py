@@ -266,6 +266,13 @@ class Oracle(ExitMeasure):
         return torch.where(first == len(self.top1), num_layers, self.first_check_layer + first)
 
 
+def measure_facts(name: str) -> dict:
+    """What tables need to know about a measure, written into each sweep record so that
+    reading results needs no engine."""
+    cls = measure_class(name)
+    return {"analysis_only": cls.analysis_only, "takes_threshold": cls.takes_threshold}
+
+
 def build_measure(name: str, heads: ExitHeads | None = None) -> ExitMeasure:
     cls = measure_class(name)
     return cls(heads) if cls.needs_heads else cls()

@@ -3,8 +3,10 @@ and how skipped layers get their key/value entries."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.measures import ExitMeasure, build_measure, measure_class
@@ -66,3 +68,31 @@ class ExitPolicy:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+POLICY_FILE = "exit_policy.json"
+
+
+def read_policy_file(path: str | Path) -> tuple[ExitPolicy, dict]:
+    """The policy in an `exit_policy.json` or a calibration record, and how it was calibrated.
+
+    Both hold `{"policy": {ExitPolicy fields}, "calibration": {...}}`; a directory means the
+    `exit_policy.json` a model ships beside its weights (written by `mee-bench calibrate --save-to`).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / POLICY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no exit policy at {path}; write one with `mee-bench calibrate CONFIG --save-to DIR`")
+    content = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(content, dict) or not isinstance(content.get("policy"), dict):
+        raise ValueError(f"{path} holds no `policy` object; pass a calibration record or an exit_policy.json")
+    return ExitPolicy(**content["policy"]), content.get("calibration", {})
+
+
+def shipped_policy_path(model_dir: str | Path | None) -> Path | None:
+    """The `exit_policy.json` beside a local model's weights, if it ships one."""
+    if model_dir is None:
+        return None
+    path = Path(model_dir).expanduser() / POLICY_FILE
+    return path if path.is_file() else None

@@ -11,8 +11,10 @@ One model load serves many policies: `set_policy` switches the exit policy, and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from mee_bench.engine.decoding import GenerationStats, input_limit
 from mee_bench.timing import LoadMonitor, PairedBlocks, Speedup
 from mee_bench.engine.loading import ModelLoadError, load_generator, resolve_device, resolve_dtype
 from mee_bench.paths import DEFAULT_MODEL_DIR
-from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.policy import ExitPolicy, read_policy_file, shipped_policy_path
 from mee_bench.harness.catalogue import TASKS_DIR
 
 if TYPE_CHECKING:
@@ -44,7 +46,7 @@ TRAIN_DEFAULT_COMMAND = "mee-bench train configs/train/default.yaml"
 TIMING_ARGS = ("paired_timing", "timing_precision", "timing_allowance_s")
 POLICY_ARGS = ("measure", "threshold", "min_exit_layer", "threshold_schedule", "tau", "kv_strategy")
 MODEL_ARGS = (
-    "pretrained", *POLICY_ARGS, "dtype", "device", "batch_size", "max_length", "heads", "max_gen_toks",
+    "pretrained", *POLICY_ARGS, "calibration", "dtype", "device", "batch_size", "max_length", "heads", "max_gen_toks",
     "trust_remote_code", *TIMING_ARGS,
 )
 GREEDY_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature"}
@@ -86,12 +88,17 @@ class MEELM(TemplateLM):
 
     model_args: pretrained (directory or hub id; default: the embedded default model),
     measure, threshold, min_exit_layer, threshold_schedule, tau, kv_strategy (the
-    `ExitPolicy`; unset ones keep its defaults), dtype, device, batch_size, max_length
-    (encoder input tokens), heads (exit heads file; default: beside the model),
-    max_gen_toks (when a task sets none), trust_remote_code; paired_timing (time every batch
-    against `full` on the same inputs, interleaved, and report the speedup with its 95%
-    interval), timing_precision (the interval's relative half-width to reach, default 0.05)
-    and timing_allowance_s (extra timing rounds per task stop after this, default 60).
+    `ExitPolicy`), calibration (a `mee-bench calibrate` record or exit_policy.json whose policy
+    to run), dtype, device, batch_size, max_length (encoder input tokens), heads (exit heads
+    file; default: beside the model), max_gen_toks (when a task sets none), trust_remote_code;
+    paired_timing (time every batch against `full` on the same inputs, interleaved, and report
+    the speedup with its 95% interval), timing_precision (the interval's relative half-width
+    to reach, default 0.05) and timing_allowance_s (extra timing rounds per task stop after
+    this, default 60).
+
+    With no measure and no calibration, the policy is the one the model ships beside its
+    weights (`exit_policy.json`) if any, else `full`; the other policy args adjust it. Which
+    one runs is printed and recorded under `mee_policy_source`.
     """
 
     backend = "seq2seq"
@@ -105,6 +112,7 @@ class MEELM(TemplateLM):
         threshold_schedule: str | None = None,
         tau: float | None = None,
         kv_strategy: str | None = None,
+        calibration: str | None = None,
         dtype: str = "float32",
         device: str | None = None,
         batch_size: int | str = 8,
@@ -123,7 +131,7 @@ class MEELM(TemplateLM):
                 f"unknown model_args for --model mee: {', '.join(sorted(unknown))}; valid ones: {', '.join(MODEL_ARGS)}"
             )
         given = dict(zip(POLICY_ARGS, (measure, threshold, min_exit_layer, threshold_schedule, tau, kv_strategy)))
-        policy = ExitPolicy(**{name: value for name, value in given.items() if value is not None})
+        given = {name: value for name, value in given.items() if value is not None}
         self._batch_size = _positive_int("batch_size", batch_size)
         self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         requested_max_length = None if max_length is None else _positive_int("max_length", max_length)
@@ -135,6 +143,8 @@ class MEELM(TemplateLM):
                 f"`{TRAIN_DEFAULT_COMMAND}`, or pass --model_args pretrained=PATH_OR_HUB_ID"
             )
         self.pretrained = str(pretrained or DEFAULT_MODEL_DIR)
+        policy, self.policy_source = _resolve_policy(given, calibration, self.pretrained)
+        print(f"mee: exit policy from {self.policy_source}: {_describe_policy(policy)}", file=sys.stderr)
         self.generator = load_generator(self.pretrained, dtype, str(self._device), heads, False, trust_remote_code)
         self.model, self.tokenizer = self.generator.model, self.generator.tokenizer
         self.heads_path = self.generator.heads_path
@@ -174,6 +184,7 @@ class MEELM(TemplateLM):
             "decoder_layers": self.generator.num_layers,
             "exit_heads": str(self.heads_path) if self.heads_path else None,
             "mee_policy": self.policy.as_dict(),
+            "mee_policy_source": self.policy_source,
         }
 
     # What lm-eval reads.
@@ -358,6 +369,38 @@ class MEELM(TemplateLM):
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
         return totals
+
+
+def _resolve_policy(given: dict[str, Any], calibration: str | None, pretrained: str) -> tuple[ExitPolicy, str]:
+    """The policy to start with and where it came from: a calibration file, the policy args,
+    the model's shipped `exit_policy.json` (when no measure is named), or `full`."""
+    if calibration is not None:
+        if given:
+            raise ValueError(
+                f"model_args name both calibration= and {', '.join(sorted(given))}; a calibrated policy is used as "
+                "calibrated: drop one of them"
+            )
+        try:
+            return read_policy_file(calibration)[0], f"calibration {calibration}"
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"calibration={calibration}: {err}") from None
+    if "measure" in given:
+        return ExitPolicy(**given), "model_args"
+    local = Path(pretrained).expanduser()
+    shipped = shipped_policy_path(local if local.is_dir() else None)
+    if shipped is None:
+        return ExitPolicy(**{"measure": "full", **given}), "the default (no measure in model_args, no exit_policy.json beside the model)"
+    try:
+        policy = read_policy_file(shipped)[0]
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"the model's shipped policy {shipped} cannot be read ({err}); fix it or pass measure=...") from None
+    return dataclasses.replace(policy, **given), f"the model's shipped policy {shipped}"
+
+
+def _describe_policy(policy: ExitPolicy) -> str:
+    if policy.measure == "full":
+        return "full (every token runs every decoder layer)"
+    return f"{policy.measure}, threshold {policy.threshold}, min exit layer {policy.min_exit_layer}, {policy.kv_strategy}"
 
 
 def _positive_int(name: str, value: Any) -> int:

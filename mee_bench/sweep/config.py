@@ -20,8 +20,10 @@ from mee_bench.config_errors import ConfigError, check_layer, closest
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import DTYPES, check_device_name
 from mee_bench.paths import DEFAULT_MODEL_DIR
-from mee_bench.engine.policy import KV_STRATEGIES, THRESHOLD_SCHEDULES, ExitPolicy
+from mee_bench.engine.policy import KV_STRATEGIES, THRESHOLD_SCHEDULES, ExitPolicy, read_policy_file
 from mee_bench.sweep.energy import CarbonConfig, known_countries
+
+CALIBRATED = "calibrated"  # the trial measure of a policy read from a `mee-bench calibrate` output
 
 TRACKING_MODES = ("process", "machine")
 
@@ -52,6 +54,9 @@ class SweepConfig:
     tasks: List[str] = field(default_factory=list)
     measures: List[str] = field(default_factory=list)
     thresholds: Dict[str, List[float]] = field(default_factory=dict)
+    # `mee-bench calibrate` outputs (calibration.json, an exit_policy.json or a model dir shipping
+    # one): each adds a `calibrated` trial per task that runs its policy as calibrated.
+    calibrated: List[str] = field(default_factory=list)
     min_exit_layers: List[int] = field(default_factory=lambda: [4])
     threshold_schedule: str = "static"
     kv_strategy: str = "copy"
@@ -162,8 +167,13 @@ def validate(config: SweepConfig) -> None:
     _check_choice("kv_strategy", config.kv_strategy, KV_STRATEGIES)
     if not config.tasks:
         raise ConfigError("empty grid: `tasks` is empty; list at least one task, e.g. tasks=[tatoeba_enfr_mee]")
-    if not config.measures:
+    if not config.measures and not config.calibrated:
         raise ConfigError("empty grid: `measures` is empty; list at least one measure, e.g. measures=[softmax]")
+    for path in config.calibrated:
+        try:
+            read_policy_file(path)
+        except (OSError, ValueError, TypeError) as err:
+            raise ConfigError(f"`calibrated` entry {path}: {err}") from None
     valid_measures = sorted(MEASURES)
     for measure in config.measures:
         if measure not in MEASURES:
@@ -203,14 +213,18 @@ def validate(config: SweepConfig) -> None:
 
 @dataclass(frozen=True)
 class Trial:
-    """One grid point. `threshold` is None for threshold-free measures, `min_exit_layer` for `full`."""
+    """One grid point. `threshold` is None for threshold-free measures, `min_exit_layer` for `full`;
+    `calibration` is the file a `calibrated` trial's policy comes from (None otherwise)."""
 
     task: str
     measure: str
     threshold: float | None
     min_exit_layer: int | None
+    calibration: str | None = None
 
     def policy(self, config: SweepConfig) -> ExitPolicy:
+        if self.calibration is not None:
+            return read_policy_file(self.calibration)[0]
         defaults = ExitPolicy()
         return ExitPolicy(
             measure=self.measure,
@@ -233,6 +247,10 @@ def expand_grid(config: SweepConfig) -> list[Trial]:
             for threshold in thresholds:
                 for layer in dict.fromkeys(config.min_exit_layers):
                     trials.append(Trial(task, measure, threshold, layer))
+        for path in dict.fromkeys(config.calibrated):
+            policy = read_policy_file(path)[0]
+            resolved = str(Path(path).expanduser().resolve())
+            trials.append(Trial(task, CALIBRATED, policy.threshold, policy.min_exit_layer, calibration=resolved))
     return trials
 
 
@@ -281,7 +299,8 @@ def check_model(config: SweepConfig) -> int:
             raise ConfigError(
                 f"min_exit_layers holds {layer} but {pretrained} has {layers} decoder layers; use values in 1..{layers}"
             )
-    learned = [m for m in dict.fromkeys(config.measures) if MEASURES[m].needs_heads]
+    calibrated = [read_policy_file(path)[0].measure for path in config.calibrated]
+    learned = [m for m in dict.fromkeys([*config.measures, *calibrated]) if MEASURES[m].needs_heads]
     if learned and config.model.heads is None:
         raise ConfigError(
             f"measure(s) {', '.join(learned)} need trained exit heads and none exist for {pretrained} "

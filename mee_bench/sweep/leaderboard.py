@@ -50,6 +50,7 @@ class Row:
     energy_wh: float | None
     co2_g: float | None
     power: str
+    calibration: dict | None = None  # a `calibrated` row's guarantee: delta, epsilon, test risk
 
 
 @dataclass
@@ -127,9 +128,10 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
         else:
             board.notes.append(f"{trial['measure']} ran on different hardware than `full`: no speedup shown")
     kwh, kg = energy.get("energy_kwh"), energy.get("emissions_kg_co2eq")
+    calibrated = trial["measure"] == "calibrated"
     return Row(
         task=task,
-        measure=trial["measure"],
+        measure=f"calibrated {record['config']['policy']['measure']}" if calibrated else trial["measure"],
         analysis_only=analysis_only,
         threshold=trial["threshold"],
         min_exit_layer=trial["min_exit_layer"],
@@ -143,6 +145,20 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
         energy_wh=None if kwh is None else 1e3 * kwh,
         co2_g=None if kg is None else 1e3 * kg,
         power=energy.get("power_source", "unknown"),
+        calibration=record.get("calibration", {}) if calibrated else None,
+    )
+
+
+def _measure_label(row: Row) -> str:
+    if row.analysis_only:
+        return f"{row.measure} (analysis only)"
+    if row.calibration is None:
+        return row.measure
+    within = row.calibration.get("within_delta")
+    verdict = MISSING if within is None else ("yes" if within else "no")
+    return (
+        f"{row.measure} (delta {significant(row.calibration.get('delta'))}, epsilon {significant(row.calibration.get('epsilon'))}, "
+        f"test risk within delta: {verdict})"
     )
 
 
@@ -158,9 +174,8 @@ def task_table(board: TaskBoard) -> tuple[list[str], list[list[str]]]:
               "avg exit layer", "speedup vs full", "ms/token", "energy (Wh)", "CO2 (g)", "power"]
     rows = []
     for row in board.rows:
-        measure = f"{row.measure} (analysis only)" if row.analysis_only else row.measure
         rows.append([
-            measure,
+            _measure_label(row),
             significant(row.threshold),
             MISSING if row.min_exit_layer is None else str(row.min_exit_layer),
             *(fixed(row.metrics.get(name)) for name in board.metric_names),

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mee_bench.engine.measures import MEASURES
+from mee_bench.engine.measures import measure_facts
 from mee_bench.sweep.store import (
     RECORDS_DIR,
     ResultStore,
@@ -45,6 +45,7 @@ from mee_bench.sweep.config import (
     resolve_model,
 )
 from mee_bench.sweep.backend import BackendFactory, LMEvalBackend
+from mee_bench.engine.policy import read_policy_file
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -335,10 +336,8 @@ def _dispatch(
                 "trial": dataclasses.asdict(trial),
                 "config": {"policy": trial.policy(config).as_dict(), **settings},
                 # what tables need to know about the measure, so reading results needs no engine
-                "measure_facts": {
-                    "analysis_only": MEASURES[trial.measure].analysis_only,
-                    "takes_threshold": MEASURES[trial.measure].takes_threshold,
-                },
+                "measure_facts": measure_facts(trial.policy(config).measure),
+                **({"calibration": read_policy_file(trial.calibration)[1]} if trial.calibration else {}),
                 "attempts": attempt,
                 "errors": errors[ids[trial]],
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
