@@ -10,21 +10,22 @@ import sys
 
 import pytest
 
-from mee_bench.engine.measures import MEASURES
+from mee_bench.engine.measures import measure_facts
 from mee_bench.sweep.leaderboard import build_leaderboard, cli, pareto_front, summary, task_boards
 from tests.helpers import REPO
 
 HARDWARE = {"cpu_model": "Test CPU", "cpu_count": 2, "torch_threads": 1, "gpu": None}
 
 
-def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardware=HARDWARE, metric="bleu"):
+def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardware=HARDWARE, metric="bleu", runs="softmax"):
+    """A trial record as the sweep writes it; `runs` is the measure a `calibrated` trial runs."""
     rec = {
         "trial_id": f"{task}-{measure}-{threshold}-{layer}",
         "status": status,
         "trial": {"task": task, "measure": measure, "threshold": threshold, "min_exit_layer": layer},
         "config": {"model": {"pretrained": "/m/mee-t5-default", "dtype": "float32", "device": "cpu"}, "limit": 8, "batch_size": 1},
         "hardware": hardware,
-        "measure_facts": {"analysis_only": MEASURES[measure].analysis_only, "takes_threshold": MEASURES[measure].takes_threshold},
+        "measure_facts": measure_facts(runs if measure == "calibrated" else measure),
     }
     if status == "ok":
         rec.update(
