@@ -135,6 +135,9 @@ class MEELM(TemplateLM):
         self._batch_size = _positive_int("batch_size", batch_size)
         self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         requested_max_length = None if max_length is None else _positive_int("max_length", max_length)
+        self.paired_timing = _flag("paired_timing", paired_timing)
+        self.timing_precision = _positive_float("timing_precision", timing_precision)
+        self.timing_allowance_s = _positive_float("timing_allowance_s", timing_allowance_s)
         resolve_dtype(dtype)
         self._device = resolve_device(device, cpu_fallback=True)
         if pretrained is None and not DEFAULT_MODEL_DIR.is_dir():
@@ -150,9 +153,6 @@ class MEELM(TemplateLM):
         self.heads_path = self.generator.heads_path
         self._max_length = input_limit(self.tokenizer, requested_max_length)
         self.set_policy(policy)
-        self.paired_timing = _flag("paired_timing", paired_timing)
-        self.timing_precision = _positive_float("timing_precision", timing_precision)
-        self.timing_allowance_s = _positive_float("timing_allowance_s", timing_allowance_s)
         self._efficiency: dict[str, TaskEfficiency] = {}
 
     # Policy and efficiency: the sweep's interface.

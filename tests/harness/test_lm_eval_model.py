@@ -223,3 +223,55 @@ def test_simple_evaluate_with_a_loaded_model_reports_efficiency_per_task(lm):
     assert attach_efficiency(results, lm)["mee"] == report
     table = efficiency_table(results["mee"])
     assert "tatoeba_enfr_mee" in table and "Avg exit layer" in table and f"4:{figures['tokens']}" in table
+
+
+@pytest.fixture
+def paired(lm):
+    lm.paired_timing, lm.timing_allowance_s = True, 0.0
+    yield lm
+    lm.paired_timing = False
+
+
+def test_paired_timing_keeps_the_outputs_and_times_every_batch_against_full(paired, monkeypatch):
+    requests = [generation_request(p, index=i) for i, p in enumerate(PROMPTS)]
+    early = ExitPolicy(measure="softmax", threshold=0.0, min_exit_layer=1)
+    paired.set_policy(early)
+    paired.paired_timing = False
+    unpaired = paired.generate_until(requests, disable_tqdm=True)
+    paired.paired_timing = True
+    paired.reset_efficiency()
+
+    policies = []
+    generate = paired.generator.generate
+
+    def recording(input_ids, attention_mask, policy, *args):
+        policies.append(policy.measure)
+        return generate(input_ids, attention_mask, policy, *args)
+
+    monkeypatch.setattr(paired.generator, "generate", recording)
+    assert paired.generate_until(requests, disable_tqdm=True) == unpaired
+    figures = paired.efficiency_report()["task_a"]
+    speedup = figures["paired_speedup"]
+    assert speedup["blocks"] == 6  # 3 batches, then timing-only rounds up to the minimum (allowance 0 s)
+    assert speedup["low"] <= speedup["median"] <= speedup["high"] and speedup["target_half_width"] == 0.05
+    assert speedup["verdict"] in {"faster", "slower", "no measurable difference"}
+    assert figures["requests"] == 5 and figures["avg_exit_layer"] == 1.0  # quality and exits from one decode
+    assert policies[:2] == ["full", "softmax"]  # the untimed warm-up of both
+    timed = policies[2:]
+    assert timed.count("full") == timed.count("softmax") == 6
+    assert timed[:4] == ["full", "softmax", "softmax", "full"]  # alternating order
+    assert set(figures["load"]) == {"load_avg_1m", "cpus", "cpu_mhz", "other_processes_cpu_cores", "busy"}
+    assert "[" in efficiency_table(paired.efficiency_report())
+
+
+@pytest.mark.parametrize(
+    ("model_args", "message"),
+    [
+        ({"paired_timing": "maybe"}, "paired_timing='maybe' is not a boolean"),
+        ({"timing_precision": 0}, "timing_precision=0 must be a number > 0"),
+        ({"timing_allowance_s": "soon"}, "timing_allowance_s='soon' must be a number > 0"),
+    ],
+)
+def test_bad_timing_args_fail_before_the_model_loads(tmp_path, model_args, message):
+    with pytest.raises(ValueError, match=message):
+        MEELM(pretrained=str(tmp_path / "no-such-model"), **model_args)
