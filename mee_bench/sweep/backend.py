@@ -79,6 +79,9 @@ class LMEvalBackend:
             dtype=model.dtype,
             device=model.device,
             batch_size=config.batch_size,
+            paired_timing=config.timing.paired,
+            timing_precision=config.timing.precision,
+            timing_allowance_s=config.timing.allowance_s,
             **extra,
         )
         # Decided from the config, so every worker (replacements too) indexes the same tasks.

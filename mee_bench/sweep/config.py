@@ -48,6 +48,15 @@ class RayConfig:
 
 
 @dataclass
+class TimingConfig:
+    # Paired timing: every batch of a trial is also decoded by `full` in the same worker,
+    # interleaved, so the speedup does not carry the machine's drift between trials.
+    paired: bool = True
+    precision: float = 0.05  # relative half-width of the 95% interval to reach
+    allowance_s: float = 20.0  # timing-only rounds per trial stop after this (the interval then says how wide)
+
+
+@dataclass
 class SweepConfig:
     name: str = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -65,6 +74,7 @@ class SweepConfig:
     max_gen_toks: Optional[int] = None  # None = each task's own generation length
     seed: int = 1234
     output_dir: Optional[str] = None  # None = results/<name>
+    timing: TimingConfig = field(default_factory=TimingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
 
@@ -203,6 +213,10 @@ def validate(config: SweepConfig) -> None:
             raise ConfigError(f"{key}={value} must be >= 1 (or null for no limit)")
     if config.batch_size < 1:
         raise ConfigError(f"batch_size={config.batch_size} must be >= 1")
+    if not 0 < config.timing.precision < 1:
+        raise ConfigError(f"timing.precision={config.timing.precision} must be in (0, 1), e.g. 0.05 for +-5%")
+    if config.timing.allowance_s <= 0:
+        raise ConfigError(f"timing.allowance_s={config.timing.allowance_s} must be > 0 seconds")
     _check_ray(config.ray)
     if config.model.device.startswith("cuda") and config.ray.gpus_per_trial <= 0:
         raise ConfigError(

@@ -26,6 +26,7 @@ from tabulate import tabulate
 from mee_bench.formatting import MISSING, fixed, significant
 from mee_bench.harness.catalogue import TASKS
 from mee_bench.sweep.store import MANIFEST, load_records
+from mee_bench.timing import Speedup
 
 # The quality number a task is judged by is the catalogue's primary metric; other metrics are
 # shown beside it. Tasks outside the catalogue use the first metric of METRIC_PREFERENCE present.
@@ -45,7 +46,9 @@ class Row:
     delta: float | None
     avg_exit_layer: float | None
     num_layers: int | None
-    speedup: float | None
+    speedup: Speedup | None
+    paired: bool  # the speedup comes from paired timing (else: full's ms/token over this trial's)
+    busy: bool  # other processes took CPU this trial was meant to have
     ms_per_token: float | None
     energy_wh: float | None
     co2_g: float | None
@@ -120,11 +123,16 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
     quality = record["metrics"].get(metric) if metric else None
     full_quality = full["metrics"].get(metric) if full and metric else None
     analysis_only = measure_facts(record)["analysis_only"]
-    speedup = None
+    speedup, paired = None, "paired_speedup" in efficiency
     ms = efficiency.get("decode_ms_per_token")
-    if full is not None and not analysis_only and ms:
+    if analysis_only:
+        pass
+    elif paired:
+        speedup = Speedup.from_dict(efficiency["paired_speedup"])
+    elif full is not None and ms:
         if _hardware_key(full) == _hardware_key(record):
-            speedup = full["efficiency"]["decode_ms_per_token"] / ms
+            ratio = full["efficiency"]["decode_ms_per_token"] / ms
+            speedup = Speedup(ratio, ratio, ratio, 1)
         else:
             board.notes.append(f"{trial['measure']} ran on different hardware than `full`: no speedup shown")
     kwh, kg = energy.get("energy_kwh"), energy.get("emissions_kg_co2eq")
@@ -141,6 +149,8 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
         avg_exit_layer=efficiency.get("avg_exit_layer"),
         num_layers=efficiency.get("num_layers"),
         speedup=speedup,
+        paired=paired,
+        busy=bool(efficiency.get("load", {}).get("busy")),
         ms_per_token=ms,
         energy_wh=None if kwh is None else 1e3 * kwh,
         co2_g=None if kg is None else 1e3 * kg,
@@ -165,13 +175,25 @@ def _measure_label(row: Row) -> str:
 def _speedup(row: Row) -> str:
     if row.analysis_only:
         return "analysis only"
-    return MISSING if row.speedup is None else f"{row.speedup:.2f}x"
+    if row.speedup is None:
+        return MISSING
+    text = row.speedup.format() if row.paired else f"{row.speedup.median:.2f}x (unpaired)"
+    if row.paired and not row.speedup.precise:
+        text += " (imprecise)"
+    return text + (" (busy machine)" if row.busy else "")
+
+
+def _verdict(row: Row) -> str:
+    """Faster or slower than `full` only when the whole paired interval says so."""
+    if row.analysis_only or row.speedup is None or not row.paired:
+        return MISSING
+    return row.speedup.verdict
 
 
 def task_table(board: TaskBoard) -> tuple[list[str], list[list[str]]]:
     """Formatted header and rows of one task's leaderboard (shared by Markdown and LaTeX)."""
     header = ["measure", "threshold", "min exit layer", *board.metric_names, f"delta {board.metric} vs full",
-              "avg exit layer", "speedup vs full", "ms/token", "energy (Wh)", "CO2 (g)", "power"]
+              "avg exit layer", "speedup vs full [95% CI]", "verdict", "ms/token", "energy (Wh)", "CO2 (g)", "power"]
     rows = []
     for row in board.rows:
         rows.append([
@@ -182,6 +204,7 @@ def task_table(board: TaskBoard) -> tuple[list[str], list[list[str]]]:
             MISSING if row.delta is None else f"{row.delta:+.2f}",
             fixed(row.avg_exit_layer),
             _speedup(row),
+            _verdict(row),
             fixed(row.ms_per_token),
             significant(row.energy_wh),
             significant(row.co2_g),
@@ -208,7 +231,7 @@ def summary(boards: list[TaskBoard], tolerance: float = 1.0) -> list[SummaryRow]
                 r for r in board.rows
                 if r.measure == measure and r.speedup is not None and r.delta is not None and r.delta >= -tolerance
             ]
-            best = max(candidates, key=lambda r: r.speedup) if candidates else None
+            best = max(candidates, key=lambda r: r.speedup.median) if candidates else None
             reason = "" if best else f"none within {tolerance:g} point(s) of full"
             result.append(SummaryRow(board.task, measure, best, reason))
     return result
@@ -216,17 +239,19 @@ def summary(boards: list[TaskBoard], tolerance: float = 1.0) -> list[SummaryRow]
 
 def summary_table(rows: list[SummaryRow], boards: list[TaskBoard]) -> tuple[list[str], list[list[str]]]:
     metrics = {b.task: b.metric for b in boards}
-    header = ["task", "measure", "threshold", "min exit layer", "quality", "delta vs full", "speedup vs full", "avg exit layer"]
+    header = ["task", "measure", "threshold", "min exit layer", "quality", "delta vs full", "speedup vs full [95% CI]",
+              "verdict", "avg exit layer"]
     table = []
     for item in rows:
         best = item.best
         if best is None:
-            table.append([item.task, item.measure, "none", "none", "none", "none", "none", "none"])
+            table.append([item.task, item.measure, *["none"] * 7])
             continue
         table.append([
             item.task, item.measure, significant(best.threshold),
             MISSING if best.min_exit_layer is None else str(best.min_exit_layer),
-            f"{fixed(best.quality)} {metrics[item.task]}", f"{best.delta:+.2f}", _speedup(best), fixed(best.avg_exit_layer),
+            f"{fixed(best.quality)} {metrics[item.task]}", f"{best.delta:+.2f}", _speedup(best), _verdict(best),
+            fixed(best.avg_exit_layer),
         ])
     return header, table
 
@@ -245,17 +270,21 @@ def plot_quality_vs_speedup(board: TaskBoard, path: Path, tolerance: float) -> N
 
     figure = Figure(figsize=(6.4, 4.4))
     axes = figure.subplots()
-    points = [(r.speedup, r.quality) for r in board.rows if r.speedup is not None and r.quality is not None]
-    for measure in dict.fromkeys(r.measure for r in board.rows if not r.analysis_only):
-        mine = [(r.speedup, r.quality) for r in board.rows if r.measure == measure and r.speedup and r.quality is not None]
-        if mine:
-            axes.scatter(*zip(*mine), label=measure, marker="*" if measure == "full" else "o", s=90 if measure == "full" else 30)
+    shown = [r for r in board.rows if r.speedup is not None and r.quality is not None and not r.analysis_only]
+    points = [(r.speedup.median, r.quality) for r in shown]
+    for measure in dict.fromkeys(r.measure for r in shown):
+        mine = [r for r in shown if r.measure == measure]
+        x = [r.speedup.median for r in mine]
+        spread = [[r.speedup.median - r.speedup.low for r in mine], [r.speedup.high - r.speedup.median for r in mine]]
+        axes.errorbar(x, [r.quality for r in mine], xerr=spread, fmt="*" if measure == "full" else "o",
+                      markersize=9 if measure == "full" else 5, capsize=3, label=measure)
     if points:
         axes.step(*zip(*pareto_front(points)), where="pre", color="black", linewidth=1, label="Pareto front")
     full = next((r for r in board.rows if r.measure == "full" and r.quality is not None), None)
     if full is not None:
         axes.axhline(full.quality - tolerance, color="grey", linestyle=":", label=f"full - {tolerance:g} point(s)")
-    axes.set_xlabel("speedup vs full (decoder ms/token)")
+    axes.axvline(1.0, color="grey", linewidth=0.8)
+    axes.set_xlabel("speedup vs full (paired, median and 95% interval)")
     axes.set_ylabel(board.metric)
     axes.set_title(f"{board.task}: quality vs speedup")
     axes.legend(fontsize="small")
@@ -289,13 +318,15 @@ def plot_exit_layers(boards: list[TaskBoard], path: Path) -> None:
 def _csv_rows(boards: list[TaskBoard]) -> tuple[list[str], list[list]]:
     metric_names = sorted({n for b in boards for n in b.metric_names})
     header = ["task", "measure", "threshold", "min_exit_layer", "primary_metric", "quality", "delta_vs_full",
-              *metric_names, "avg_exit_layer", "speedup_vs_full", "decode_ms_per_token", "energy_wh", "co2_g",
-              "power_source", "analysis_only"]
+              *metric_names, "avg_exit_layer", "speedup_vs_full", "speedup_low", "speedup_high", "speedup_paired",
+              "speedup_verdict", "busy_machine", "decode_ms_per_token", "energy_wh", "co2_g", "power_source", "analysis_only"]
     rows = []
     for board in boards:
         for r in board.rows:
             rows.append([r.task, r.measure, r.threshold, r.min_exit_layer, board.metric, r.quality, r.delta,
-                         *(r.metrics.get(n) for n in metric_names), r.avg_exit_layer, r.speedup, r.ms_per_token,
+                         *(r.metrics.get(n) for n in metric_names), r.avg_exit_layer,
+                         *((r.speedup.median, r.speedup.low, r.speedup.high) if r.speedup else (None,) * 3),
+                         r.paired, _verdict(r) if r.speedup and r.paired else None, r.busy, r.ms_per_token,
                          r.energy_wh, r.co2_g, r.power, r.analysis_only])
     return header, rows
 
@@ -325,8 +356,16 @@ def _context(records: list[dict]) -> list[str]:
         sources = sorted({r.get("energy", {}).get("power_source", "unknown") for r in ok})
         lines.append(f"Energy and CO2: CodeCarbon, grid of {energy.get('country_iso_code')}; power was "
                      f"**{' / '.join(sources)}** ({energy.get('power_detail', 'no detail')}).")
-    lines.append("Speedup: `full`'s decoder ms/token divided by the configuration's, same sweep and same "
-                 "hardware. The oracle runs every layer and reports where it could have exited: analysis only.")
+    lines.append("Speedup: each trial decoded its examples in blocks and `full` decoded the same blocks in the "
+                 "same worker, interleaved in alternating order; the speedup is the median of the block ratios with a "
+                 "95% bootstrap interval over blocks (it includes the spread between examples). A measure is called "
+                 "faster or slower than `full` only when its whole interval lies above or below 1; \"(imprecise)\" "
+                 "marks a trial that ran out of its timing allowance before its interval reached the asked precision, "
+                 "\"(busy machine)\" one during which other processes took CPU it was meant to have. The oracle "
+                 "runs every layer and reports where it could have exited: analysis only.")
+    if any("paired_speedup" not in r.get("efficiency", {}) for r in ok):
+        lines.append("Rows marked \"(unpaired)\" come from records without paired timing: `full`'s ms/token "
+                     "divided by the trial's, timed minutes apart, so machine drift lands in them.")
     failed = len(records) - len(ok)
     if failed:
         lines.append(f"{failed} trial(s) failed and are not shown; their records in `records/` hold the errors.")

@@ -52,4 +52,4 @@ def test_leaderboard_rows_show_delta_epsilon_threshold_and_the_test_verdict():
     [row] = [r for r in rows if r[0].startswith("calibrated")]
     assert row[0] == "calibrated softmax (delta 0.1, epsilon 0.05, test risk within delta: yes)"
     assert row[1] == "0.8"
-    assert "2.00x" in row  # same hardware as `full` (10 vs 5 ms/token)
+    assert "2.00x (unpaired)" in row  # same hardware as `full` (10 vs 5 ms/token)

@@ -11,14 +11,17 @@ import sys
 import pytest
 
 from mee_bench.engine.measures import measure_facts
-from mee_bench.sweep.leaderboard import build_leaderboard, cli, pareto_front, summary, task_boards
+from mee_bench.timing import Speedup
+from mee_bench.sweep.leaderboard import build_leaderboard, cli, pareto_front, summary, summary_table, task_boards, task_table
 from tests.helpers import REPO
 
 HARDWARE = {"cpu_model": "Test CPU", "cpu_count": 2, "torch_threads": 1, "gpu": None}
 
 
-def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardware=HARDWARE, metric="bleu", runs="softmax"):
-    """A trial record as the sweep writes it; `runs` is the measure a `calibrated` trial runs."""
+def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardware=HARDWARE, metric="bleu", runs="softmax",
+           paired=None, load=None):
+    """A trial record as the sweep writes it; `runs` is the measure a `calibrated` trial runs;
+    `paired` a paired speedup (median, low, high[, target half-width]), else the record is unpaired."""
     rec = {
         "trial_id": f"{task}-{measure}-{threshold}-{layer}",
         "status": status,
@@ -34,6 +37,11 @@ def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardw
             energy={"energy_kwh": 2e-6, "emissions_kg_co2eq": 1e-7, "power_source": "estimated",
                     "power_detail": "CPU estimated (TDP x CPU load, TDP 8 W)", "country_iso_code": "FRA"},
         )
+    if paired is not None:
+        median, low, high, *target = paired
+        rec["efficiency"]["paired_speedup"] = Speedup(median, low, high, 12, target_half_width=(target or [0.1])[0]).as_dict()
+    if load is not None:
+        rec["efficiency"]["load"] = load
     return rec
 
 
@@ -64,10 +72,10 @@ def test_delta_and_speedup_are_against_full_and_oracle_gets_none():
     [board] = task_boards(RECORDS)
     assert board.metric == "bleu" and board.failed == 1
     rows = rows_by_policy(board)
-    assert rows[("full", None)].speedup == pytest.approx(1.0) and rows[("full", None)].delta == 0
-    assert rows[("softmax", 0.9)].speedup == pytest.approx(2.0)
+    assert rows[("full", None)].speedup.median == pytest.approx(1.0) and rows[("full", None)].delta == 0
+    assert rows[("softmax", 0.9)].speedup.median == pytest.approx(2.0) and not rows[("softmax", 0.9)].paired
     assert rows[("softmax", 0.9)].delta == pytest.approx(-0.5)
-    assert rows[("softmax", 0.5)].speedup == pytest.approx(4.0)
+    assert rows[("softmax", 0.5)].speedup.median == pytest.approx(4.0)
     assert rows[("oracle", None)].speedup is None and rows[("oracle", None)].analysis_only
     assert board.rows[0].measure == "full"
 
@@ -124,7 +132,8 @@ def test_build_writes_markdown_csv_latex_and_plots(tmp_path):
     for png in sweep.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (sweep / "leaderboard.md").read_text()
-    assert "# Leaderboard: demo" in markdown and "2.00x" in markdown and "analysis only" in markdown
+    assert "# Leaderboard: demo" in markdown and "2.00x (unpaired)" in markdown and "analysis only" in markdown
+    assert "timed minutes apart" in markdown
     assert "estimated" in markdown and "1 trial(s) failed" in markdown
     assert "limit 8 examples per task, batch size 1" in markdown
     assert "\\toprule" in (sweep / "leaderboard.tex").read_text()
@@ -137,7 +146,7 @@ def test_build_writes_markdown_csv_latex_and_plots(tmp_path):
     assert next(r for r in rows if r["measure"] == "oracle")["speedup_vs_full"] == ""
     with (sweep / "summary.csv").open() as handle:
         summary_rows = {r["measure"]: r for r in csv.DictReader(handle)}
-    assert summary_rows["softmax"]["speedup vs full"] == "2.00x"
+    assert summary_rows["softmax"]["speedup vs full [95% CI]"] == "2.00x (unpaired)"
     assert summary_rows["saturation"]["threshold"] == "none"
 
 
@@ -181,3 +190,46 @@ def test_readme_block_is_filled_from_the_leaderboard_and_refilled_in_place(tmp_p
     assert readme.read_text() == text
     readme.write_text("no markers\n")
     assert cli([str(sweep), "--readme", str(readme)]) == 2
+
+
+BUSY = {"load_avg_1m": 2.5, "cpus": 2, "cpu_mhz": None, "other_processes_cpu_cores": 1.4, "busy": True}
+PAIRED = [
+    record("tatoeba_enfr_mee", "full", None, None, 20.0, 10.0, 6.0, paired=(1.0, 0.98, 1.02)),
+    record("tatoeba_enfr_mee", "softmax", 0.9, 2, 19.5, 5.0, 3.0, paired=(2.0, 1.9, 2.1)),
+    record("tatoeba_enfr_mee", "softmax", 0.5, 2, 19.6, 11.0, 5.9, paired=(0.9, 0.85, 0.95)),
+    record("tatoeba_enfr_mee", "saturation", 0.99, 4, 20.0, 9.9, 6.0, paired=(1.01, 0.97, 1.05), load=BUSY),
+    record("tatoeba_enfr_mee", "lstm", 0.5, 4, 19.9, 9.0, 5.0, paired=(1.1, 0.8, 1.4, 0.05)),
+]
+
+
+def test_paired_speedups_show_their_interval_and_a_verdict_only_when_the_interval_excludes_one():
+    [board] = task_boards(PAIRED)
+    header, table = task_table(board)
+    column, verdict = header.index("speedup vs full [95% CI]"), header.index("verdict")
+    cells = {(row[0], row[1]): (row[column], row[verdict]) for row in table}
+    assert cells[("softmax", "0.9")] == ("2.00x [1.90, 2.10]", "faster")
+    assert cells[("softmax", "0.5")] == ("0.90x [0.85, 0.95]", "slower")
+    assert cells[("saturation", "0.99")] == ("1.01x [0.97, 1.05] (busy machine)", "no measurable difference")
+    assert cells[("lstm", "0.5")] == ("1.10x [0.80, 1.40] (imprecise)", "no measurable difference")
+    assert cells[("full", "n/a")][1] == "no measurable difference"
+
+
+def test_the_summary_calls_a_measure_faster_only_when_its_whole_interval_is_above_one():
+    boards = task_boards(PAIRED)
+    header, table = summary_table(summary(boards, tolerance=1.0), boards)
+    verdicts = {row[1]: row[header.index("verdict")] for row in table}
+    assert verdicts == {"softmax": "faster", "saturation": "no measurable difference", "lstm": "no measurable difference"}
+
+
+def test_csv_and_latex_carry_both_ends_of_the_interval(tmp_path):
+    sweep = write_sweep(tmp_path / "paired", PAIRED, measures=["full", "softmax", "saturation", "lstm"])
+    build_leaderboard(sweep)
+    with (sweep / "leaderboard.csv").open() as handle:
+        rows = {(r["measure"], r["threshold"]): r for r in csv.DictReader(handle)}
+    softmax = rows[("softmax", "0.9")]
+    assert (float(softmax["speedup_low"]), float(softmax["speedup_vs_full"]), float(softmax["speedup_high"])) == (1.9, 2.0, 2.1)
+    assert softmax["speedup_paired"] == "True" and softmax["speedup_verdict"] == "faster"
+    assert rows[("saturation", "0.99")]["busy_machine"] == "True"
+    latex = (sweep / "leaderboard.tex").read_text()
+    assert "2.00x [1.90, 2.10]" in latex and "0.90x [0.85, 0.95]" in latex
+    assert "(unpaired)" not in (sweep / "leaderboard.md").read_text()
