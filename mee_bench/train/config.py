@@ -23,6 +23,7 @@ DEFAULTS = {
     "output_dir": "runs/train",
     "seed": 0,
     "threads": 2,
+    "device": "cpu",
     "precision": "fp32",
     "save_dtype": "bfloat16",
     "checkpoint_minutes": 5.0,
@@ -74,7 +75,9 @@ DEFAULTS = {
 SOURCE_KEYS = {"name", "path", "task", "weight"}
 SCHEDULES = ("constant", "inverse_sqrt", "wsd")
 # Keys that may change between the runs of one training without making it a different run.
-RESUMABLE_KEYS = ("budget", "checkpoint_minutes", "threads", "log_every_steps", "eval_every_steps", "output_dir")
+RESUMABLE_KEYS = (
+    "budget", "checkpoint_minutes", "threads", "device", "log_every_steps", "eval_every_steps", "output_dir"
+)
 
 
 def _check_keys(given: dict, allowed: dict, prefix: str = "") -> None:
@@ -151,6 +154,8 @@ def _validate(cfg) -> None:
         )
     if cfg.optim.schedule not in SCHEDULES:
         raise ConfigError(f"unknown optim.schedule {cfg.optim.schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda, got {cfg.device!r}")
     if cfg.precision not in ("bf16", "fp32"):
         raise ConfigError(f"precision must be bf16 or fp32, got {cfg.precision!r}")
     steps, minutes = cfg.budget.steps, cfg.budget.minutes
