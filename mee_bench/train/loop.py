@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mee_bench.engine.t5 import T5LayerRunner
+from mee_bench.engine.t5 import T5LayerRunner, growing_generate_cache
 from mee_bench.train.objectives import Objective, decoder_layer_states
 from mee_bench.train.tokenizer import SPIECE_FILE
 from mee_bench.train.data import DataError, MixtureBatches, TokenizedSource, read_examples
@@ -96,7 +96,6 @@ def build_model(cfg, tokenizer):
 def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
     """Per-layer validation CE (all layers, any objective) and full-depth greedy BLEU on a few examples."""
     import sacrebleu
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     from mee_bench.train.data import collate
 
@@ -118,15 +117,13 @@ def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
             _, parts = eval_objective(runner, decoder_layer_states(model, batch), batch["labels"])
             layer_ce = [parts[f"ce{i}"] * len(chunk) for i in range(1, runner.num_layers + 1)]
             per_layer = layer_ce if per_layer is None else [a + b for a, b in zip(per_layer, layer_ce)]
-            # An explicit lazily-sized cache: transformers sizes its default cache by the encoder depth.
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
             generated = model.generate(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 max_new_tokens=64,
                 num_beams=1,
                 do_sample=False,
-                cache=cache,
+                **growing_generate_cache(model),
             )
             hypotheses += tokenizer.batch_decode(generated, skip_special_tokens=True)
     model.train()

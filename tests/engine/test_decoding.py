@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from tests.helpers import tiny_model
 from mee_bench.engine.decoding import EarlyExitGenerator
@@ -12,6 +11,7 @@ from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.measures import MEASURES, ExitMeasure
 from mee_bench.engine.loading import load_model
 from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.t5 import growing_generate_cache
 
 MAX_NEW = 12
 SENTENCES = ["Why not start now?", "The boat capsized.", "Since there was nothing left to do, we left."]
@@ -31,9 +31,7 @@ def padded_batch(lengths: list[int], side: str = "right", seed: int = 1, vocab: 
 
 
 def hf_greedy(model, ids, mask, max_new_tokens=MAX_NEW, lazy_cache=False) -> list[list[int]]:
-    # transformers sizes generate's default cache by the *encoder* depth; a decoder deeper than
-    # the encoder needs a cache that grows a layer at a time
-    cache = {"cache": EncoderDecoderCache(DynamicCache(), DynamicCache())} if lazy_cache else {}
+    cache = growing_generate_cache(model) if lazy_cache else {}
     out = model.generate(
         input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, **cache
     )
