@@ -54,12 +54,21 @@ def default_shape() -> dict:
     return {key: config[key] for key in SHAPES["default"]}
 
 
+_built: dict[tuple, T5ForConditionalGeneration] = {}
+
+
 def random_model(shape: dict, dtype: torch.dtype, device: str) -> T5ForConditionalGeneration:
-    torch.manual_seed(0)
-    config = T5Config(**shape, decoder_start_token_id=0, eos_token_id=None, pad_token_id=0, dropout_rate=0.0)
-    model = T5ForConditionalGeneration(config).eval().to(device=device, dtype=dtype)
-    model.generation_config.eos_token_id = None  # every variant generates exactly max_new_tokens
-    return model
+    """Built on the device itself and kept for the next batch size: a t5-large takes tens of seconds to initialise on a CPU."""
+    key = (tuple(sorted(shape.items())), dtype, device)
+    if key not in _built:
+        _built.clear()  # one model in memory at a time
+        torch.manual_seed(0)
+        config = T5Config(**shape, decoder_start_token_id=0, eos_token_id=None, pad_token_id=0, dropout_rate=0.0)
+        with torch.device(device):
+            model = T5ForConditionalGeneration(config).eval().to(dtype=dtype)
+        model.generation_config.eos_token_id = None  # every variant generates exactly max_new_tokens
+        _built[key] = model
+    return _built[key]
 
 
 def timed(fn, device: str) -> float:
