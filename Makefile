@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run demo test test-fast bench quickstart-busy readme-leaderboard default-model monotonicity
+.PHONY: setup run demo test test-fast bench quickstart-busy gpu-suite-prepare gpu-suite gpu-suite-dry-run readme-leaderboard default-model monotonicity
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,17 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/decode_speed.py
 	$(BIN)/python benchmarks/policy_speed.py
+
+# The GPU suite (docs/GPU.md): prepare here (data + wheels into build/gpu/, prints the run line),
+# run on the GPU machine under its own python3, or dry-run here at tiny sizes.
+gpu-suite-prepare: setup
+	$(BIN)/python benchmarks/gpu_suite.py prepare
+
+gpu-suite:
+	benchmarks/gpu_suite.sh $${OUT:-runs/gpu-suite}
+
+gpu-suite-dry-run: setup
+	PYTHON=$(BIN)/python benchmarks/gpu_suite.sh runs/gpu-suite-dry-run --dry-run
 
 # Maintainers: rebuild the embedded default model from nothing with the project's own recipe
 # (about 3 hours on 2 CPU cores; every stage resumes from its last checkpoint if interrupted):

@@ -43,7 +43,7 @@ def compare(first: Path, second: Path) -> tuple[str, dict]:
         raise ValueError(f"{first} and {second} share no trial with paired timing; run both with timing.paired=true")
     rows, agree, never_exit, never_exit_at_one = [], 0, 0, 0
     for key in shared:
-        (a, eff_a), (b, eff_b) = one[key], two[key]
+        (a, _), (b, eff_b) = one[key], two[key]
         same = overlap(a, b)
         agree += same
         idle = eff_b.get("avg_exit_layer") == eff_b.get("num_layers") and key[1] != "full"

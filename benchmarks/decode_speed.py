@@ -1,15 +1,17 @@
 """Decode speed of the early-exit engine, measured side by side in one run.
 
 Random-weight models (speed does not depend on training): a t5-small shape (d_model 512,
-6+6 layers, vocab 32128) and the embedded default model's shape. For each dtype and batch
-size it times Hugging Face's `generate`, our `full` policy and forced exits (`fixed` at
-layers 2 and 4), interleaving repetitions so machine noise hits all variants alike, and
-reports medians. Then the per-check overhead of every measure: the measure runs at every
+6+6 layers, vocab 32128) and the embedded default model's shape (t5-large's with --large).
+For each dtype and batch size it times Hugging Face's `generate`, our `full` policy and
+forced exits (`fixed` at 1/3 and 2/3 of the decoder depth), interleaving repetitions so
+machine noise hits all variants alike (CUDA-synchronised on a GPU), and reports medians. Then the per-check overhead of every measure: the measure runs at every
 layer with a threshold it never reaches, and its extra time per check (fastest of the
 repetitions, as the difference is small) is divided by the fastest time of one decoder
 layer measured in the same run.
 
     python benchmarks/decode_speed.py [--quick] [--device cuda] [--large]
+    python benchmarks/decode_speed.py --device cuda --shapes t5-small,t5-large --dtypes bfloat16 --batches 1,8,32
+    python benchmarks/decode_speed.py --tiny        (a seconds-long smoke run of every code path)
 
 Writes results/bench/decode_speed.json (or decode_speed_gpu.json on CUDA).
 """
@@ -38,6 +40,7 @@ SHAPES = {
     "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=6, num_decoder_layers=6, vocab_size=32128),
     "default": dict(d_model=256, d_kv=64, d_ff=1024, num_heads=4, num_layers=4, num_decoder_layers=6, vocab_size=8192),
     "t5-large": dict(d_model=1024, d_kv=64, d_ff=4096, num_heads=16, num_layers=24, num_decoder_layers=24, vocab_size=32128),
+    "tiny": dict(d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=6, num_decoder_layers=6, vocab_size=512),
 }
 NEVER = {"softmax": 1.0, "saturation": 1.0, "classifier": 1.0, "lstm": 1.0, "last_three_mlp": 1.0, "monotonic_heuristic": 1.0}
 
@@ -51,12 +54,21 @@ def default_shape() -> dict:
     return {key: config[key] for key in SHAPES["default"]}
 
 
+_built: dict[tuple, T5ForConditionalGeneration] = {}
+
+
 def random_model(shape: dict, dtype: torch.dtype, device: str) -> T5ForConditionalGeneration:
-    torch.manual_seed(0)
-    config = T5Config(**shape, decoder_start_token_id=0, eos_token_id=None, pad_token_id=0, dropout_rate=0.0)
-    model = T5ForConditionalGeneration(config).eval().to(device=device, dtype=dtype)
-    model.generation_config.eos_token_id = None  # every variant generates exactly max_new_tokens
-    return model
+    """Built on the device itself and kept for the next batch size: a t5-large takes tens of seconds to initialise on a CPU."""
+    key = (tuple(sorted(shape.items())), dtype, device)
+    if key not in _built:
+        _built.clear()  # one model in memory at a time
+        torch.manual_seed(0)
+        config = T5Config(**shape, decoder_start_token_id=0, eos_token_id=None, pad_token_id=0, dropout_rate=0.0)
+        with torch.device(device):
+            model = T5ForConditionalGeneration(config).eval().to(dtype=dtype)
+        model.generation_config.eos_token_id = None  # every variant generates exactly max_new_tokens
+        _built[key] = model
+    return _built[key]
 
 
 def timed(fn, device: str) -> float:
@@ -79,6 +91,11 @@ def interleaved_medians(variants: dict, repeats: int, device: str, summary=stati
     return {name: summary(values) for name, values in samples.items()}
 
 
+def forced_exit_layers(layers: int) -> list[int]:
+    """Forced exits at 1/3 and 2/3 of the decoder depth (layers 2 and 4 of 6)."""
+    return sorted({max(1, round(layers / 3)), max(1, round(2 * layers / 3))})
+
+
 def speed_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_tokens: int, repeats: int, device: str) -> dict:
     model = random_model(shape, dtype, device)
     generator = EarlyExitGenerator(model)
@@ -90,7 +107,7 @@ def speed_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_token
         variants["hf_generate"] = lambda: model.generate(
             input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens
         )
-    for exit_layer in (2, layers // 2 + 1):
+    for exit_layer in forced_exit_layers(layers):
         policy = ExitPolicy("fixed", min_exit_layer=exit_layer)
         variants[f"exit{exit_layer}"] = lambda policy=policy: generator.generate(ids, mask, policy, new_tokens)
     with torch.inference_mode():
@@ -143,11 +160,35 @@ def overhead_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_to
     return row
 
 
+def _names(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
+
+
+def headline_row(rows: list[dict]) -> dict:
+    """The t5-small row at batch 1 (fp32 when measured), else the first row."""
+    small = [r for r in rows if r["shape"] == "t5-small" and r["batch"] == 1]
+    return next((r for r in small if r["dtype"] == "float32"), small[0] if small else rows[0])
+
+
+def machine(device: str) -> dict:
+    import transformers
+
+    return {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(), "device": device,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "cuda": torch.version.cuda if device == "cuda" else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and cases (a smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny shape, 2 repetitions, 4 tokens: exercises every path in seconds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--large", action="store_true", help="add the t5-large shape (for a GPU)")
+    parser.add_argument("--shapes", type=_names, default=None, help=f"comma-separated, from {', '.join(SHAPES)}")
+    parser.add_argument("--dtypes", type=_names, default=["float32", "bfloat16"], help="comma-separated")
+    parser.add_argument("--batches", type=lambda text: [int(b) for b in _names(text)], default=None, help="e.g. 1,8,32")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 7, --quick 3)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -155,11 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = args.device
     repeats, new_tokens = (3, 8) if args.quick else (7, 32)
-    shapes = {"t5-small": SHAPES["t5-small"], "default": default_shape()}
-    if args.large:
-        shapes["t5-large"] = SHAPES["t5-large"]
-    dtypes = [torch.float32, torch.bfloat16]
-    batches = [1] if args.quick else [1, 8]
+    if args.tiny:
+        repeats, new_tokens = 2, 4
+    repeats = args.repeats or repeats
+    names = args.shapes or (["tiny"] if args.tiny else ["t5-small", "default"] + (["t5-large"] if args.large else []))
+    unknown = [name for name in names if name not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape(s) {', '.join(unknown)}; use some of {', '.join(SHAPES)}")
+    shapes = {name: default_shape() if name == "default" else SHAPES[name] for name in names}
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    batches = args.batches or ([1] if args.quick or args.tiny else [1, 8])
 
     speed_rows = []
     for name, shape in shapes.items():
@@ -177,24 +223,24 @@ def main(argv: list[str] | None = None) -> int:
     print("Per-check overhead of each measure, in decoder layers (target <= 0.10 except softmax-based):")
     print(tabulate(overhead_rows, headers="keys", floatfmt=".3f"))
 
-    headline = next(r for r in speed_rows if r["shape"] == "t5-small" and r["dtype"] == "float32" and r["batch"] == 1)
-    headline_overhead = next(r for r in overhead_rows if r["shape"] == "t5-small" and r["dtype"] == "float32")
+    headline = headline_row(speed_rows)
+    headline_overhead = next(r for r in overhead_rows if r["shape"] == headline["shape"] and r["dtype"] == headline["dtype"])
     result = {
         "full_vs_hf_generate": headline["full_vs_hf_generate"],
-        "speedup_exit2_of_6": headline["speedup_exit2_of_6"],
+        "speedup_exit2_of_6": headline.get("speedup_exit2_of_6"),
+        "headline": {"shape": headline["shape"], "dtype": headline["dtype"], "batch": headline["batch"]},
         "measure_overhead_layers": {m: headline_overhead[m] for m in NEVER},
         "targets": {"full_vs_hf_generate": "<= 1.0", "speedup_exit2_of_6": ">= 2.0", "measure_overhead_layers": "<= 0.10 (saturation, classifier, lstm, last_three_mlp)"},
         "speed": speed_rows,
         "overhead": overhead_rows,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": device,
-                    "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
-        "settings": {"repeats": repeats, "new_tokens": new_tokens, "input_tokens": 24},
+        "machine": machine(device),
+        "settings": {"repeats": repeats, "warmup": 1, "new_tokens": new_tokens, "input_tokens": 24},
     }
     out = args.out or REPO / "results" / "bench" / ("decode_speed_gpu.json" if device == "cuda" else "decode_speed.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nfull_vs_hf_generate={result['full_vs_hf_generate']:.2f}  speedup_exit2_of_6={result['speedup_exit2_of_6']:.2f}  -> {out}")
+    figures = {key: result[key] for key in ("full_vs_hf_generate", "speedup_exit2_of_6") if result[key] is not None}
+    print("\n" + "  ".join(f"{key}={value:.2f}" for key, value in figures.items()) + f"  -> {out}")
     return 0
 
 

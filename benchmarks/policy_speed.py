@@ -7,8 +7,10 @@ the repetitions are interleaved, so drift hits all policies alike. Reported per 
 median decoder ms/token over repetitions, the speedup over `full` and the average exit layer.
 
     python benchmarks/policy_speed.py [--quick] [--sentences 40] [--repeats 5] [--threads 1]
+    python benchmarks/policy_speed.py --device cuda --dtype bfloat16 --batches 1,16 --out results/bench/policy_speed_gpu.json
 
-Writes results/bench/policy_speed.json.
+With --batches, sentences are also decoded in padded batches of that many (one table row
+per policy and batch size). Writes results/bench/policy_speed.json.
 """
 
 from __future__ import annotations
@@ -55,15 +57,22 @@ def tatoeba_prompts(count: int) -> list[str]:
     return list(islice(distinct, count))
 
 
-def decode_all(generator: EarlyExitGenerator, inputs: list[torch.Tensor], policy: ExitPolicy) -> tuple[float, int, list[int]]:
-    """Decoder seconds, tokens and exit layers of every sentence decoded alone."""
+def decode_all(generator: EarlyExitGenerator, inputs: list[tuple], policy: ExitPolicy) -> tuple[float, int, list[int]]:
+    """Decoder seconds, tokens and exit layers of every (ids, mask) batch of sentences."""
     seconds, tokens, layers = 0.0, 0, []
-    for ids in inputs:
-        out = generator.generate(ids, None, policy, max_new_tokens=64)
+    for ids, mask in inputs:
+        out = generator.generate(ids, mask, policy, max_new_tokens=64)
         seconds += out.stats.decoder_s
         tokens += out.stats.tokens
-        layers += out.exit_layers[0]
+        layers += [layer for row in out.exit_layers for layer in row]
     return seconds, tokens, layers
+
+
+def batched_inputs(generator: EarlyExitGenerator, prompts: list[str], batch: int) -> list[tuple]:
+    """The prompts as padded (ids, mask) batches; a sentence alone carries no mask, as in a sweep."""
+    if batch == 1:
+        return [(generator.tokenize([prompt])[0], None) for prompt in prompts]
+    return [generator.tokenize(prompts[start : start + batch]) for start in range(0, len(prompts), batch)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,42 +81,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the sweep gives each trial 1)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="a saved T5 with exit heads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1], help="e.g. 1,16")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "policy_speed.json")
     args = parser.parse_args(argv)
     sentences, repeats = (8, 2) if args.quick else (args.sentences, args.repeats)
     torch.set_num_threads(args.threads)
 
-    generator = load_generator(DEFAULT_MODEL_DIR, require_heads=True)
-    inputs = [generator.tokenize([prompt])[0] for prompt in tatoeba_prompts(sentences)]
-    for policy in POLICIES.values():
-        decode_all(generator, inputs[:2], policy)  # warm-up
+    generator = load_generator(args.model, args.dtype, args.device, require_heads=True)
+    prompts = tatoeba_prompts(sentences)
+    rows = []
+    for batch in args.batches:
+        inputs = batched_inputs(generator, prompts, batch)
+        for policy in POLICIES.values():
+            decode_all(generator, inputs[:2], policy)  # warm-up
 
-    ms_per_token: dict[str, list[float]] = {name: [] for name in POLICIES}
-    exit_layers: dict[str, list[int]] = {}
-    for _ in range(repeats):
-        for name, policy in POLICIES.items():
-            seconds, tokens, layers = decode_all(generator, inputs, policy)
-            ms_per_token[name].append(1000 * seconds / tokens)
-            exit_layers[name] = layers
-    full = statistics.median(ms_per_token["full"])
-    rows = [
-        {
-            "policy": name,
-            "ms_per_token": statistics.median(samples),
-            "speedup_vs_full": full / statistics.median(samples),
-            "slowest_to_fastest": max(samples) / min(samples),
-            "avg_exit_layer": statistics.fmean(exit_layers[name]),
-        }
-        for name, samples in ms_per_token.items()
-    ]
+        ms_per_token: dict[str, list[float]] = {name: [] for name in POLICIES}
+        exit_layers: dict[str, list[int]] = {}
+        for _ in range(repeats):
+            for name, policy in POLICIES.items():
+                seconds, tokens, layers = decode_all(generator, inputs, policy)
+                ms_per_token[name].append(1000 * seconds / tokens)
+                exit_layers[name] = layers
+        full = statistics.median(ms_per_token["full"])
+        rows += [
+            {
+                "policy": name,
+                **({"batch": batch} if args.batches != [1] else {}),
+                "ms_per_token": statistics.median(samples),
+                "speedup_vs_full": full / statistics.median(samples),
+                "slowest_to_fastest": max(samples) / min(samples),
+                "avg_exit_layer": statistics.fmean(exit_layers[name]),
+            }
+            for name, samples in ms_per_token.items()
+        ]
     print(tabulate(rows, headers="keys", floatfmt=".3f"))
 
     result = {
         "policies": rows,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "settings": {"model": DEFAULT_MODEL_DIR.name, "task": TATOEBA_ENFR.name, "sentences": sentences,
-                     "repeats": repeats, "batch": 1, "max_new_tokens": 64, "dtype": "float32"},
+                    "threads": torch.get_num_threads(),
+                    **({"gpu": torch.cuda.get_device_name()} if args.device == "cuda" else {})},
+        "settings": {"model": args.model.name, "task": TATOEBA_ENFR.name, "sentences": sentences,
+                     "repeats": repeats, "batch": args.batches[0] if len(args.batches) == 1 else args.batches,
+                     "max_new_tokens": 64, "dtype": args.dtype, "device": args.device},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

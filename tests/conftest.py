@@ -20,6 +20,22 @@ torch.set_num_threads(1)
 from tests.helpers import TOKENIZER_DIR, tiny_model
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request) -> str:
+    """Run a test on the CPU and, marked `cuda`, once more on the GPU (`pytest -m cuda` there)."""
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `cuda` are skipped, not failed, where CUDA is unavailable."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: run `pytest -m cuda` on a GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def t5_tokenizer():
     from transformers import AutoTokenizer

@@ -229,3 +229,18 @@ class T5LayerRunner:
             for hook in hooks:
                 hook.remove()
         return [self.embed(decoder_input_ids), *captured]
+
+
+def growing_generate_cache(model) -> dict:
+    """`generate` keyword arguments for an empty cache that grows a layer at a time.
+
+    transformers sizes `generate`'s default cache by the *encoder* depth, too shallow for a
+    deeper decoder. The keyword is `cache` in recent transformers and `past_key_values` up to
+    about 5.17 (the GPU image's version), so it is read off the model's own signature.
+    """
+    import inspect
+
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: EncoderDecoderCache(DynamicCache(), DynamicCache())}

@@ -25,7 +25,9 @@ from mee_bench.paths import REPO_ROOT
 CONFIG_DIR = REPO_ROOT / "configs" / "train"
 SCHEDULES = ("constant", "inverse_sqrt", "wsd")
 # Keys that may change between the runs of one training without making it a different run.
-RESUMABLE_KEYS = ("budget", "checkpoint_minutes", "threads", "log_every_steps", "eval_every_steps", "output_dir")
+RESUMABLE_KEYS = (
+    "budget", "checkpoint_minutes", "threads", "device", "log_every_steps", "eval_every_steps", "output_dir"
+)
 
 
 @dataclass
@@ -106,6 +108,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"  # cuda trains on the GPU (bf16 autocast follows the device)
     precision: str = "fp32"
     save_dtype: str = "bfloat16"
     checkpoint_minutes: float = 5.0
@@ -170,6 +173,8 @@ def _validate(cfg: TrainConfig) -> None:
         )
     if cfg.optim.schedule not in SCHEDULES:
         raise ConfigError(f"unknown optim.schedule {cfg.optim.schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda, got {cfg.device!r}")
     if cfg.precision not in ("bf16", "fp32"):
         raise ConfigError(f"precision must be bf16 or fp32, got {cfg.precision!r}")
     steps, minutes = cfg.budget.steps, cfg.budget.minutes

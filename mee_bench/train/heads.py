@@ -114,6 +114,10 @@ def evaluate_heads(heads: ExitHeads, runner: LayerRunner, batches, mode: str) ->
     return report
 
 
+def _on(device: torch.device, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def _batches(mixture: MixtureBatches, pad_id: int, start_id: int, epochs: int = 1000):
     for epoch in range(epochs):
         for indices in mixture.epoch(epoch):
@@ -132,13 +136,14 @@ def train_heads(
     seed: int = 0,
     limit: int | None = 50_000,
     log=print,
+    device: str = "cpu",
 ) -> tuple[Path, dict]:
     """Train all three heads for the model in `model_dir`; save them and their validation metrics beside it."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     if mode not in LABEL_MODES:
         raise ValueError(f"unknown label mode {mode!r}; use one of {', '.join(LABEL_MODES)}")
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=device)
     runner = build_runner(model)
     start_id, pad_id = runner.start_token_id, tokenizer.pad_token_id
     sources = [TokenizedSource(path, read_examples(path, task, limit), tokenizer, 256, 96) for path, task in data]
@@ -150,13 +155,15 @@ def train_heads(
             tokenizer([e.target for e in val_rows], truncation=True, max_length=96)["input_ids"],
         )
     )
-    val_batches = [collate(val_pairs[i : i + 64], start_id, pad_id) for i in range(0, len(val_pairs), 64)]
+    val_batches = [
+        _on(runner.device, collate(val_pairs[i : i + 64], start_id, pad_id)) for i in range(0, len(val_pairs), 64)
+    ]
     torch.manual_seed(seed)
-    heads = ExitHeads(runner.hidden_size)
+    heads = ExitHeads(runner.hidden_size).to(runner.device)
     optimizer = torch.optim.Adam(heads.parameters(), lr=lr)
     layers = runner.num_layers
     for step, batch in enumerate(_batches(mixture, pad_id, start_id), start=1):
-        states, top1 = token_states(runner, batch)
+        states, top1 = token_states(runner, _on(runner.device, batch))
         labels = oracle_labels(top1, mode)[: layers - 1]
         losses = {
             name: class_weighted_loss(logits[: layers - 1], labels)
@@ -224,6 +231,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -237,6 +245,7 @@ def cli(argv: list[str]) -> int:
             args.labels,
             args.lr,
             args.seed,
+            device=args.device,
         )
     except (DataError, ModelLoadError, ValueError) as err:
         print(f"mee-bench train-heads: {err}", file=sys.stderr)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from mee_bench.engine.runner import LayerRunner, build_runner
+from mee_bench.engine.t5 import growing_generate_cache
 from mee_bench.train.objectives import Objective, decoder_layer_states
 from mee_bench.train.tokenizer import SPIECE_FILE
 from mee_bench.train.data import DataError, MixtureBatches, TokenizedSource, read_examples
@@ -96,7 +97,6 @@ def build_model(cfg, tokenizer):
 def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
     """Per-layer validation CE (all layers, any objective) and full-depth greedy BLEU on a few examples."""
     import sacrebleu
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     from mee_bench.train.data import collate
 
@@ -104,7 +104,7 @@ def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
     examples = validation[: cfg.data.validation.examples]
     per_layer, hypotheses = None, []
     eval_objective = Objective("weighted_ce", 0.0, objective.chunk_tokens)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+    with torch.no_grad(), autocast(cfg):
         for start in range(0, len(examples), 64):
             chunk = examples[start : start + 64]
             sources = tokenizer([e.source for e in chunk], truncation=True, max_length=cfg.data.max_source_tokens)[
@@ -114,18 +114,17 @@ def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
                 "input_ids"
             ]
             batch = collate(list(zip(sources, targets)), model.config.decoder_start_token_id, tokenizer.pad_token_id)
+            batch = to_device(batch, runner.device)
             _, parts = eval_objective(runner, decoder_layer_states(runner, batch), batch["labels"])
             layer_ce = [parts[f"ce{i}"] * len(chunk) for i in range(1, runner.num_layers + 1)]
             per_layer = layer_ce if per_layer is None else [a + b for a, b in zip(per_layer, layer_ce)]
-            # An explicit lazily-sized cache: transformers sizes its default cache by the encoder depth.
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
             generated = model.generate(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 max_new_tokens=64,
                 num_beams=1,
                 do_sample=False,
-                cache=cache,
+                **growing_generate_cache(model),
             )
             hypotheses += tokenizer.batch_decode(generated, skip_special_tokens=True)
     model.train()
@@ -135,6 +134,22 @@ def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
         "bleu": round(bleu.score, 2),
         "sample": hypotheses[0],
     }
+
+
+def autocast(cfg) -> torch.autocast:
+    """bf16 autocast on the run's device when `precision: bf16`, a no-op otherwise."""
+    return torch.autocast(cfg.device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def training_device(cfg) -> torch.device:
+    """The configured device, refused in one line when CUDA is asked for but absent."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was asked for but CUDA is not available; set device=cpu")
+    return torch.device(cfg.device)
 
 
 def budget_left(cfg, state: dict) -> bool:
@@ -156,7 +171,7 @@ def build_optimizer(cfg, model) -> torch.optim.Optimizer:
 
 def train_step(model, runner: LayerRunner, objective: Objective, optimizer, batch: dict, cfg) -> dict[str, float]:
     """One optimiser step on one batch; returns the logged loss parts."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+    with autocast(cfg):
         loss, parts = objective(runner, decoder_layer_states(runner, batch), batch["labels"])
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -175,12 +190,13 @@ def train(cfg) -> Path:
     from tqdm import tqdm
 
     torch.set_num_threads(cfg.threads)
+    device = training_device(cfg)
     check_init(cfg)
     output, resuming = prepare_output_dir(cfg)
     sources = load_sources(cfg)
     validation = read_examples(cfg.data.validation.path, cfg.data.validation.task, cfg.data.validation.examples)
     tokenizer = build_tokenizer(cfg, output, sources)
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer).to(device)
     optimizer = build_optimizer(cfg, model)
     state = {"step": 0, "epoch": 0, "position": 0, "wall_time": 0.0, "tokens": 0}
     if resuming:
@@ -241,8 +257,8 @@ def train(cfg) -> Path:
         lr = learning_rate(cfg, state["step"])
         for group in optimizer.param_groups:
             group["lr"] = lr
-        parts = train_step(model, runner, objective, optimizer, batch, cfg)
         batch_tokens = int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+        parts = train_step(model, runner, objective, optimizer, to_device(batch, device), cfg)
         state["step"] += 1
         state["position"] += 1
         state["tokens"] += batch_tokens

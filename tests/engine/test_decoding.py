@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from tests.helpers import tiny_model
 from mee_bench.engine.decoding import EarlyExitGenerator
+from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.measures import MEASURES, ExitMeasure
 from mee_bench.engine.loading import load_model
 from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.t5 import growing_generate_cache
 
 MAX_NEW = 12
 SENTENCES = ["Why not start now?", "The boat capsized.", "Since there was nothing left to do, we left."]
@@ -30,9 +31,7 @@ def padded_batch(lengths: list[int], side: str = "right", seed: int = 1, vocab: 
 
 
 def hf_greedy(model, ids, mask, max_new_tokens=MAX_NEW, lazy_cache=False) -> list[list[int]]:
-    # transformers sizes generate's default cache by the *encoder* depth; a decoder deeper than
-    # the encoder needs a cache that grows a layer at a time
-    cache = {"cache": EncoderDecoderCache(DynamicCache(), DynamicCache())} if lazy_cache else {}
+    cache = growing_generate_cache(model) if lazy_cache else {}
     out = model.generate(
         input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, **cache
     )
@@ -44,25 +43,22 @@ def hf_greedy(model, ids, mask, max_new_tokens=MAX_NEW, lazy_cache=False) -> lis
     return rows
 
 
-@pytest.mark.parametrize("lengths", [[9], [9, 5, 7, 3]])
-def test_full_policy_matches_model_generate(lengths):
-    model = tiny_model(seed=0)
-    ids, mask = padded_batch(lengths)
+BATCH_OF_EIGHT = [9, 5, 7, 3, 8, 6, 4, 9]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lengths", [[9], [9, 5, 7, 3], BATCH_OF_EIGHT], ids=["batch1", "batch4", "batch8"])
+def test_full_policy_matches_model_generate(lengths, dtype, device):
+    model = tiny_model(seed=0).to(device=device, dtype=dtype)
+    ids, mask = (t.to(device) for t in padded_batch(lengths))
     out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("full"), MAX_NEW)
     assert out.tokens == hf_greedy(model, ids, mask)
     assert all(layer == 4 for row in out.exit_layers for layer in row)
     assert len(set(out.tokens[0])) > 2, "the test model must produce varied tokens for the comparison to mean anything"
 
 
-def test_full_policy_in_bfloat16_matches_generate():
-    model = tiny_model(seed=3).to(torch.bfloat16)
-    ids, mask = padded_batch([8, 6])
-    out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("full"), MAX_NEW)
-    assert out.tokens == hf_greedy(model, ids, mask)
-
-
-def test_full_policy_matches_model_generate_on_the_embedded_default_model():
-    model, tokenizer = load_model()  # 4 encoder and 6 decoder layers
+def test_full_policy_matches_model_generate_on_the_embedded_default_model(device):
+    model, tokenizer = load_model(device=device)  # 4 encoder and 6 decoder layers
     generator = EarlyExitGenerator(model, tokenizer)
     ids, mask = generator.tokenize([f"translate English to French: {s}" for s in SENTENCES])
     out = generator.generate(ids, mask, ExitPolicy("full"), 24)
@@ -100,7 +96,7 @@ class StepSchedule(ExitMeasure):
 
     def step(self, layer, hidden, logits):
         target = self.schedule[self.step_index % len(self.schedule)]
-        return torch.full((hidden.shape[0],), float(layer == target))
+        return torch.full((hidden.shape[0],), float(layer == target), device=hidden.device)
 
 
 @pytest.fixture
@@ -119,9 +115,9 @@ def reference_copy_decode(model, ids, schedule, max_new_tokens):
     tokens, layer_inputs = [0], []  # layer_inputs[p][j] = input of layer j at position p
     for step in range(max_new_tokens):
         target = schedule[step % len(schedule)] or num_layers
-        inputs = [model.decoder.embed_tokens(torch.tensor([[tokens[-1]]]))[0, 0]]
+        inputs = [model.decoder.embed_tokens(torch.tensor([[tokens[-1]]], device=ids.device))[0, 0]]
         length = step + 1
-        causal = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
+        causal = torch.full((length, length), torch.finfo(torch.float32).min, device=ids.device).triu(1)[None, None]
         bias = blocks[0].layer[0].SelfAttention.compute_bias(length, length) + causal
         for j in range(target):
             sequence = torch.stack([layer_inputs[p][j] for p in range(step)] + [inputs[j]])[None]
@@ -147,7 +143,7 @@ def reference_deferred_decode(model, ids, schedule, max_new_tokens):
     tokens = [0]
     for step in range(max_new_tokens):
         target = schedule[step % len(schedule)] or runner.num_layers
-        states = runner.all_layer_states(ids, torch.ones_like(ids), torch.tensor([tokens]))
+        states = runner.all_layer_states(ids, torch.ones_like(ids), torch.tensor([tokens], device=ids.device))
         tokens.append(int(runner.logits(states[target][0, -1]).argmax()))
         if tokens[-1] == 1:
             break
@@ -155,9 +151,9 @@ def reference_deferred_decode(model, ids, schedule, max_new_tokens):
 
 
 @pytest.mark.parametrize("strategy", ["copy", "deferred"])
-def test_scheduled_exits_match_slow_reference(step_schedule, strategy):
-    model = tiny_model(seed=4)
-    ids, _ = padded_batch([8], seed=5)
+def test_scheduled_exits_match_slow_reference(step_schedule, strategy, device):
+    model = tiny_model(seed=4).to(device)
+    ids = padded_batch([8], seed=5)[0].to(device)
     policy = step_schedule("step_schedule", threshold=0.5, min_exit_layer=1, kv_strategy=strategy)
     out = EarlyExitGenerator(model).generate(ids, None, policy, MAX_NEW)
     reference = reference_copy_decode if strategy == "copy" else reference_deferred_decode
@@ -199,9 +195,9 @@ def test_catch_up_block_equals_sequential_layers():
 
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("strategy", ["copy", "deferred"])
-def test_per_row_exits_in_a_batch_equal_batch_of_one(side, strategy):
-    model = tiny_model(seed=7)
-    ids, mask = padded_batch([9, 4, 7, 6], side=side, seed=8)
+def test_per_row_exits_in_a_batch_equal_batch_of_one(side, strategy, device):
+    model = tiny_model(seed=7).to(device)
+    ids, mask = (t.to(device) for t in padded_batch([9, 4, 7, 6], side=side, seed=8))
     policy = ExitPolicy("softmax", threshold=0.95, min_exit_layer=1, kv_strategy=strategy)
     generator = EarlyExitGenerator(model)
     batched = generator.generate(ids, mask, policy, MAX_NEW)
@@ -212,6 +208,22 @@ def test_per_row_exits_in_a_batch_equal_batch_of_one(side, strategy):
         alone = generator.generate(ids[row : row + 1, keep], None, policy, MAX_NEW)
         assert batched.tokens[row] == alone.tokens[0]
         assert batched.exit_layers[row] == alone.exit_layers[0]
+
+
+@pytest.mark.parametrize("measure", sorted(MEASURES))
+def test_every_measure_decodes_each_row_as_if_alone(measure, device):
+    """Every registered measure runs through the engine (random exit heads for the learned ones),
+    and a row's tokens and exit layers do not depend on the rows batched with it."""
+    torch.manual_seed(0)
+    generator = EarlyExitGenerator(tiny_model(seed=7).to(device), heads=ExitHeads(32))
+    low, high = MEASURES[measure].threshold_range
+    policy = ExitPolicy(measure, threshold=(low + high) / 2, min_exit_layer=2)
+    ids, mask = (t.to(device) for t in padded_batch([9, 4, 7, 6], seed=8))
+    batched = generator.generate(ids, mask, policy, MAX_NEW)
+    assert all(2 <= layer <= 4 for row in batched.exit_layers for layer in row)
+    for row in range(4):
+        alone = generator.generate(ids[row : row + 1, mask[row].bool()], None, policy, MAX_NEW)
+        assert (batched.tokens[row], batched.exit_layers[row]) == (alone.tokens[0], alone.exit_layers[0])
 
 
 def test_exited_rows_leave_the_active_set():
