@@ -21,7 +21,7 @@ def test_every_preset_loads_as_a_typed_config():
     assert len(presets()) >= 7
     for preset in presets():
         cfg = load_config(preset)
-        assert isinstance(cfg, TrainConfig) and cfg.data.sources and cfg.budget.steps > 0
+        assert isinstance(cfg, TrainConfig) and cfg.data.sources and (cfg.budget.steps or 0) + (cfg.budget.minutes or 0) > 0
         assert isinstance(cfg.optim.lr, float) and all(source.name for source in cfg.data.sources)
         assert Path(cfg.output_dir).is_absolute()
 
