@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -137,3 +138,40 @@ def instantiate(config: DictConfig) -> Any:
         return OmegaConf.to_object(config)
     except MissingMandatoryValue as err:
         raise ConfigError(f"config key {err.full_key!r} is required and missing") from None
+
+
+def merge_checked(base: DictConfig, layer: DictConfig, schema: type, source: str) -> DictConfig:
+    """`layer` merged onto `base` after every key and value of it was checked against `schema`."""
+    check_layer(layer, schema, source)
+    return OmegaConf.merge(base, layer)
+
+
+def to_typed(schema: type, node: DictConfig | dict, validate: Callable[[Any], None]) -> Any:
+    """A (possibly partial) mapping as a validated instance of `schema`."""
+    if not isinstance(node, DictConfig) or OmegaConf.get_type(node) is not schema:
+        node = merge_checked(OmegaConf.structured(schema), OmegaConf.create(node), schema, "the config")
+    config = instantiate(node)
+    validate(config)
+    return config
+
+
+def load_typed(schema: type, path: str | Path, overrides: Sequence[str], validate: Callable[[Any], None], *,
+               what: str, example_file: str, example_override: str) -> Any:
+    """Read a YAML into `schema` with closest-key errors, apply dotlist overrides, name the config
+    after its file when it names itself nothing, and validate: what `sweep` and `calibrate` share."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} config {path} does not exist; see {example_file} for an example")
+    try:
+        loaded = OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {what} config {path}: {str(err).splitlines()[0]}") from None
+    merged = merge_checked(OmegaConf.structured(schema), loaded, schema, str(path))
+    if "name" in {f.name for f in dataclasses.fields(schema)} and OmegaConf.is_missing(merged, "name"):
+        merged.name = path.stem
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. {example_override})")
+    if overrides:
+        merged = merge_checked(merged, OmegaConf.from_dotlist(list(overrides)), schema, "the command-line overrides")
+    return to_typed(schema, merged, validate)

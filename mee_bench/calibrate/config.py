@@ -9,14 +9,11 @@ a model loads.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf import MISSING, DictConfig
 
 from mee_bench.calibrate.ltt import (
     CalibrationError,
@@ -27,15 +24,10 @@ from mee_bench.calibrate.ltt import (
 from mee_bench.engine.loading import DTYPES
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.policy import KV_STRATEGIES, THRESHOLD_SCHEDULES, ExitPolicy
-from mee_bench.sweep.config import closest
+from mee_bench.config_errors import ConfigError, closest, load_typed, to_typed
 
 CONSISTENCY_KINDS = ("textual", "risk")
 CONSISTENCY_METRICS = ("rougeL", "bleu", "chrf")
-NOT_CALIBRATABLE = frozenset({"full", "fixed", "oracle"})  # no threshold to calibrate, or not deployable
-
-
-class ConfigError(CalibrationError):
-    """A calibration config that cannot run; the message says which key and what to do."""
 
 
 @dataclass
@@ -107,57 +99,15 @@ class CalibrationConfig:
         return self.epsilon / len(self.measures)
 
 
-def _check_keys(node: DictConfig, schema: type, prefix: str, source: str) -> None:
-    hints = typing.get_type_hints(schema)
-    valid = [f.name for f in dataclasses.fields(schema)]
-    for key in node.keys():
-        name = f"{prefix}{key}"
-        if key not in hints:
-            raise ConfigError(
-                f"unknown config key {name!r} in {source}; the closest valid key is "
-                f"{prefix + closest(str(key), valid)!r} (valid here: {', '.join(valid)})"
-            )
-        value = node._get_node(key)
-        if dataclasses.is_dataclass(hints[key]) and isinstance(value, DictConfig) and not value._is_none():
-            _check_keys(value, hints[key], f"{name}.", source)
-
-
-def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
-    _check_keys(layer, CalibrationConfig, "", source)
-    try:
-        return OmegaConf.merge(base, layer)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        message = str(getattr(err, "msg", err)).splitlines()[0]
-        raise ConfigError(f"bad value for {key!r} in {source}: {message}") from None
-
-
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> CalibrationConfig:
     """Read a calibration YAML, apply dotlist overrides (`delta=0.05`, `calibration.size=300`), validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"calibration config {path} does not exist; see configs/calibrate_quickstart.yaml for an example")
-    merged = _merge(OmegaConf.structured(CalibrationConfig), OmegaConf.load(path), str(path))
-    if OmegaConf.is_missing(merged, "name"):
-        merged.name = path.stem
-    if overrides:
-        bad = [item for item in overrides if "=" not in item]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. delta=0.05 or measures=[softmax])")
-        merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), "the command-line overrides")
-    return to_config(merged)
+    return load_typed(CalibrationConfig, path, overrides, validate, what="calibration",
+                      example_file="configs/calibrate_quickstart.yaml", example_override="delta=0.05 or measures=[softmax]")
 
 
 def to_config(node: DictConfig | dict) -> CalibrationConfig:
     """Turn a (possibly partial) mapping into a validated CalibrationConfig."""
-    if not isinstance(node, DictConfig) or OmegaConf.get_type(node) is not CalibrationConfig:
-        node = _merge(OmegaConf.structured(CalibrationConfig), OmegaConf.create(node), "the config")
-    try:
-        config = OmegaConf.to_object(node)
-    except MissingMandatoryValue as err:
-        raise ConfigError(f"config key {err.full_key!r} is required and missing") from None
-    validate(config)
-    return config
+    return to_typed(CalibrationConfig, node, validate)
 
 
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
@@ -183,7 +133,7 @@ def validate(config: CalibrationConfig) -> None:
             raise ConfigError(str(err)) from None
     if not config.measures:
         raise ConfigError("empty grid: `measures` is empty; list at least one measure, e.g. measures=[softmax]")
-    calibratable = sorted(set(MEASURES) - NOT_CALIBRATABLE)
+    calibratable = sorted(name for name, measure in MEASURES.items() if measure.takes_threshold)
     for measure in config.measures:
         if measure not in calibratable:
             hint = closest(measure, calibratable)

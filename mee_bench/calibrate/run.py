@@ -288,7 +288,7 @@ def cli(argv: list[str]) -> int:
             if target.exists() and not args.force:
                 raise ConfigError(f"{target} exists; pass --force to overwrite it, or set output_dir=... for a new record")
         record = calibrate(config)
-    except (CalibrationError, FileNotFoundError) as err:
+    except (CalibrationError, ConfigError, FileNotFoundError) as err:
         print(f"mee-bench calibrate: error: {err}", file=sys.stderr)
         return 2
     for path in write_outputs(record, config.results_dir):

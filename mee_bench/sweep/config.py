@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import MISSING, DictConfig
 
-from mee_bench.config_errors import ConfigError, check_layer, closest
+from mee_bench.config_errors import ConfigError, closest, load_typed, to_typed
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import DTYPES, check_device_name
 from mee_bench.paths import DEFAULT_MODEL_DIR
@@ -83,38 +82,15 @@ class SweepConfig:
         return Path(self.output_dir if self.output_dir else Path("results") / self.name)
 
 
-def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
-    check_layer(layer, SweepConfig, source)
-    return OmegaConf.merge(base, layer)
-
-
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """Read a sweep YAML, apply dotlist overrides (`limit=50`, `tasks=[squad_mee]`), validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep config {path} does not exist; see configs/quickstart.yaml for an example")
-    merged = OmegaConf.structured(SweepConfig)
-    merged = _merge(merged, OmegaConf.load(path), str(path))
-    if OmegaConf.is_missing(merged, "name"):
-        merged.name = path.stem
-    if overrides:
-        bad = [item for item in overrides if "=" not in item]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. limit=50 or tasks=[squad_mee])")
-        merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), "the command-line overrides")
-    return to_config(merged)
+    return load_typed(SweepConfig, path, overrides, validate, what="sweep", example_file="configs/quickstart.yaml",
+                      example_override="limit=50 or tasks=[squad_mee]")
 
 
 def to_config(node: DictConfig | dict) -> SweepConfig:
     """Turn a (possibly partial) mapping into a validated SweepConfig."""
-    if not isinstance(node, DictConfig) or OmegaConf.get_type(node) is not SweepConfig:
-        node = _merge(OmegaConf.structured(SweepConfig), OmegaConf.create(node), "the config")
-    try:
-        config = OmegaConf.to_object(node)
-    except MissingMandatoryValue as err:
-        raise ConfigError(f"config key {err.full_key!r} is required and missing") from None
-    validate(config)
-    return config
+    return to_typed(SweepConfig, node, validate)
 
 
 def config_dict(config: SweepConfig) -> dict:
