@@ -1,4 +1,4 @@
-"""Config mistakes named in one line, the same way for every typed config (sweep, training).
+"""Config mistakes named in one line, and one loader, the same way for every typed config (sweep, training, calibration).
 
 Each config is a dataclass schema that OmegaConf fills from a YAML file and `key=value`
 overrides. OmegaConf's own errors name the dataclass, not the user's key, and do not say
