@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import Collator
+from lm_eval.models.utils import Collator, handle_stop_sequences, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
@@ -299,7 +299,8 @@ class MEELM(TemplateLM):
     ) -> tuple[list[str], GenerationStats]:
         input_ids, attention_mask = self._pad(encoded)
         output = self.generator.generate(input_ids, attention_mask, policy or self.policy, max_gen_toks, until)
-        texts = [_cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), until) for ids in output.tokens]
+        texts = [postprocess_generated_text(self.tokenizer.decode(ids, skip_special_tokens=True), until, None)
+                 for ids in output.tokens]
         return texts, output.stats
 
     def _pad(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -456,17 +457,10 @@ def _greedy_settings(gen_kwargs: dict, default_max_gen_toks: int) -> tuple[list[
     ignored = sorted(set(kwargs) - GREEDY_KWARGS - {"num_beams"})
     if ignored:
         log.warning("generation kwargs %s do not apply to greedy early-exit decoding and are ignored", ignored)
-    until = kwargs["until"]
-    until = [until] if isinstance(until, str) else list(until or [])
+    until = handle_stop_sequences(kwargs["until"], None)
     if kwargs["max_gen_toks"] < 1:
         raise ValueError(f"max_gen_toks={kwargs['max_gen_toks']} must be >= 1")
     return [stop for stop in until if stop], kwargs["max_gen_toks"]
-
-
-def _cut_at_stop(text: str, until: Sequence[str]) -> str:
-    """The text before the first occurrence of any stop string."""
-    cut = min((text.find(stop) for stop in until if stop in text), default=len(text))
-    return text[:cut]
 
 
 def attach_efficiency(results: dict, lm: MEELM) -> dict:
