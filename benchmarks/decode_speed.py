@@ -34,6 +34,7 @@ from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy
+from mee_bench.timing import speedup_interval
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {
@@ -81,14 +82,26 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_medians(variants: dict, repeats: int, device: str, summary=statistics.median) -> dict[str, float]:
+def interleaved_samples(variants: dict, repeats: int, device: str) -> dict[str, list[float]]:
+    """Each variant timed `repeats` times after a warm-up, round-robin so drift hits all alike;
+    sample i of every variant comes from the same round, so ratios can be paired."""
     for fn in variants.values():
         fn()  # warm-up
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
             samples[name].append(timed(fn, device))
-    return {name: summary(values) for name, values in samples.items()}
+    return samples
+
+
+def interleaved_medians(variants: dict, repeats: int, device: str, summary=statistics.median) -> dict[str, float]:
+    return {name: summary(values) for name, values in interleaved_samples(variants, repeats, device).items()}
+
+
+def paired_ratio(samples: dict[str, list[float]], baseline: str, candidate: str) -> tuple[float, list[float]]:
+    """baseline/candidate time: the median of the per-round ratios and its 95% bootstrap interval."""
+    ratio = speedup_interval(samples[baseline], samples[candidate])
+    return ratio.median, [round(ratio.low, 4), round(ratio.high, 4)]
 
 
 def forced_exit_layers(layers: int) -> list[int]:
@@ -111,14 +124,16 @@ def speed_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_token
         policy = ExitPolicy("fixed", min_exit_layer=exit_layer)
         variants[f"exit{exit_layer}"] = lambda policy=policy: generator.generate(ids, mask, policy, new_tokens)
     with torch.inference_mode():
-        medians = interleaved_medians(variants, repeats, device)
+        samples = interleaved_samples(variants, repeats, device)
     tokens = batch * new_tokens
     row = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "new_tokens": new_tokens}
-    row.update({f"{k}_ms_per_token": 1e3 * v / tokens for k, v in medians.items()})
-    row["full_vs_hf_generate"] = medians["full"] / medians["hf_generate"] if "hf_generate" in medians else None
-    for key in medians:
+    row.update({f"{k}_ms_per_token": 1e3 * statistics.median(v) / tokens for k, v in samples.items()})
+    row["full_vs_hf_generate"], row["full_vs_hf_generate_ci95"] = (
+        paired_ratio(samples, "full", "hf_generate") if "hf_generate" in samples else (None, None)
+    )
+    for key in samples:
         if key.startswith("exit"):
-            row[f"speedup_{key}_of_{layers}"] = medians["full"] / medians[key]
+            row[f"speedup_{key}_of_{layers}"], row[f"speedup_{key}_of_{layers}_ci95"] = paired_ratio(samples, "full", key)
     return row
 
 
