@@ -91,7 +91,7 @@ def test_config_errors(tiny_corpus, tmp_path):
 def test_missing_and_malformed_data_name_file_and_line(tiny_corpus, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"translation": {"en": "a", "fr": "b"}}\n{"translation": {"en": "c"}}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: .*'fr'"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: .*translation\.fr is missing"):
         train(tiny_train_config(tiny_corpus, tmp_path / "run1", **{"data.sources.0.path": str(bad)}))
     bad.write_text('{"translation": {"en": "a", "fr": "b"}}\n\n{"translation": \n')
     with pytest.raises(DataError, match=r"bad\.jsonl:3: not valid JSON"):
