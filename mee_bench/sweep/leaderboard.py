@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 import sys
@@ -25,7 +24,7 @@ from tabulate import tabulate
 
 from mee_bench.formatting import MISSING, fixed, significant
 from mee_bench.harness.catalogue import TASKS
-from mee_bench.sweep.store import MANIFEST, load_records
+from mee_bench.sweep.store import MANIFEST, read_manifest, scan_records
 
 # The quality number a task is judged by is the catalogue's primary metric; other metrics are
 # shown beside it. Tasks outside the catalogue use the first metric of METRIC_PREFERENCE present.
@@ -318,14 +317,34 @@ def _context(records: list[dict]) -> list[str]:
     return lines
 
 
+def absent_trials(output_dir: Path, records: list[dict], unreadable: dict[Path, str], manifest: dict) -> dict[str, str]:
+    """Trial id -> why the tables hold no result for it: an unreadable record, or none at all for a
+    trial of the sweep's grid (the manifest lists it), as an interrupted sweep leaves them."""
+    absent = {path.stem: f"unreadable record ({reason}): delete {path} and rerun the sweep" for path, reason in unreadable.items()}
+    present = {record["trial_id"] for record in records}
+    for trial in manifest.get("trials", []):
+        if trial not in present and trial not in absent:
+            absent[trial] = "no record: the sweep did not finish it; rerun the sweep to resume"
+    return absent
+
+
+def absent_row(trial: str, problem: str, width: int) -> list[str]:
+    """A task table row for a trial without a result, its grid point read from the trial id."""
+    parts = trial.split("__")
+    measure, threshold, layer = (parts[1:4] + ["?", "t?", "m?"])[:3] if len(parts) >= 4 else (trial, "t?", "m?")
+    threshold, layer = threshold.removeprefix("t"), layer.removeprefix("m")
+    return [measure, MISSING if threshold == "na" else threshold, MISSING if layer == "na" else layer,
+            f"**{problem}**", *[MISSING] * (width - 4)]
+
+
 def build_leaderboard(output_dir: str | Path, tolerance: float = 1.0) -> list[Path]:
     """Write leaderboard.{md,csv,tex}, summary.{csv,tex} and the plots into `output_dir`; return the paths."""
     output_dir = Path(output_dir)
-    records = load_records(output_dir)
+    records, unreadable = scan_records(output_dir)
     if not any(r.get("status") == "ok" for r in records):
         raise ValueError(f"{output_dir} holds no successful trial records; run `mee-bench sweep CONFIG` first")
-    manifest_path = output_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = read_manifest(output_dir / MANIFEST) or {}
+    absent = absent_trials(output_dir, records, unreadable, manifest)
     measures = manifest.get("config", {}).get("measures")
     name = manifest.get("config", {}).get("name") or output_dir.name
     boards = task_boards(records, measures)
@@ -333,14 +352,23 @@ def build_leaderboard(output_dir: str | Path, tolerance: float = 1.0) -> list[Pa
     written: list[Path] = []
 
     markdown = [f"# Leaderboard: {name}", "", *_context(records), ""]
+    if absent:
+        markdown += [f"**{len(absent)} trial(s) of this sweep have no result** and are listed as such in their task's table.", ""]
     latex = []
+    absent_tasks = {trial.split("__")[0] for trial in absent} - {board.task for board in boards}
+    for task in sorted(absent_tasks):  # a task none of whose trials has a readable record
+        boards.append(TaskBoard(task, MISSING, [], [], notes=["no readable record: nothing to compare"]))
     for board in boards:
         header, rows = task_table(board)
-        plot = output_dir / f"quality_vs_speedup_{board.task}.png"
-        plot_quality_vs_speedup(board, plot, tolerance)
-        written.append(plot)
+        rows += [absent_row(trial, problem, len(header)) for trial, problem in absent.items()
+                 if trial.split("__")[0] == board.task]
         markdown += [f"## {board.task} (quality: {board.metric})", "", tabulate(rows, header, tablefmt="github", disable_numparse=True), ""]
-        markdown += [f"_{note}_" for note in dict.fromkeys(board.notes)] + [f"![quality vs speedup]({plot.name})", ""]
+        markdown += [f"_{note}_" for note in dict.fromkeys(board.notes)]
+        if board.rows:
+            plot = output_dir / f"quality_vs_speedup_{board.task}.png"
+            plot_quality_vs_speedup(board, plot, tolerance)
+            written.append(plot)
+            markdown += [f"![quality vs speedup]({plot.name})", ""]
         latex += [f"% {board.task} (quality: {board.metric})", tabulate(rows, header, tablefmt="latex_booktabs", disable_numparse=True), ""]
     header, rows = summary_table(chosen, boards)
     exit_plot = output_dir / "avg_exit_layer.png"

@@ -30,6 +30,7 @@ from mee_bench.sweep.store import (
     ResultStore,
     SweepError,
     load_records,
+    provenance,
     result_settings,
     sweep_fingerprint,
     trial_id,
@@ -245,7 +246,8 @@ def run_sweep(
     settings = result_settings(config)
     ids = {trial: trial_id(trial, settings) for trial in trials}
     store = ResultStore(config.results_dir)
-    store.open(sweep_fingerprint(config, settings), config_dict(config), ids.values(), force)
+    identity = {**config_dict(config), "provenance": provenance(settings)}  # a resume must match all of it
+    store.open(sweep_fingerprint(config, settings), identity, ids.values(), force)
     try:
         finished = store.finished()
         pending = collections.deque((t, 1) for t in trials if ids[t] not in finished)

@@ -180,3 +180,24 @@ def test_readme_block_is_filled_from_the_leaderboard_and_refilled_in_place(tmp_p
     assert readme.read_text() == text
     readme.write_text("no markers\n")
     assert cli([str(sweep), "--readme", str(readme)]) == 2
+
+
+def test_a_record_cut_short_and_a_trial_without_record_are_listed_in_the_task_table(tmp_path):
+    records = [
+        {**record("tatoeba_enfr_mee", "full", None, None, 20.0, 10.0, 6.0), "trial_id": "tatoeba_enfr_mee__full__tna__mna__aaa"},
+        {**record("tatoeba_enfr_mee", "softmax", 0.9, 2, 19.5, 5.0, 3.0), "trial_id": "tatoeba_enfr_mee__softmax__t0.9__m2__bbb"},
+    ]
+    write_sweep(tmp_path, records)
+    cut = tmp_path / "records" / "tatoeba_enfr_mee__softmax__t0.9__m2__bbb.json"
+    cut.write_text(cut.read_text()[:40])
+    trials = [r["trial_id"] for r in records] + ["tatoeba_enfr_mee__softmax__t0.5__m3__ccc", "squad_mee__full__tna__mna__ddd"]
+    (tmp_path / "sweep.json").write_text(json.dumps({"fingerprint": "x", "config": {"name": "demo"}, "trials": trials}))
+    build_leaderboard(tmp_path)
+    board = (tmp_path / "leaderboard.md").read_text()
+    table_rows = [line for line in board.splitlines() if line.startswith("| ")]
+    unreadable = [row for row in table_rows if "unreadable record" in row]
+    missing = [row for row in table_rows if "no record: the sweep did not finish it" in row]
+    assert len(unreadable) == 1 and "| softmax " in unreadable[0] and "| 0.9 " in unreadable[0] and str(cut) in unreadable[0]
+    assert len(missing) == 2 and any("| 0.5 " in row and "| 3 " in row for row in missing)
+    assert "## squad_mee" in board  # a task with no readable record still gets its table
+    assert "3 trial(s) of this sweep have no result" in board

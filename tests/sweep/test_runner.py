@@ -171,8 +171,9 @@ def test_force_keeps_trials_still_in_the_grid_and_moves_the_rest_aside(tmp_path)
     forced.open("fp-2", {"limit": 4, "tasks": ["u"]}, ["a", "c"], force=True)
     forced.close()
     assert [r["trial_id"] for r in load_records(tmp_path / "sweep")] == ["a"]
-    [moved] = list((tmp_path / "sweep" / "superseded").rglob("*.json"))
-    assert moved.name == "b.json"
+    [aside] = list((tmp_path / "sweep" / "superseded").iterdir())
+    assert sorted(p.name for p in aside.iterdir()) == ["b.json", "sweep.json"]  # with the manifest it belonged to
+    assert json.loads((aside / "sweep.json").read_text())["fingerprint"] == "fp-1"
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["fingerprint"] == "fp-2"
 
 
@@ -256,3 +257,46 @@ def test_missing_embedded_default_model_says_how_to_get_one(tmp_path, monkeypatc
     config = resolve_model(make_config(None, tmp_path, model={"pretrained": None}))
     with pytest.raises(ConfigError, match="embedded default model is not at .* yet"):
         check_model(config)
+
+
+def flip_middle_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_resume_refuses_when_the_model_or_the_task_data_changed_in_the_middle(tiny_model_dir, tmp_path, monkeypatch):
+    """Provenance decides resume: the same config over changed files is a different sweep."""
+    import shutil
+
+    from mee_bench.harness.catalogue import TATOEBA_ENFR
+    from mee_bench.harness.data import local_split_path
+    from mee_bench.paths import DATA_DIR_ENV
+    from mee_bench.sweep.config import config_dict
+    from mee_bench.sweep.store import provenance, sweep_fingerprint
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    data = tmp_path / "data" / TATOEBA_ENFR.dataset / f"{TATOEBA_ENFR.split}.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text("".join(json.dumps({"translation": {"en": f"Hi {i}.", "fr": f"Salut {i}."}}) + "\n" for i in range(50)))
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
+    assert local_split_path(TATOEBA_ENFR.dataset, TATOEBA_ENFR.split) == data.resolve()
+    config = resolve_model(make_config(model, tmp_path))
+    settings = result_settings(config)
+    ids = [trial_id(t, settings) for t in expand_grid(config)]
+    store = ResultStore(config.results_dir)  # a finished sweep, as run_sweep leaves it
+    store.open(sweep_fingerprint(config, settings), {**config_dict(config), "provenance": provenance(settings)}, ids, False)
+    for trial in ids:
+        store.write({"trial_id": trial, "status": "ok", "trial": {"task": TATOEBA_ENFR.name}})
+    store.close()
+    assert run_sweep(make_config(model, tmp_path), progress=False).skipped == len(ids)  # resumes: nothing to run
+
+    original = data.read_bytes()
+    flip_middle_byte(data)
+    with pytest.raises(SweepError, match=r"differs in: provenance\.tasks\.tatoeba_enfr_mee\.data\).*content of the model"):
+        run_sweep(make_config(model, tmp_path), progress=False)
+    data.write_bytes(original)
+    flip_middle_byte(model / "model.safetensors")
+    with pytest.raises(SweepError, match=r"differs in: provenance\.model_fingerprint\)"):
+        run_sweep(make_config(model, tmp_path), progress=False)
+    assert sorted(p.stem for p in (config.results_dir / "records").glob("*.json")) == sorted(ids)  # nothing touched
