@@ -389,14 +389,17 @@ def build_leaderboard(output_dir: str | Path, tolerance: float = 1.0) -> list[Pa
     return written
 
 
-def embed_in_markdown(document: str | Path, output_dir: str | Path) -> Path:
+def embed_in_markdown(document: str | Path, output_dir: str | Path, force: bool = False) -> Path:
     """Replace the block between `<!-- leaderboard:start -->` and `<!-- leaderboard:end -->` in
-    `document` with the sweep's leaderboard, so a README shows generated numbers, never typed ones."""
+    `document` with the sweep's leaderboard, so a README shows generated numbers, never typed ones.
+    A block that already holds something is replaced only with `force`."""
     document, output_dir = Path(document), Path(output_dir)
     text = document.read_text()
     start, end = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
     if start not in text or end not in text:
         raise ValueError(f"{document} has no '{start}' ... '{end}' block to fill; add those two lines where the table goes")
+    if text.split(start, 1)[1].split(end, 1)[0].strip() and not force:
+        raise ValueError(f"the leaderboard block of {document} already holds a leaderboard; pass --force to replace it")
     relative = os.path.relpath(output_dir.resolve(), document.parent.resolve())
     board = (output_dir / "leaderboard.md").read_text()
     board = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", board, flags=re.M)
@@ -414,6 +417,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("output_dir", help="a sweep directory, e.g. results/quickstart")
     parser.add_argument("--tolerance", type=float, default=1.0, help="quality points below full still counted as 'as good' (default 1)")
     parser.add_argument("--readme", help="also write the leaderboard into this markdown file's leaderboard block")
+    parser.add_argument("--force", action="store_true", help="replace what the --readme block already holds")
     args = parser.parse_args(argv)
     if not Path(args.output_dir).is_dir():
         print(f"mee-bench leaderboard: error: {args.output_dir} is not a directory", file=sys.stderr)
@@ -421,7 +425,7 @@ def cli(argv: list[str]) -> int:
     try:
         paths = build_leaderboard(args.output_dir, args.tolerance)
         if args.readme:
-            paths.append(embed_in_markdown(args.readme, args.output_dir))
+            paths.append(embed_in_markdown(args.readme, args.output_dir, args.force))
     except ValueError as err:
         print(f"mee-bench leaderboard: error: {err}", file=sys.stderr)
         return 2

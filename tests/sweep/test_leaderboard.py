@@ -171,12 +171,14 @@ def test_readme_block_is_filled_from_the_leaderboard_and_refilled_in_place(tmp_p
     sweep = write_sweep(tmp_path / "results" / "demo", RECORDS, measures=["full", "softmax", "saturation", "oracle", "lstm"])
     readme = tmp_path / "README.md"
     readme.write_text("# Tool\n\nintro\n\n<!-- leaderboard:start -->\nold numbers\n<!-- leaderboard:end -->\n\nafter\n")
-    assert cli([str(sweep), "--readme", str(readme)]) == 0
+    assert cli([str(sweep), "--readme", str(readme)]) == 2  # the block holds something: replaced only with --force
+    assert "old numbers" in readme.read_text()
+    assert cli([str(sweep), "--readme", str(readme), "--force"]) == 0
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("# Tool\n\nintro") and text.rstrip().endswith("after")
     assert "### Leaderboard: demo" in text and "2.00x" in text
     assert "](results/demo/avg_exit_layer.png)" in text
-    assert cli([str(sweep), "--readme", str(readme)]) == 0
+    assert cli([str(sweep), "--readme", str(readme), "--force"]) == 0
     assert readme.read_text() == text
     readme.write_text("no markers\n")
     assert cli([str(sweep), "--readme", str(readme)]) == 2
