@@ -230,7 +230,7 @@ def test_workers_index_lm_evals_builtin_tasks_only_for_a_task_that_is_not_ours(t
 def test_cli_dry_run_lists_trials_and_reports_config_errors(tiny_model_dir, tmp_path, capsys):
     path = tmp_path / "s.yaml"
     path.write_text(
-        f"model: {{pretrained: {tiny_model_dir}}}\ntasks: [a, b]\nmeasures: [softmax, oracle]\n"
+        f"model: {{pretrained: {tiny_model_dir}}}\ntasks: [tatoeba_enfr_mee, squad_mee]\nmeasures: [softmax, oracle]\n"
         "thresholds: {softmax: [0.5]}\nmin_exit_layers: [2, 3]\ncarbon: {country_iso_code: FRA}\n"
     )
     assert cli([str(path), "--dry-run"]) == 0
@@ -238,6 +238,26 @@ def test_cli_dry_run_lists_trials_and_reports_config_errors(tiny_model_dir, tmp_
     assert out.startswith("10 trials:") and out.count(" full ") == 2
     assert cli([str(path), "limits=3"]) == 2
     assert "closest valid key is 'limit'" in capsys.readouterr().err
+    assert cli([str(path), "tasks=[tatoeba_enfr_me]", "--dry-run"]) == 2
+    assert "unknown task 'tatoeba_enfr_me' in `tasks`; did you mean 'tatoeba_enfr_mee'?" in capsys.readouterr().err
+
+
+def test_dry_run_and_a_real_run_refuse_bad_task_data_before_ray_starts(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from mee_bench.paths import DATA_DIR_ENV
+
+    data = tmp_path / "data" / "tatoeba_fra_eng" / "validation.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text(json.dumps({"translation": {"en": "Hi.", "fr": "Salut."}}) + "\n" + json.dumps({"translation": {"fr": "Va !"}}) + "\n")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
+    path = tmp_path / "s.yaml"
+    path.write_text(f"model: {{pretrained: {tiny_model_dir}}}\ntasks: [tatoeba_enfr_mee]\nmeasures: [softmax]\n"
+                    f"thresholds: {{softmax: [0.5]}}\noutput_dir: {tmp_path / 'out'}\ncarbon: {{country_iso_code: FRA}}\n")
+    expected = f"{data.resolve()}:2: not a tatoeba_enfr_mee record (translation[en] is missing); fix or remove that record"
+    assert cli([str(path), "--dry-run"]) == 2
+    assert expected in capsys.readouterr().err
+    assert cli([str(path), "--no-progress"]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the store, before Ray
 
 
 def test_record_json_round_trips_dataclasses(tmp_path):
@@ -292,7 +312,7 @@ def test_a_resume_refuses_when_the_model_or_the_task_data_changed_in_the_middle(
     assert run_sweep(make_config(model, tmp_path), progress=False).skipped == len(ids)  # resumes: nothing to run
 
     original = data.read_bytes()
-    flip_middle_byte(data)
+    data.write_bytes(original.replace(b"Salut 25.", b"Salut 25!"))  # one reference in the middle of the file
     with pytest.raises(SweepError, match=r"differs in: provenance\.tasks\.tatoeba_enfr_mee\.data\).*content of the model"):
         run_sweep(make_config(model, tmp_path), progress=False)
     data.write_bytes(original)
