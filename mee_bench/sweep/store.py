@@ -245,17 +245,29 @@ class ResultStore:
         return {r["trial_id"] for r in load_records(self.root) if r.get("status") == "ok"}
 
     def write(self, record: dict) -> None:
-        """Write (or replace) the record of `record["trial_id"]` atomically."""
-        self._atomic_write(self.records / f"{record['trial_id']}.json", record)
+        """Write (or replace) the record of `record["trial_id"]` atomically; a failed write (a full
+        disk) stops the sweep with the fix, and leaves the previous record, never half of one."""
+        path = self.records / f"{record['trial_id']}.json"
+        try:
+            self._atomic_write(path, record)
+        except OSError as err:
+            raise SweepError(
+                f"cannot write the record {path} ({err}); nothing of it was kept: free space or fix the directory, "
+                "then run the same command to resume"
+            ) from None
 
     @staticmethod
     def _atomic_write(path: Path, payload: dict) -> None:
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-        with tmp.open("w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            with tmp.open("w") as handle:
+                json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def close(self) -> None:
         """Release the lock (a second call does nothing)."""

@@ -320,3 +320,26 @@ def test_a_resume_refuses_when_the_model_or_the_task_data_changed_in_the_middle(
     with pytest.raises(SweepError, match=r"differs in: provenance\.model_fingerprint\)"):
         run_sweep(make_config(model, tmp_path), progress=False)
     assert sorted(p.stem for p in (config.results_dir / "records").glob("*.json")) == sorted(ids)  # nothing touched
+
+
+def test_a_full_disk_on_record_write_keeps_the_old_record_and_leaves_no_half_written_file(tmp_path, monkeypatch):
+    import errno
+
+    store = ResultStore(tmp_path / "sweep")
+    store.open("fp", {}, ["a"], force=False)
+    store.write(_record("a", "failed"))
+    before = (tmp_path / "sweep" / "records" / "a.json").read_bytes()
+    real_dump = json.dump
+
+    def dump_then_disk_full(payload, handle, **kwargs):
+        handle.write(json.dumps(payload)[:10])  # part of the record reaches the disk, then it is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", dump_then_disk_full)
+    with pytest.raises(SweepError, match=r"cannot write the record .*a\.json .*No space left on device.*resume"):
+        store.write(_record("a"))
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert sorted(p.name for p in (tmp_path / "sweep" / "records").iterdir()) == ["a.json"]
+    assert (tmp_path / "sweep" / "records" / "a.json").read_bytes() == before
+    assert store.finished() == set()  # the failed record stands, so a rerun runs the trial again
+    store.close()

@@ -133,3 +133,25 @@ def test_fine_tune_starts_from_the_base_weights(trained_tiny, tiny_corpus, tmp_p
     base_ce = [json.loads(line)["ce3"] for line in (trained_tiny / "metrics.jsonl").read_text().splitlines()]
     assert first_ce < base_ce[0] - 0.5 and abs(first_ce - base_ce[-1]) < 0.5
     assert json.loads((output / "training.json").read_text())["init"] == str(trained_tiny)
+
+
+def test_sigterm_stops_training_after_the_step_with_its_checkpoint_saved(tiny_corpus, tmp_path):
+    import os
+    import signal
+
+    config = tiny_train_config(tiny_corpus, tmp_path / "run", **{"budget.steps": 8, "data.batch_tokens": 300,
+                                                                  "checkpoint_minutes": 60.0})
+    steps: list[int] = []
+
+    def sigterm_at_step_3() -> bool:  # what the loop asks before each step; the signal arrives during step 3
+        steps.append(len(steps))
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return asked()
+
+    with training.stop_on_signals() as asked:
+        with pytest.raises(training.TrainingInterrupted, match="stopped at step 3; checkpoint saved in .*resume"):
+            train(config, sigterm_at_step_3)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    assert json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert len(train_losses(tmp_path / "run")) == 3
