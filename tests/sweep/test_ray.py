@@ -260,12 +260,13 @@ def test_real_adapter_sweep_on_the_head_node(tiny_model_dir, tmp_path, ray_head)
     assert (rerun.skipped, rerun.ran) == (2, 0)
 
 
-def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_recorded_once(tiny_model_dir, tmp_path, ray_head):
+def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_recorded_once(tiny_model_dir, tmp_path):
     markers = tmp_path / "markers"
     markers.mkdir()
     (markers / "softmax-0.7").write_text("kill")
-    config = sweep_config(tmp_path, pretrained=str(tiny_model_dir), ray={"address": ray_head})
-    result = run_sweep(config, backend=backend_with(markers), progress=False)
+    with short_temp_dir() as temp_dir:
+        config = sweep_config(tmp_path, pretrained=str(tiny_model_dir), ray={"num_cpus": 2, "temp_dir": temp_dir})
+        result = run_sweep(config, backend=backend_with(markers), progress=False)
     assert (result.total, result.ran, result.failed) == (5, 5, [])
     records = load_records(tmp_path / "out")
     assert len({r["trial_id"] for r in records}) == len(records) == 5 and all(r["status"] == "ok" for r in records)
@@ -304,8 +305,7 @@ def test_a_local_ray_left_by_a_sigkilled_driver_is_ended_by_cleanup(tiny_model_d
                 assert driver.poll() is None, "the driver exited before it could be killed"
                 assert time.monotonic() < deadline, "no records appeared"
                 time.sleep(0.1)
-            ray_processes = [psutil.Process(pid) for pid in psutil.Process(driver.pid).children(recursive=True)
-                             for pid in [pid.pid]]
+            ray_processes = psutil.Process(driver.pid).children(recursive=True)
         finally:
             driver.send_signal(signal.SIGKILL)
             driver.wait(timeout=30)
