@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 from mee_bench.formatting import MISSING, fixed, significant
 from mee_bench.harness.catalogue import TASKS
-from mee_bench.sweep.store import MANIFEST, read_manifest, scan_records
+from mee_bench.sweep.store import MANIFEST, SweepError, read_manifest, scan_records
 
 # The quality number a task is judged by is the catalogue's primary metric; other metrics are
 # shown beside it. Tasks outside the catalogue use the first metric of METRIC_PREFERENCE present.
@@ -330,8 +330,8 @@ def absent_trials(output_dir: Path, records: list[dict], unreadable: dict[Path, 
 
 def absent_row(trial: str, problem: str, width: int) -> list[str]:
     """A task table row for a trial without a result, its grid point read from the trial id."""
-    parts = trial.split("__")
-    measure, threshold, layer = (parts[1:4] + ["?", "t?", "m?"])[:3] if len(parts) >= 4 else (trial, "t?", "m?")
+    parts = trial.split("__")  # task__measure__t<threshold>__m<layer>__hash (`store.trial_id`)
+    measure, threshold, layer = parts[1:4] if len(parts) == 5 else (trial, "t?", "m?")
     threshold, layer = threshold.removeprefix("t"), layer.removeprefix("m")
     return [measure, MISSING if threshold == "na" else threshold, MISSING if layer == "na" else layer,
             f"**{problem}**", *[MISSING] * (width - 4)]
@@ -426,7 +426,7 @@ def cli(argv: list[str]) -> int:
         paths = build_leaderboard(args.output_dir, args.tolerance)
         if args.readme:
             paths.append(embed_in_markdown(args.readme, args.output_dir, args.force))
-    except ValueError as err:
+    except (ValueError, SweepError) as err:
         print(f"mee-bench leaderboard: error: {err}", file=sys.stderr)
         return 2
     for path in paths:

@@ -203,3 +203,10 @@ def test_a_record_cut_short_and_a_trial_without_record_are_listed_in_the_task_ta
     assert len(missing) == 2 and any("| 0.5 " in row and "| 3 " in row for row in missing)
     assert "## squad_mee" in board  # a task with no readable record still gets its table
     assert "3 trial(s) of this sweep have no result" in board
+
+
+def test_a_damaged_manifest_is_named_with_the_fix(tmp_path, capsys):
+    write_sweep(tmp_path, RECORDS)
+    (tmp_path / "sweep.json").write_text('{"fingerprint": "x", "conf')
+    assert cli([str(tmp_path)]) == 2
+    assert f"the sweep manifest {tmp_path / 'sweep.json'} cannot be read" in capsys.readouterr().err
