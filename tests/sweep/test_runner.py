@@ -343,3 +343,24 @@ def test_a_full_disk_on_record_write_keeps_the_old_record_and_leaves_no_half_wri
     assert (tmp_path / "sweep" / "records" / "a.json").read_bytes() == before
     assert store.finished() == set()  # the failed record stands, so a rerun runs the trial again
     store.close()
+
+
+def test_sigterm_ends_a_sweep_like_ctrl_c_and_the_handler_is_put_back(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import mee_bench.sweep.runner as runner
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not stop the sweep")
+
+    monkeypatch.setattr(runner, "run_sweep", terminated)
+    path = tmp_path / "s.yaml"
+    path.write_text(f"model: {{pretrained: {tiny_model_dir}}}\ntasks: [tatoeba_enfr_mee]\nmeasures: [softmax]\n"
+                    "thresholds: {softmax: [0.5]}\ncarbon: {country_iso_code: FRA}\n")
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli([str(path)]) == 130
+    assert "interrupted; finished trials are saved, run the same command to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
