@@ -32,7 +32,7 @@ demo: setup
 # Maintainers: regenerate the reference leaderboard committed in results/ and shown in README.md.
 readme-leaderboard: setup
 	$(BIN)/mee-bench sweep configs/quickstart.yaml
-	$(BIN)/mee-bench leaderboard results/quickstart --readme README.md
+	$(BIN)/mee-bench leaderboard results/quickstart --readme README.md --force
 
 # Maintainers: the same quickstart while a CPU-bound process holds one of the cores for the whole
 # run; its speedups must agree with the idle run's within their intervals (results/quickstart-busy).
@@ -75,8 +75,8 @@ default-model: setup
 	mkdir -p $(DEFAULT_MODEL)/training
 	for file in $(MODEL_FILES); do cp runs/default-weighted-ce/$$file $(DEFAULT_MODEL)/ || exit 1; done
 	for run in $(TRAIN_RUNS); do cp runs/$$run/training.json $(DEFAULT_MODEL)/training/$$run.json || exit 1; done
-	$(BIN)/mee-bench train-heads $(DEFAULT_MODEL)
-	$(BIN)/mee-bench model-report $(DEFAULT_MODEL) --out results/default_model.md
+	$(BIN)/mee-bench train-heads $(DEFAULT_MODEL) --force
+	$(BIN)/mee-bench model-report $(DEFAULT_MODEL) --out results/default_model.md --force
 
 # Maintainers: the monotonicity study of the three fine-tunes (needs `make default-model`'s runs/).
 MONOTONICITY_MODELS := --model runs/default-final --label vanilla --model $(DEFAULT_MODEL) --label weighted-ce \

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -91,15 +91,32 @@ def _sync(device: torch.device) -> None:
 class EarlyExitGenerator:
     """Greedy early-exit generation over an unmodified Hugging Face model, through its layer runner.
 
-    `heads_path` records where `heads` came from (reported with results).
+    `heads_path` records where `heads` came from (reported with results); `heads_loader`, given
+    instead of `heads`, reads them on first use, so a policy that needs none never opens the file.
     """
 
-    def __init__(self, model, tokenizer=None, heads: ExitHeads | None = None, heads_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        heads: ExitHeads | None = None,
+        heads_path: Path | None = None,
+        heads_loader: Callable[[], ExitHeads] | None = None,
+    ) -> None:
         self.model = model
         self.runner = build_runner(model)
         self.tokenizer = tokenizer
-        self.heads = heads.to(self.runner.device) if heads is not None else None
+        self._heads = heads.to(self.runner.device) if heads is not None else None
+        self._heads_loader = heads_loader
         self.heads_path = heads_path
+
+    @property
+    def heads(self) -> ExitHeads | None:
+        """The exit heads (read now if they were given as a loader), or None."""
+        if self._heads is None and self._heads_loader is not None:
+            self._heads = self._heads_loader().to(self.runner.device)
+            self._heads_loader = None
+        return self._heads
 
     @property
     def num_layers(self) -> int:
@@ -150,7 +167,7 @@ class EarlyExitGenerator:
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: build EarlyExitGenerator(model, tokenizer)")
         policy.check_model(num_layers)
-        measure = policy.build_measure(self.heads)
+        measure = policy.build_measure(self.heads if policy.needs_heads else None)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         batch, device = input_ids.shape[0], runner.device

@@ -9,6 +9,7 @@ Saved as one safetensors file beside the model so a checkpoint and its heads tra
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -87,10 +88,14 @@ class ExitHeads(nn.Module):
         return {"d_model": self.d_model, "classifier_hidden": self.classifier_hidden, "lstm_hidden": self.lstm_hidden}
 
     def save(self, directory: str | Path, metadata: dict | None = None) -> Path:
+        """Write the heads file whole or not at all (a temp file moved into place), so a run killed
+        while saving leaves the previous heads, never half a file."""
         path = Path(directory) / HEADS_FILE
         tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
         header = {"dims": json.dumps(self.dims()), "metadata": json.dumps(metadata or {})}
-        save_file(tensors, str(path), metadata=header)
+        partial = path.with_name(f".{HEADS_FILE}.{os.getpid()}.tmp")
+        save_file(tensors, str(partial), metadata=header)
+        os.replace(partial, path)
         return path
 
     @classmethod

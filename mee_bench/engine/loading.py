@@ -7,13 +7,14 @@ every command shares.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 import torch
 
 from mee_bench.engine.decoding import EarlyExitGenerator
-from mee_bench.engine.heads import ExitHeads, find_heads
+from mee_bench.engine.heads import HEADS_FILE, ExitHeads, find_heads
 from mee_bench.engine.runner import runner_class, supported_model_types
 from mee_bench.paths import DEFAULT_MODEL_DIR
 
@@ -92,6 +93,30 @@ def check_heads(heads: ExitHeads, num_layers: int, hidden_size: int, source: str
         )
 
 
+def check_safetensors(path: str | Path, fix: str) -> None:
+    """Refuse a safetensors file that cannot be read whole (a half-written download or save), naming
+    it and `fix`; only the header is read, which is enough to see a file cut short."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as err:  # SafetensorError derives from Exception only, and OSError comes with it
+        raise ModelLoadError(f"{path} is damaged or incomplete ({one_line(err)}): {fix}") from None
+
+
+def read_heads(path: str | Path, num_layers: int, hidden_size: int) -> ExitHeads:
+    """The exit heads file at `path`, refused with the fix when it is damaged or made for another model."""
+    fix = f"retrain the heads with `mee-bench train-heads MODEL --force`, or delete {path}"
+    check_safetensors(path, fix)
+    try:
+        heads = ExitHeads.load(path)
+    except Exception as err:  # a header without our metadata, or tensors that do not fit it
+        raise ModelLoadError(f"{path} is not an exit heads file mee-bench can read ({one_line(err)}): {fix}") from None
+    check_heads(heads, num_layers, hidden_size, path)
+    return heads
+
+
 def load_heads(
     pretrained: str | Path, heads: str | Path | None, num_layers: int, hidden_size: int, required: bool = False
 ) -> tuple[ExitHeads | None, Path | None]:
@@ -103,9 +128,11 @@ def load_heads(
                 f"no exit heads beside {pretrained}: train them with `mee-bench train-heads MODEL` or pass heads=PATH"
             )
         return None, None
-    loaded = ExitHeads.load(path)
-    check_heads(loaded, num_layers, hidden_size, path)
-    return loaded, path
+    return read_heads(path, num_layers, hidden_size), path
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def load_model(
@@ -125,11 +152,13 @@ def load_model(
 
     pretrained = str(pretrained or DEFAULT_MODEL_DIR)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
-    check_checkpoint_path(pretrained)
+    local = check_checkpoint_path(pretrained)
     try:
         config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise ModelLoadError(f"cannot load a config from {pretrained!r}: {err}") from err
+    except (OSError, ValueError) as err:  # a config.json cut short is a JSONDecodeError, a ValueError
+        raise ModelLoadError(
+            f"cannot load a config from {pretrained!r} ({one_line(err)}): re-download or re-save the checkpoint"
+        ) from None
     try:
         runner_class(config.model_type)
     except ValueError:
@@ -137,8 +166,21 @@ def load_model(
             f"{pretrained!r} is a {config.model_type!r} model; mee-bench runs T5-family encoder-decoders "
             f"({', '.join(supported_model_types())})"
         ) from None
-    model = AutoModelForSeq2SeqLM.from_pretrained(pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+    fix = "re-download or re-save the checkpoint"
+    for weights in sorted(local.glob("*.safetensors")) if local else ():
+        if weights.name != HEADS_FILE:  # heads are checked when a policy needs them
+            check_safetensors(weights, fix)
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as err:  # torch's own reader raises RuntimeError on a damaged .bin
+        raise ModelLoadError(f"cannot load the weights of {pretrained!r} ({one_line(err)}): {fix}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+    except Exception as err:  # tokenizers' own exception types share no base but Exception
+        raise ModelLoadError(
+            f"cannot load the tokenizer of {pretrained!r} ({one_line(err)}): re-download or re-save the tokenizer "
+            "files (tokenizer.json / spiece.model, tokenizer_config.json) into that directory"
+        ) from None
     return model.to(dev).eval(), tokenizer
 
 
@@ -151,9 +193,17 @@ def load_generator(
     trust_remote_code: bool = False,
 ) -> EarlyExitGenerator:
     """Model, tokenizer and exit heads (at `heads`, else beside the model; checked against it) as one
-    generator: what the demo, the lm-eval adapter and the benchmarks all start from."""
+    generator: what the demo, the lm-eval adapter and the benchmarks all start from.
+
+    Heads are read when first needed (a policy with a learned measure), so `full` and the
+    parameter-free measures run even beside a damaged heads file; `require_heads` reads them now.
+    """
     pretrained = pretrained or DEFAULT_MODEL_DIR
     model, tokenizer = load_model(pretrained, dtype, device, trust_remote_code)
     dims = runner_class(model.config.model_type).config_dims(model.config)
-    exit_heads, path = load_heads(pretrained, heads, *dims, required=require_heads)
-    return EarlyExitGenerator(model, tokenizer, exit_heads, path)
+    if require_heads:
+        exit_heads, path = load_heads(pretrained, heads, *dims, required=True)
+        return EarlyExitGenerator(model, tokenizer, exit_heads, path)
+    path = find_heads(pretrained, heads)
+    loader = functools.partial(read_heads, path, *dims) if path is not None else None
+    return EarlyExitGenerator(model, tokenizer, heads_path=path, heads_loader=loader)

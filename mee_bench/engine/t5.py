@@ -55,7 +55,8 @@ class T5LayerRunner:
         self.d_kv = config.d_kv
         self.start_token_id = config.decoder_start_token_id
         self.eos_token_id = config.eos_token_id
-        self.output_scale = self.hidden_size**-0.5 if config.scale_decoder_outputs else 1.0
+        # T5 scales decoder outputs before a tied LM head; mT5's config has no such flag and its model never scales
+        self.output_scale = self.hidden_size**-0.5 if getattr(config, "scale_decoder_outputs", False) else 1.0
         self.position_bias_module = self.blocks[0].layer[0].SelfAttention
         self._kv_weights: Tensor | None = None
 

@@ -9,18 +9,28 @@ neither torch, transformers nor lm-eval, so the leaderboard can read it cheaply.
 from __future__ import annotations
 
 import difflib
+import string
 from dataclasses import dataclass
 from functools import reduce
 from operator import getitem
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 GROUP_NAME = "mee"
+_FORMATTER = string.Formatter()
 
 
 class UnknownTaskError(ValueError):
     """A task name that is not in the catalogue."""
+
+
+class RecordError(TypeError):
+    """A record that lacks a field its task's prompt or metric reads (a TypeError, as `format_map` raises)."""
+
+
+class TaskDataError(ValueError):
+    """A task's data that cannot be evaluated: no records, or a record named by file and line that lacks a field."""
 
 
 @dataclass(frozen=True)
@@ -42,20 +52,54 @@ class TaskSpec:
         if self.primary_metric not in self.metrics:
             raise ValueError(f"{self.name}: primary metric {self.primary_metric!r} is not one of {self.metrics}")
 
+    @property
+    def prompt_fields(self) -> tuple[str, ...]:
+        """The fields the prompt reads, as the template writes them (`translation[en]`)."""
+        return tuple(name for _, name, _, _ in _FORMATTER.parse(self.prompt_template) if name)
+
     def prompt(self, record: Mapping[str, Any]) -> str:
-        """The model input for one record: T5's task prefix around the record's fields."""
+        """The model input for one record: T5's task prefix around the record's fields, each a
+        non-empty string (a missing source must not become the prompt `... None`)."""
+        for name in self.prompt_fields:
+            try:
+                value, _ = _FORMATTER.get_field(name, (), record)
+            except (KeyError, IndexError, TypeError):
+                raise RecordError(f"{name} is missing") from None
+            if not isinstance(value, str) or not value.strip():
+                raise RecordError(f"{name} is {value!r}, not a non-empty string")
         return self.prompt_template.format_map(record)
 
     def references(self, record: Mapping[str, Any]) -> list[str]:
-        """Every reference of a record (SQuAD lists several annotators' answers)."""
-        value = reduce(getitem, self.reference_field.split("."), record)
-        return list(value) if isinstance(value, list) else [value]
+        """Every reference of a record (SQuAD lists several annotators' answers), each a string."""
+        try:
+            value = reduce(getitem, self.reference_field.split("."), record)
+        except (KeyError, IndexError, TypeError):
+            raise RecordError(f"{self.reference_field} is missing") from None
+        references = list(value) if isinstance(value, list) else [value]
+        if not all(isinstance(reference, str) for reference in references):
+            raise RecordError(f"{self.reference_field} is {value!r}, not a string or a list of strings")
+        return references
+
+    def check_records(self, located: Iterable[tuple[str, Mapping[str, Any]]], source: str) -> None:
+        """Refuse, before any compute, data with no records or a record (named by its location,
+        e.g. `file:line`) that lacks what the prompt or the metric reads."""
+        count = 0
+        for where, record in located:
+            count += 1
+            try:
+                self.prompt(record)
+                self.target(record)
+            except RecordError as err:
+                raise TaskDataError(f"{where}: not a {self.name} record ({err}); fix or remove that record") from None
+        if not count:
+            raise TaskDataError(f"{source} holds no records, so task {self.name} has nothing to evaluate; "
+                                "point the data root at a non-empty split")
 
     def target(self, record: Mapping[str, Any]) -> str:
         """The one reference a model is trained and teacher-forced on: the first."""
         references = self.references(record)
         if not references:
-            raise KeyError(f"{self.reference_field} is empty")
+            raise RecordError(f"{self.reference_field} is empty")
         return references[0]
 
 
@@ -89,6 +133,11 @@ TASKS: tuple[TaskSpec, ...] = (SQUAD, CNNDM, WMT15_ENFR, BIGPATENT, TATOEBA_ENFR
 TASK_NAMES: tuple[str, ...] = tuple(spec.name for spec in TASKS)
 GROUP_TASK_NAMES: tuple[str, ...] = tuple(spec.name for spec in TASKS if spec.in_group)
 _BY_NAME = {spec.name: spec for spec in TASKS}
+
+
+def tasks_reading(dataset: str, split: str) -> list[TaskSpec]:
+    """The catalogue tasks that read `<dataset>/<split>`."""
+    return [spec for spec in TASKS if spec.dataset == dataset and spec.split == split]
 
 
 def task(name: str) -> TaskSpec:

@@ -7,7 +7,7 @@ path finder. Run this once after an editable install; before uninstalling such a
 run it with `--uninstall`.
 
 The `.pth` line runs in every Python start of the environment, so it imports nothing: it
-defines `TRIGGER_SOURCE`'s finder, which compares each imported module name with four
+defines `TRIGGER_SOURCE`'s finder, which compares each imported module name with the
 lm-eval names and only for those imports `mee_bench.harness.lm_eval_hook` (or does nothing when
 mee-bench is gone). Python 3.11 venvs run every `.pth` file twice, so it installs only once.
 """

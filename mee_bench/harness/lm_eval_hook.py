@@ -3,7 +3,7 @@
 lm-eval 0.4.13 has no plugin entry points. `mee_bench_lm_eval.pth` in site-packages (see
 `install_lm_eval_hook`) therefore puts a trigger finder on `sys.meta_path` whenever Python
 starts, unless `MEE_BENCH_NO_LM_EVAL_HOOK=1`. The trigger imports nothing; it only checks
-each imported name against `WATCHED` and, for those four lm-eval modules, calls `find_spec`
+each imported name against `WATCHED` and, for those lm-eval modules, calls `find_spec`
 here, which wraps the real loader so that `patch` runs right after lm-eval executed the module:
 
 - `lm_eval.models`: registers `mee` as a lazy placeholder, so nothing of mee-bench (torch
@@ -15,7 +15,10 @@ here, which wraps the real loader so that `patch` runs right after lm-eval execu
   fresh efficiency counters and its results get `results["mee"][task]`, which
   `lm_eval --output_path` writes into the results JSON;
 - `lm_eval.utils`: `make_table` appends the efficiency table after lm-eval's last table
-  (the CLI prints the task table, then the group table when there is one).
+  (the CLI prints the task table, then the group table when there is one);
+- `lm_eval.__main__`: a bad `--model_args` value for `mee` (the adapter's `ModelArgsError`)
+  ends the `lm_eval` command in one line and exit status 2 instead of a traceback
+  (`MEE_BENCH_DEBUG=1` shows it).
 
 A patch that fails (say, a future lm-eval moved something) warns instead of breaking lm-eval.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -38,6 +42,7 @@ MODEL_NAME = "mee"
 MODEL_TARGET = "mee_bench.harness.lm_eval_model:MEELM"
 ADAPTER_MODULE = "mee_bench.harness.lm_eval_model"
 TRIGGER_NAME = "MeeBenchLmEvalTrigger"
+DEBUG_ENV = "MEE_BENCH_DEBUG"
 
 
 def register_model(module: ModuleType) -> None:
@@ -114,11 +119,31 @@ def append_efficiency_table(module: ModuleType) -> None:
     module.make_table = make_table_with_efficiency
 
 
+def exit_on_model_args_errors(module: ModuleType) -> None:
+    """`cli_evaluate` (the `lm_eval` command) ends a `ModelArgsError` of the adapter in one line, exit 2."""
+    cli_evaluate = module.cli_evaluate
+
+    @functools.wraps(cli_evaluate)
+    def cli_evaluate_with_clear_errors(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return cli_evaluate(*args, **kwargs)
+        except Exception as err:
+            adapter_module = sys.modules.get(ADAPTER_MODULE)
+            debug = os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+            if debug or adapter_module is None or not isinstance(err, adapter_module.ModelArgsError):
+                raise
+            print(f"lm_eval: error: {' '.join(str(err).split())}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    module.cli_evaluate = cli_evaluate_with_clear_errors
+
+
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "lm_eval.models": register_model,
     "lm_eval.tasks.manager": index_package_tasks,
     "lm_eval.evaluator": attach_efficiency,
     "lm_eval.utils": append_efficiency_table,
+    "lm_eval.__main__": exit_on_model_args_errors,
 }
 
 

@@ -51,6 +51,11 @@ MODEL_ARGS = (
 )
 GREEDY_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature"}
 UNNAMED_TASK = "unnamed"
+LM_EVAL_FLAGS = ("device", "batch_size", "max_batch_size")  # what lm-eval passes besides model_args
+
+
+class ModelArgsError(ValueError):
+    """A `--model_args` value the adapter cannot use; the lm-eval hook ends the CLI with this one line."""
 
 
 @dataclass
@@ -155,11 +160,42 @@ class MEELM(TemplateLM):
         self.set_policy(policy)
         self._efficiency: dict[str, TaskEfficiency] = {}
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "MEELM":
+        """lm-eval's constructor from `--model_args`; see `create_from_arg_obj`."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> "MEELM":
+        """The adapter from model_args and lm-eval's own flags (`device`, `batch_size`, `max_batch_size`).
+
+        lm-eval always passes its flags besides the model_args, so a model arg of the same name
+        wins (and the log says so) instead of colliding; a bad value becomes a `ModelArgsError`.
+        """
+        args = dict(arg_dict)
+        for name, value in (additional_config or {}).items():
+            if value is None:
+                continue
+            if name == "max_batch_size":
+                log.info("lm-eval's max_batch_size=%s is ignored: mee runs the batch_size it is given", value)
+            elif name in args:
+                if str(args[name]) != str(value):
+                    log.warning("model_args %s=%s wins over lm-eval's --%s %s", name, args[name], name, value)
+            else:
+                log.info("%s=%s from lm-eval's --%s flag", name, value, name)
+                args[name] = value
+        try:
+            return cls(**args)
+        except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+            raise ModelArgsError(f"--model mee: {err}") from err
+
     # Policy and efficiency: the sweep's interface.
 
     def set_policy(self, policy: ExitPolicy) -> None:
         """Switch the exit policy without reloading the model; it must fit this model and its heads."""
-        if policy.needs_heads and self.generator.heads is None:
+        if policy.needs_heads and self.generator.heads is None:  # reads the heads file on first need
             raise ValueError(
                 f"measure {policy.measure!r} needs trained exit heads and none were found beside {self.pretrained}; "
                 "train them with `mee-bench train-heads MODEL` or pass heads=PATH"

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mee_bench.harness.catalogue import TASK_NAMES, UnknownTaskError, task
-from mee_bench.harness.data import local_split_path, read_jsonl
+from mee_bench.harness.data import local_split_path, numbered_jsonl
 
 from mee_bench.paths import DATA_DIR_ENV
 from mee_bench.engine.decoding import EarlyExitGenerator, input_limit
@@ -52,13 +52,13 @@ def task_examples(name: str, limit: int | None = None) -> list[Example]:
         raise FileNotFoundError(f"task {name!r} needs {spec.dataset}/{spec.split}.jsonl under the data root; "
                                 f"set {DATA_DIR_ENV}")
     examples = []
-    for number, row in enumerate(read_jsonl(path), start=1):
+    for number, row in numbered_jsonl(path):
         if limit is not None and len(examples) >= limit:
             break
         try:
             examples.append(Example(spec.prompt(row), spec.target(row)))
         except (KeyError, IndexError, TypeError) as err:
-            raise ValueError(f"{path}: row {number} is not a {name} record (missing or wrong field {err})") from err
+            raise ValueError(f"{path}:{number}: not a {name} record ({err}); fix or remove that line") from err
     return examples
 
 
@@ -69,13 +69,15 @@ def file_examples(path: str | Path, limit: int | None = None, need_target: bool 
         raise FileNotFoundError(f"--inputs {path} does not exist")
     fields = ("input", "target") if need_target else ("input",)
     examples = []
-    for number, row in enumerate(read_jsonl(path), start=1):
+    for number, row in numbered_jsonl(path):
         if limit is not None and len(examples) >= limit:
             break
-        missing = [name for name in fields if not isinstance(row.get(name), str)]
+        missing = [name for name in fields if not isinstance(row.get(name), str) or not row[name].strip()]
         if missing:
-            raise ValueError(f"{path}: row {number} has no string field {' or '.join(missing)}")
+            raise ValueError(f"{path}:{number}: no non-empty string field {' or '.join(missing)}; fix or remove that line")
         examples.append(Example(row["input"], row.get("target")))
+    if not examples:
+        raise ValueError(f"--inputs {path} holds no records; each line needs an object with {' and '.join(fields)}")
     return examples
 
 

@@ -183,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--agreement-limit", type=int, default=500, help="Tatoeba sentences for the agreement table")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 beside another busy job)")
+    parser.add_argument("--force", action="store_true", help="replace a report already at --out (and its .json/.png)")
     return parser
 
 
@@ -200,6 +201,11 @@ def cli(argv: list[str]) -> int:
             catalogue.task(name)
     except catalogue.UnknownTaskError as err:
         print(f"mee-bench model-report: error: {err}", file=sys.stderr)
+        return 2
+    existing = [path for path in (Path(args.out), Path(args.out).with_suffix(".json")) if path.exists()]
+    if existing and not args.force:
+        print(f"mee-bench model-report: error: {', '.join(map(str, existing))} already exist(s); pass --force to "
+              "replace the report, or choose another --out", file=sys.stderr)
         return 2
     if (args.limit is not None and args.limit < 1) or args.agreement_limit < 1:
         print("mee-bench model-report: error: --limit and --agreement-limit must be >= 1", file=sys.stderr)

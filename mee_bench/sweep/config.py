@@ -263,8 +263,8 @@ def check_model(config: SweepConfig) -> int:
     """The model exists, every min exit layer fits it, every learned measure has heads; returns its depth."""
     from transformers import AutoConfig
 
-    from mee_bench.engine.heads import ExitHeads
-    from mee_bench.engine.loading import ModelLoadError, check_heads
+    from mee_bench.engine.heads import HEADS_FILE
+    from mee_bench.engine.loading import ModelLoadError, check_safetensors, read_heads
     from mee_bench.engine.runner import runner_class
 
     pretrained = config.model.pretrained
@@ -280,6 +280,14 @@ def check_model(config: SweepConfig) -> int:
             f"model.pretrained={pretrained!r} cannot be read ({str(err).splitlines()[0]}); "
             "point it at a saved T5 checkpoint directory or a hub id"
         ) from None
+    local = Path(pretrained)
+    for weights in sorted(local.glob("*.safetensors")) if local.is_dir() else ():
+        if weights.name == HEADS_FILE:  # read below, only when a learned measure needs the heads
+            continue
+        try:
+            check_safetensors(weights, "re-download or re-save the checkpoint")
+        except ModelLoadError as err:
+            raise ConfigError(f"model.pretrained: {err}") from None
     try:
         layers, hidden_size = runner_class(model_config.model_type).config_dims(model_config)
     except ValueError as err:
@@ -299,7 +307,7 @@ def check_model(config: SweepConfig) -> int:
         )
     if learned:
         try:
-            check_heads(ExitHeads.load(config.model.heads), layers, hidden_size, config.model.heads)
+            read_heads(config.model.heads, layers, hidden_size)
         except ModelLoadError as err:
             raise ConfigError(f"model.heads: {err}") from None
     return layers

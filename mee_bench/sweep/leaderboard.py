@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 import sys
@@ -25,7 +24,7 @@ from tabulate import tabulate
 
 from mee_bench.formatting import MISSING, fixed, significant
 from mee_bench.harness.catalogue import TASKS
-from mee_bench.sweep.store import MANIFEST, load_records
+from mee_bench.sweep.store import MANIFEST, SweepError, read_manifest, scan_records
 from mee_bench.timing import Speedup
 
 # The quality number a task is judged by is the catalogue's primary metric; other metrics are
@@ -372,14 +371,34 @@ def _context(records: list[dict]) -> list[str]:
     return lines
 
 
+def absent_trials(output_dir: Path, records: list[dict], unreadable: dict[Path, str], manifest: dict) -> dict[str, str]:
+    """Trial id -> why the tables hold no result for it: an unreadable record, or none at all for a
+    trial of the sweep's grid (the manifest lists it), as an interrupted sweep leaves them."""
+    absent = {path.stem: f"unreadable record ({reason}): delete {path} and rerun the sweep" for path, reason in unreadable.items()}
+    present = {record["trial_id"] for record in records}
+    for trial in manifest.get("trials", []):
+        if trial not in present and trial not in absent:
+            absent[trial] = "no record: the sweep did not finish it; rerun the sweep to resume"
+    return absent
+
+
+def absent_row(trial: str, problem: str, width: int) -> list[str]:
+    """A task table row for a trial without a result, its grid point read from the trial id."""
+    parts = trial.split("__")  # task__measure__t<threshold>__m<layer>__hash (`store.trial_id`)
+    measure, threshold, layer = parts[1:4] if len(parts) == 5 else (trial, "t?", "m?")
+    threshold, layer = threshold.removeprefix("t"), layer.removeprefix("m")
+    return [measure, MISSING if threshold == "na" else threshold, MISSING if layer == "na" else layer,
+            f"**{problem}**", *[MISSING] * (width - 4)]
+
+
 def build_leaderboard(output_dir: str | Path, tolerance: float = 1.0) -> list[Path]:
     """Write leaderboard.{md,csv,tex}, summary.{csv,tex} and the plots into `output_dir`; return the paths."""
     output_dir = Path(output_dir)
-    records = load_records(output_dir)
+    records, unreadable = scan_records(output_dir)
     if not any(r.get("status") == "ok" for r in records):
         raise ValueError(f"{output_dir} holds no successful trial records; run `mee-bench sweep CONFIG` first")
-    manifest_path = output_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = read_manifest(output_dir / MANIFEST) or {}
+    absent = absent_trials(output_dir, records, unreadable, manifest)
     measures = manifest.get("config", {}).get("measures")
     name = manifest.get("config", {}).get("name") or output_dir.name
     boards = task_boards(records, measures)
@@ -387,14 +406,23 @@ def build_leaderboard(output_dir: str | Path, tolerance: float = 1.0) -> list[Pa
     written: list[Path] = []
 
     markdown = [f"# Leaderboard: {name}", "", *_context(records), ""]
+    if absent:
+        markdown += [f"**{len(absent)} trial(s) of this sweep have no result** and are listed as such in their task's table.", ""]
     latex = []
+    absent_tasks = {trial.split("__")[0] for trial in absent} - {board.task for board in boards}
+    for task in sorted(absent_tasks):  # a task none of whose trials has a readable record
+        boards.append(TaskBoard(task, MISSING, [], [], notes=["no readable record: nothing to compare"]))
     for board in boards:
         header, rows = task_table(board)
-        plot = output_dir / f"quality_vs_speedup_{board.task}.png"
-        plot_quality_vs_speedup(board, plot, tolerance)
-        written.append(plot)
+        rows += [absent_row(trial, problem, len(header)) for trial, problem in absent.items()
+                 if trial.split("__")[0] == board.task]
         markdown += [f"## {board.task} (quality: {board.metric})", "", tabulate(rows, header, tablefmt="github", disable_numparse=True), ""]
-        markdown += [f"_{note}_" for note in dict.fromkeys(board.notes)] + [f"![quality vs speedup]({plot.name})", ""]
+        markdown += [f"_{note}_" for note in dict.fromkeys(board.notes)]
+        if board.rows:
+            plot = output_dir / f"quality_vs_speedup_{board.task}.png"
+            plot_quality_vs_speedup(board, plot, tolerance)
+            written.append(plot)
+            markdown += [f"![quality vs speedup]({plot.name})", ""]
         latex += [f"% {board.task} (quality: {board.metric})", tabulate(rows, header, tablefmt="latex_booktabs", disable_numparse=True), ""]
     header, rows = summary_table(chosen, boards)
     exit_plot = output_dir / "avg_exit_layer.png"
@@ -415,14 +443,17 @@ def build_leaderboard(output_dir: str | Path, tolerance: float = 1.0) -> list[Pa
     return written
 
 
-def embed_in_markdown(document: str | Path, output_dir: str | Path) -> Path:
+def embed_in_markdown(document: str | Path, output_dir: str | Path, force: bool = False) -> Path:
     """Replace the block between `<!-- leaderboard:start -->` and `<!-- leaderboard:end -->` in
-    `document` with the sweep's leaderboard, so a README shows generated numbers, never typed ones."""
+    `document` with the sweep's leaderboard, so a README shows generated numbers, never typed ones.
+    A block that already holds something is replaced only with `force`."""
     document, output_dir = Path(document), Path(output_dir)
     text = document.read_text()
     start, end = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
     if start not in text or end not in text:
         raise ValueError(f"{document} has no '{start}' ... '{end}' block to fill; add those two lines where the table goes")
+    if text.split(start, 1)[1].split(end, 1)[0].strip() and not force:
+        raise ValueError(f"the leaderboard block of {document} already holds a leaderboard; pass --force to replace it")
     relative = os.path.relpath(output_dir.resolve(), document.parent.resolve())
     board = (output_dir / "leaderboard.md").read_text()
     board = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", board, flags=re.M)
@@ -440,6 +471,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("output_dir", help="a sweep directory, e.g. results/quickstart")
     parser.add_argument("--tolerance", type=float, default=1.0, help="quality points below full still counted as 'as good' (default 1)")
     parser.add_argument("--readme", help="also write the leaderboard into this markdown file's leaderboard block")
+    parser.add_argument("--force", action="store_true", help="replace what the --readme block already holds")
     args = parser.parse_args(argv)
     if not Path(args.output_dir).is_dir():
         print(f"mee-bench leaderboard: error: {args.output_dir} is not a directory", file=sys.stderr)
@@ -447,8 +479,8 @@ def cli(argv: list[str]) -> int:
     try:
         paths = build_leaderboard(args.output_dir, args.tolerance)
         if args.readme:
-            paths.append(embed_in_markdown(args.readme, args.output_dir))
-    except ValueError as err:
+            paths.append(embed_in_markdown(args.readme, args.output_dir, args.force))
+    except (ValueError, SweepError) as err:
         print(f"mee-bench leaderboard: error: {err}", file=sys.stderr)
         return 2
     for path in paths:

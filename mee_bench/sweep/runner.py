@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -30,12 +31,14 @@ from mee_bench.sweep.store import (
     ResultStore,
     SweepError,
     load_records,
+    provenance,
     result_settings,
     sweep_fingerprint,
     trial_id,
 )
 from mee_bench.sweep.config import (
     ConfigError,
+    closest,
     SweepConfig,
     Trial,
     check_model,
@@ -46,6 +49,7 @@ from mee_bench.sweep.config import (
 )
 from mee_bench.sweep.backend import BackendFactory, LMEvalBackend
 from mee_bench.engine.policy import read_policy_file
+from mee_bench.sweep.ray_session import driver_alive, end_left_over, forget, record_started
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -232,6 +236,34 @@ class _Pool:
         self.actors = []
 
 
+def check_task_data(config: SweepConfig) -> None:
+    """Every catalogue task's data is there and complete (no empty split, no record without a
+    field its prompt or metric reads), checked before Ray starts rather than by each worker."""
+    from mee_bench.harness.catalogue import UnknownTaskError, task
+    from mee_bench.harness.data import load_split
+
+    for name in dict.fromkeys(config.tasks):
+        try:
+            spec = task(name)
+        except UnknownTaskError:  # lm-eval's own tasks: `check_task_names` or the workers check them
+            continue
+        try:
+            load_split(spec.dataset, spec.split, spec.check_records)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"tasks: {err}") from None
+
+
+def check_task_names(config: SweepConfig) -> None:
+    """Every task is one lm-eval (with the package's tasks) knows, as the workers will check it."""
+    from mee_bench.harness.lm_eval_model import task_manager
+    from mee_bench.sweep.backend import needs_builtin_tasks
+
+    known = set(task_manager(include_defaults=needs_builtin_tasks(config.tasks)).all_tasks)
+    for name in dict.fromkeys(config.tasks):
+        if name not in known:
+            raise ConfigError(f"unknown task {name!r} in `tasks`; did you mean {closest(name, sorted(known))!r}?")
+
+
 def run_sweep(
     config: SweepConfig,
     force: bool = False,
@@ -242,11 +274,13 @@ def run_sweep(
     started = time.perf_counter()
     config = resolve_model(config)
     check_model(config)
+    check_task_data(config)
     trials = expand_grid(config)
     settings = result_settings(config)
     ids = {trial: trial_id(trial, settings) for trial in trials}
     store = ResultStore(config.results_dir)
-    store.open(sweep_fingerprint(config, settings), config_dict(config), ids.values(), force)
+    identity = {**config_dict(config), "provenance": provenance(settings)}  # a resume must match all of it
+    store.open(sweep_fingerprint(config, settings), identity, ids.values(), force)
     try:
         finished = store.finished()
         pending = collections.deque((t, 1) for t in trials if ids[t] not in finished)
@@ -272,11 +306,16 @@ def _run_on_ray(
     import ray
     from tqdm import tqdm
 
+    end_left_over(config.results_dir)  # what a driver killed here before left running (we hold the lock)
     owned = connect_ray(config)
+    if owned and not config.ray.address:
+        record_started(config.results_dir)
     pool = _Pool(config, backend)
     try:
         idle = pool.start(_worker_count(config, len(pending)))
         result.workers = len(idle)
+        if owned and not config.ray.address:
+            record_started(config.results_dir)  # now with the workers
         unknown = ray.get(idle[0].unknown_tasks.remote(list(dict.fromkeys(config.tasks))))
         for task, suggestion in unknown.items():
             hint = f"did you mean {suggestion!r}?" if suggestion else "`lm_eval ls tasks` lists the known ones"
@@ -292,6 +331,7 @@ def _run_on_ray(
         pool.stop()
         if owned:
             ray.shutdown()
+            forget(config.results_dir)
 
 
 def _dispatch(
@@ -353,6 +393,21 @@ def _dispatch(
             bar.update(1)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _cleanup(config: SweepConfig) -> int:
+    """`--cleanup`: end what a killed driver of this sweep left running (never a live driver's Ray)."""
+    running = driver_alive(config.results_dir)
+    if running is not None:
+        raise SweepError(f"the sweep driver (pid {running}) writing {config.results_dir} still runs; stop it first")
+    ended = end_left_over(config.results_dir)
+    print(f"ended {len(ended)} Ray process(es) left by a killed sweep in {config.results_dir}" if ended
+          else f"no Ray processes left behind by a sweep in {config.results_dir}")
+    return 0
+
+
 def _describe(trials: list[Trial]) -> str:
     lines = [f"{len(trials)} trials:"]
     lines += [f"  {t.task:<20} {t.measure:<20} threshold={t.threshold} min_exit_layer={t.min_exit_layer}" for t in trials]
@@ -370,12 +425,26 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true", help="adopt this config in an output dir that holds another sweep")
     parser.add_argument("--dry-run", action="store_true", help="check the config and list the trials; run nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="end the Ray processes a killed run of this sweep left behind; run nothing")
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a sweep as Ctrl-C does: finished trials stay
+    try:
+        return _run_cli(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
-        if args.dry_run:
+        if args.cleanup:
+            return _cleanup(config)
+        if args.dry_run:  # every check a real run makes before and right after Ray starts
             resolved = resolve_model(config)
             check_model(resolved)
+            check_task_names(resolved)
+            check_task_data(resolved)
             print(_describe(expand_grid(resolved)))
             return 0
         result = run_sweep(config, force=args.force, progress=not args.no_progress)

@@ -40,8 +40,17 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's whole content (a change anywhere in it counts), first 16 hex digits."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def model_fingerprint(pretrained: str, heads: str | None) -> str:
-    """Cheap identity of the weights: config + size, head and tail of every weight file.
+    """Identity of the weights: the whole content of every config, weight, tokenizer and heads file.
 
     A retrained model in the same directory gets a new fingerprint, so its trials are new
     trials rather than stale records skipped on resume. A hub id is its own fingerprint.
@@ -50,30 +59,62 @@ def model_fingerprint(pretrained: str, heads: str | None) -> str:
     files = []
     if Path(pretrained).is_dir():
         files = sorted(p for p in Path(pretrained).iterdir() if p.suffix in (".json", ".safetensors", ".bin", ".model"))
-    if heads and Path(heads).is_file():
+    if heads and Path(heads).is_file() and Path(heads) not in files:
         files.append(Path(heads))
     for path in files:
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as handle:
-            digest.update(handle.read(1 << 20))
-            handle.seek(max(0, size - (1 << 20)))
-            digest.update(handle.read())
+        digest.update(f"{path.name}:{file_digest(path)}".encode())
     return digest.hexdigest()[:16]
 
 
+def task_provenance(name: str) -> dict | None:
+    """Content hashes of what a catalogue task's results depend on besides the model: its data
+    file (or the hub split it stands for), its YAML and the prompt/metric code; None for a task
+    of lm-eval's own."""
+    from mee_bench.harness.catalogue import TASKS_DIR, UnknownTaskError, task
+    from mee_bench.harness.data import HUB_SOURCES, local_split_path
+
+    try:
+        spec = task(name)
+    except UnknownTaskError:
+        return None
+    data = local_split_path(spec.dataset, spec.split)
+    hub = HUB_SOURCES.get(spec.dataset)
+    return {
+        "data": file_digest(data) if data else f"hub:{hub.path if hub else spec.dataset}/{spec.split}",
+        "yaml": file_digest(TASKS_DIR / f"{name}.yaml"),
+        "code": _digest([file_digest(TASKS_DIR / "utils.py"), file_digest(TASKS_DIR.parent / "catalogue.py")])[:16],
+    }
+
+
+def package_version() -> str:
+    from mee_bench import __version__
+
+    return __version__
+
+
 def result_settings(config: SweepConfig) -> dict:
-    """Everything besides the grid point that changes a trial's result (and so its id)."""
+    """Everything besides the grid point that changes a trial's result (and so its id): the
+    config's settings and the provenance (model and heads content, each task's data and files,
+    the package version)."""
     return {
         "model": dataclasses.asdict(config.model),
         "model_fingerprint": model_fingerprint(config.model.pretrained, config.model.heads),
+        "heads_fingerprint": file_digest(config.model.heads) if config.model.heads else None,
+        "tasks": {name: task_provenance(name) for name in dict.fromkeys(config.tasks)},
+        "mee_bench_version": package_version(),
         **{k: getattr(config, k) for k in ("threshold_schedule", "kv_strategy", "limit", "batch_size", "max_gen_toks", "seed")},
         "carbon": dataclasses.asdict(config.carbon),
     }
 
 
+def provenance(settings: dict) -> dict:
+    """The part of `settings` that no config key shows (what a resume must also find unchanged)."""
+    return {k: settings[k] for k in ("model_fingerprint", "heads_fingerprint", "tasks", "mee_bench_version")}
+
+
 def trial_id(trial: Trial, settings: dict) -> str:
-    """A readable, file-safe name for the grid point plus a hash of it and of `settings`."""
+    """A readable, file-safe name for the grid point plus a hash of it and of `settings` (of the
+    provenance, only its own task's: changed data of one task leaves the other tasks' trials valid)."""
     threshold = "na" if trial.threshold is None else f"{trial.threshold:g}"
     layer = "na" if trial.min_exit_layer is None else trial.min_exit_layer
     readable = f"{trial.task}__{trial.measure}__t{threshold}__m{layer}"
@@ -81,7 +122,8 @@ def trial_id(trial: Trial, settings: dict) -> str:
     fields = dataclasses.asdict(trial)
     if fields["calibration"] is None:  # ids of trials from before `calibrated` existed stay the same
         del fields["calibration"]
-    return f"{safe}__{_digest([fields, settings])[:10]}"
+    own = {**settings, "tasks": (settings.get("tasks") or {}).get(trial.task)}
+    return f"{safe}__{_digest([fields, own])[:10]}"
 
 
 def sweep_fingerprint(config: SweepConfig, settings: dict) -> str:
@@ -90,15 +132,42 @@ def sweep_fingerprint(config: SweepConfig, settings: dict) -> str:
     return _digest([identity, settings])
 
 
-def load_records(output_dir: str | Path) -> list[dict]:
-    """Every trial record of a sweep directory (a file that is not valid JSON is skipped with a warning)."""
-    records = []
+def scan_records(output_dir: str | Path) -> tuple[list[dict], dict[Path, str]]:
+    """The readable trial records of a sweep directory, and each unreadable one's path and reason
+    (cut short, not JSON, or not a trial record), which the leaderboard lists in its tables."""
+    records, unreadable = [], {}
     for path in sorted((Path(output_dir) / RECORDS_DIR).glob("*.json")):
         try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("skipping unreadable record %s: %s", path, err)
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            unreadable[path] = f"{type(err).__name__}: {err}"
+            continue
+        if not isinstance(record, dict) or record.get("trial_id") != path.stem or "trial" not in record:
+            unreadable[path] = "not a trial record of this file's name"
+            continue
+        records.append(record)
+    return records, unreadable
+
+
+def load_records(output_dir: str | Path) -> list[dict]:
+    """Every readable trial record of a sweep directory (an unreadable one is skipped with a warning)."""
+    records, unreadable = scan_records(output_dir)
+    for path, reason in unreadable.items():
+        log.warning("skipping unreadable record %s (%s): delete it and rerun the sweep to redo that trial", path, reason)
     return records
+
+
+def read_manifest(path: Path) -> dict | None:
+    """A sweep directory's manifest, None when there is none; a damaged one is named with the fix."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SweepError(
+            f"the sweep manifest {path} cannot be read ({err}): rerun with --force to write a new one "
+            "(records whose trial ids the new grid does not hold move to superseded/)"
+        ) from None
 
 
 def _flatten(value: Any, prefix: str = "") -> dict:
@@ -135,7 +204,12 @@ class ResultStore:
             raise SweepError(f"another sweep is writing to {self.root}; wait for it or use another output_dir") from None
         manifest_path = self.root / MANIFEST
         existing = sorted(self.records.glob("*.json")) if self.records.is_dir() else []
-        previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        try:
+            previous = read_manifest(manifest_path)
+        except SweepError:
+            if not force:
+                raise
+            previous = None  # --force writes a new manifest; only records of this grid's trial ids stay
         same = previous is not None and previous.get("fingerprint") == fingerprint
         if existing and not same and not force:  # a manifest without records has nothing to protect
             raise SweepError(self._difference(previous, config, len(existing)))
@@ -148,7 +222,10 @@ class ResultStore:
                 if path.stem not in trial_ids:
                     aside.mkdir(parents=True, exist_ok=True)
                     shutil.move(str(path), aside / path.name)
-            manifest = {"fingerprint": fingerprint, "config": config, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if aside.is_dir() and manifest_path.is_file():  # the records moved aside keep their provenance
+                shutil.copy2(manifest_path, aside / MANIFEST)
+            manifest = {"fingerprint": fingerprint, "config": config, "trials": sorted(trial_ids),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self._atomic_write(manifest_path, manifest)
 
     def _difference(self, previous: dict | None, config: dict, count: int) -> str:
@@ -158,9 +235,12 @@ class ResultStore:
         old, new = _flatten(previous.get("config", {})), _flatten(config)
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(("ray.", "output_dir", "name")))
         shown = ", ".join(changed[:6]) or "the model files"
+        what = " (provenance.*: the content of the model, heads or task files, or the package version)" if any(
+            k.startswith("provenance.") for k in changed[:6]) else ""
         return (
-            f"{where} (differs in: {shown}); refusing to mix them. Use another output_dir, or pass --force "
-            "to adopt the new config (records of trials still in the grid are kept, the others move to superseded/)"
+            f"{where} (differs in: {shown}){what}; refusing to mix them. Use another output_dir, or pass --force "
+            "to adopt the new config (records of trials whose config and provenance are unchanged are kept, "
+            "the others move with the old manifest to superseded/)"
         )
 
     def finished(self) -> set[str]:
@@ -168,17 +248,29 @@ class ResultStore:
         return {r["trial_id"] for r in load_records(self.root) if r.get("status") == "ok"}
 
     def write(self, record: dict) -> None:
-        """Write (or replace) the record of `record["trial_id"]` atomically."""
-        self._atomic_write(self.records / f"{record['trial_id']}.json", record)
+        """Write (or replace) the record of `record["trial_id"]` atomically; a failed write (a full
+        disk) stops the sweep with the fix, and leaves the previous record, never half of one."""
+        path = self.records / f"{record['trial_id']}.json"
+        try:
+            self._atomic_write(path, record)
+        except OSError as err:
+            raise SweepError(
+                f"cannot write the record {path} ({err}); nothing of it was kept: free space or fix the directory, "
+                "then run the same command to resume"
+            ) from None
 
     @staticmethod
     def _atomic_write(path: Path, payload: dict) -> None:
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-        with tmp.open("w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            with tmp.open("w") as handle:
+                json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def close(self) -> None:
         """Release the lock (a second call does nothing)."""

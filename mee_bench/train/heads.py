@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mee_bench.engine.heads import ExitHeads
+from mee_bench.engine.heads import HEADS_FILE, ExitHeads
 from mee_bench.engine.loading import ModelLoadError, load_model
 from mee_bench.engine.oracle import top1_unchanged_after
 from mee_bench.engine.measures import head_names
@@ -137,8 +137,18 @@ def train_heads(
     limit: int | None = 50_000,
     log=print,
     device: str = "cpu",
+    force: bool = False,
 ) -> tuple[Path, dict]:
-    """Train all three heads for the model in `model_dir`; save them and their validation metrics beside it."""
+    """Train all three heads for the model in `model_dir`; save them and their validation metrics beside it.
+
+    Heads or metrics already there are replaced only with `force` (checked before any compute).
+    """
+    existing = [Path(model_dir) / name for name in (HEADS_FILE, METRICS_FILE) if (Path(model_dir) / name).exists()]
+    if existing and not force:
+        raise ValueError(
+            f"{model_dir} already has trained exit heads ({', '.join(p.name for p in existing)}); "
+            "pass --force to replace them, or train heads for a copy of the model"
+        )
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     if mode not in LABEL_MODES:
@@ -210,8 +220,9 @@ def _source(text: str) -> tuple[str, str]:
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mee-bench train-heads", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "model", nargs="?", default=str(DEFAULT_MODEL_DIR), help="a saved T5 directory (default: the embedded model)"
+        "model", nargs="?", help=f"a saved T5 directory (required: the embedded model, {DEFAULT_MODEL_DIR}, only when named)"
     )
+    parser.add_argument("--force", action="store_true", help="replace the exit heads and metrics already beside the model")
     parser.add_argument(
         "--data",
         nargs="+",
@@ -233,6 +244,11 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
+    if args.model is None:
+        raise ValueError(
+            f"name the model whose heads to train, e.g. `mee-bench train-heads runs/my-model`; the embedded default's "
+            f"heads are replaced only when named: `mee-bench train-heads {DEFAULT_MODEL_DIR} --force`"
+        )
     torch.set_num_threads(args.threads)
     try:
         path, report = train_heads(
@@ -246,6 +262,7 @@ def cli(argv: list[str]) -> int:
             args.lr,
             args.seed,
             device=args.device,
+            force=args.force,
         )
     except (DataError, ModelLoadError, ValueError) as err:
         print(f"mee-bench train-heads: {err}", file=sys.stderr)

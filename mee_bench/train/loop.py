@@ -10,11 +10,15 @@ data order; an output dir holding a different run is refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -185,8 +189,38 @@ def make_objective(cfg) -> Objective:
     return Objective(o.name, o.label_smoothing, o.chunk_tokens, o.kd_exit_layer, o.kd_mapping, o.kd_weight)
 
 
-def train(cfg) -> Path:
-    """Run (or resume) the training run described by a validated config; returns the output dir."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT / SIGTERM after saving its checkpoint; the same command resumes it."""
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """SIGINT and SIGTERM ask training to stop after the current step, checkpoint saved (a second
+    signal stops at once); yields the question "was a stop asked for?". Outside the main thread
+    (where Python cannot take signals) nothing is installed."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def ask_to_stop(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg, stop: Callable[[], bool] = lambda: False) -> Path:
+    """Run (or resume) the training run described by a validated config; returns the output dir.
+
+    When `stop()` turns true the run saves its checkpoint and raises `TrainingInterrupted`.
+    """
     from tqdm import tqdm
 
     torch.set_num_threads(cfg.threads)
@@ -248,7 +282,7 @@ def train(cfg) -> Path:
         metrics.flush()
         progress.write(f"eval step {result['step']}: BLEU {result['bleu']} val CE per layer {result['val_ce']}")
 
-    while budget_left(cfg, state):
+    while budget_left(cfg, state) and not stop():
         batches = mixture.epoch(state["epoch"])
         if state["position"] >= len(batches):
             state["epoch"], state["position"] = state["epoch"] + 1, 0
@@ -288,6 +322,11 @@ def train(cfg) -> Path:
             checkpoint("in progress")
             last_save = time.monotonic()
     progress.close()
+    if budget_left(cfg, state):  # stopped on request: keep every finished step
+        metrics.close()
+        checkpoint("in progress")
+        raise TrainingInterrupted(f"stopped at step {state['step']}; checkpoint saved in {output}: "
+                                  "run the same command to resume")
     if cfg.eval_every_steps and (not history or history[-1]["step"] != state["step"]):
         run_eval()
     metrics.close()
@@ -302,9 +341,13 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        output = train(cfg)
+        with stop_on_signals() as stop:
+            output = train(cfg, stop)
     except (ConfigError, DataError, RunError) as err:
         print(f"mee-bench train: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as interrupted:
+        print(f"mee-bench train: {interrupted}", file=sys.stderr)
+        return 130
     print(f"model written to {output}")
     return 0

@@ -120,8 +120,9 @@ def test_load_generator_finds_the_heads_beside_the_model(model_copy):
 )
 def test_heads_of_another_model_are_refused_with_the_fix(model_copy, heads, metadata, message):
     heads.save(model_copy, metadata=metadata)
+    generator = load_generator(model_copy)  # heads are read when a policy first needs them
     with pytest.raises(ModelLoadError, match=message) as error:
-        load_generator(model_copy)
+        generator.heads
     assert "mee-bench train-heads" in str(error.value)
 
 
@@ -148,3 +149,43 @@ def test_local_paths_that_are_not_checkpoints_are_refused_before_loading(spec):
 
 def test_hub_ids_pass_the_path_check():
     assert check_checkpoint_path("google/flan-t5-base") is None
+
+
+def cut_short(path: Path) -> None:
+    """Keep the first half of a file, as a download or save killed midway leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_half_written_weights_name_the_file_and_the_fix(model_copy):
+    cut_short(model_copy / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors is damaged or incomplete .*re-download or re-save"):
+        load_generator(model_copy)
+
+
+def test_a_damaged_config_names_the_directory_and_the_fix(model_copy):
+    cut_short(model_copy / "config.json")
+    with pytest.raises(ModelLoadError, match="cannot load a config from .*re-download or re-save"):
+        load_generator(model_copy)
+
+
+def test_a_damaged_tokenizer_names_the_directory_and_the_fix(model_copy):
+    for name in ("tokenizer.json", "spiece.model"):
+        if (model_copy / name).exists():
+            cut_short(model_copy / name)
+    with pytest.raises(ModelLoadError, match="cannot load the tokenizer of .*re-download or re-save the tokenizer"):
+        load_generator(model_copy)
+
+
+def test_damaged_heads_break_only_the_measures_that_need_them(model_copy):
+    ExitHeads(d_model=32).save(model_copy, metadata={"num_layers": 4})
+    cut_short(model_copy / HEADS_FILE)
+    generator = load_generator(model_copy)
+    input_ids = torch.tensor([[5, 6, 7, 1]])
+    for measure in ("full", "softmax"):
+        output = generator.generate(input_ids, None, ExitPolicy(measure=measure, min_exit_layer=1), max_new_tokens=3)
+        assert output.tokens[0], measure
+    with pytest.raises(ModelLoadError, match=rf"{HEADS_FILE} is damaged or incomplete .*mee-bench train-heads"):
+        generator.generate(input_ids, None, ExitPolicy(measure="lstm", min_exit_layer=1), max_new_tokens=3)
+    with pytest.raises(ModelLoadError, match=rf"{HEADS_FILE} is damaged or incomplete"):
+        load_generator(model_copy, require_heads=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from mee_bench.harness.lm_eval_model import MEELM, TRAIN_DEFAULT_COMMAND, attach_efficiency, efficiency_table, task_manager
+from mee_bench.harness.lm_eval_model import MEELM, TRAIN_DEFAULT_COMMAND, ModelArgsError, attach_efficiency, efficiency_table, task_manager
 from mee_bench.engine.loading import ModelLoadError
 from mee_bench.engine.policy import ExitPolicy
 
@@ -197,6 +197,22 @@ def test_bad_model_args_fail_before_any_data_loads(tiny_model_dir, monkeypatch):
                 model="mee", model_args=f"pretrained={tiny_model_dir},{model_args}", tasks=["squad_mee"],
                 task_manager=manager, limit=1,
             )
+
+
+def test_model_args_win_over_lm_evals_own_device_and_batch_size_flags_and_the_log_says_so(tiny_model_dir, caplog):
+    flags = {"device": "cuda:0", "batch_size": 1, "max_batch_size": 64}
+    with caplog.at_level("INFO", logger="mee_bench.harness.lm_eval_model"):
+        lm = MEELM.create_from_arg_string(f"pretrained={tiny_model_dir},device=cpu,batch_size=3", flags)
+    assert lm.batch_size == 3 and lm.device.type == "cpu"
+    assert "model_args device=cpu wins over lm-eval's --device cuda:0" in caplog.text
+    assert "model_args batch_size=3 wins over lm-eval's --batch_size 1" in caplog.text
+    from_flags = MEELM.create_from_arg_obj({"pretrained": str(tiny_model_dir)}, {"device": "cpu", "batch_size": 5})
+    assert from_flags.batch_size == 5
+
+
+def test_a_bad_model_arg_through_lm_evals_constructor_is_a_model_args_error(tmp_path):
+    with pytest.raises(ModelArgsError, match=r"^--model mee: threshold=2.0 is outside"):
+        MEELM.create_from_arg_string(f"pretrained={tmp_path},measure=softmax,threshold=2.0", {"device": "cpu"})
 
 
 def test_a_missing_default_model_names_pretrained_and_the_training_command(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mee_bench.paths import data_root
@@ -80,3 +82,37 @@ def test_summary_metrics_are_rouge_fmeasures_with_sentence_lines_for_lsum():
     assert swapped["rouge1"] == pytest.approx(100.0)
     assert swapped["rougeL"] < 100.0 and swapped["rougeLsum"] == pytest.approx(100.0)
     assert set(utils.bigpatent_results({"abstract": "A paw cleaner."}, ["A cleaner for paws."])) == {"rouge1", "rouge2", "rougeL"}
+
+
+GOOD_WMT = {"translation": {"en": "The house.", "fr": "La maison."}}
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([], r"wmt15/validation\.jsonl holds no records, so task wmt15_enfr_mee has nothing to evaluate"),
+        ([GOOD_WMT, {"translation": {"fr": "Salut."}}],
+         r"validation\.jsonl:2: not a wmt15_enfr_mee record \(translation\[en\] is missing\)"),
+        ([GOOD_WMT, GOOD_WMT, {"translation": {"en": None, "fr": "Salut."}}],
+         r"validation\.jsonl:3: .*translation\[en\] is None, not a non-empty string"),
+        ([GOOD_WMT, {"translation": {"en": "Hi."}}], r"validation\.jsonl:2: .*translation\.fr is missing"),
+    ],
+)
+def test_bad_task_data_stops_lm_eval_before_any_request_naming_file_and_line(tmp_path, monkeypatch, rows, message):
+    from mee_bench.harness.catalogue import TaskDataError
+    from mee_bench.paths import DATA_DIR_ENV
+
+    (tmp_path / "wmt15").mkdir()
+    (tmp_path / "wmt15" / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(TaskDataError, match=message):
+        task_manager(include_defaults=False).load(["wmt15_enfr_mee"])
+
+
+def test_a_record_without_its_source_is_never_prompted_as_none():
+    from mee_bench.harness.catalogue import RecordError
+
+    with pytest.raises(RecordError, match="translation\\[en\\]"):
+        utils.wmt15_prompt({"translation": {"en": None, "fr": "Salut."}})
+    with pytest.raises(RecordError, match="answers.text"):
+        utils.squad_target({"question": "Who?", "context": "Me.", "answers": {"text": [None]}})

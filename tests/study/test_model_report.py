@@ -83,3 +83,11 @@ def test_bad_arguments_are_named(tiny_model_dir, tmp_path, capsys, args, message
 def test_missing_model_directory_is_named(tmp_path, capsys):
     assert cli([str(tmp_path / "absent"), "--out", str(tmp_path / "r.md")]) == 2
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_an_existing_report_is_replaced_only_with_force(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "r.md"
+    out.write_text("an earlier report\n")
+    assert cli([str(tiny_model_dir), "--out", str(out)]) == 2
+    assert f"{out} already exist(s); pass --force" in capsys.readouterr().err
+    assert out.read_text() == "an earlier report\n"

@@ -12,7 +12,7 @@ from tests.helpers import tiny_model
 from mee_bench.paths import DATA_DIR_ENV, data_root
 from mee_bench.harness.catalogue import TASKS
 from mee_bench.harness.data import local_split_path, read_jsonl
-from mee_bench.study.analysis import Example, analyze_model, cli, task_examples
+from mee_bench.study.analysis import Example, analyze_model, cli, file_examples, task_examples
 from mee_bench.study.statistics import (
     LayerStatistics,
     TokenPredictions,
@@ -185,8 +185,22 @@ def test_a_local_record_without_the_tasks_fields_is_refused_naming_file_row_and_
     (tmp_path / "squad").mkdir()
     (tmp_path / "squad" / "validation.jsonl").write_text(json.dumps({"question": "Who?"}) + "\n")
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
-    with pytest.raises(ValueError, match=r"squad/validation.jsonl: row 1 is not a squad_mee record .*'context'"):
+    with pytest.raises(ValueError, match=r"squad/validation.jsonl:1: not a squad_mee record \(context is missing\)"):
         task_examples("squad_mee")
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("", r"inputs.jsonl holds no records"),
+        ('{"input": "a", "target": "b"}\n\n{"input": "c"}\n', r"inputs.jsonl:3: no non-empty string field target"),
+        ('{"input": "", "target": "b"}\n', r"inputs.jsonl:1: no non-empty string field input"),
+    ],
+)
+def test_bad_inputs_files_name_file_and_line_before_any_compute(tmp_path, lines, message):
+    (tmp_path / "inputs.jsonl").write_text(lines)
+    with pytest.raises(ValueError, match=message):
+        file_examples(tmp_path / "inputs.jsonl")
 
 
 def test_clear_errors(tiny_model_dir, tmp_path, capsys):

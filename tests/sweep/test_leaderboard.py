@@ -181,12 +181,14 @@ def test_readme_block_is_filled_from_the_leaderboard_and_refilled_in_place(tmp_p
     sweep = write_sweep(tmp_path / "results" / "demo", RECORDS, measures=["full", "softmax", "saturation", "oracle", "lstm"])
     readme = tmp_path / "README.md"
     readme.write_text("# Tool\n\nintro\n\n<!-- leaderboard:start -->\nold numbers\n<!-- leaderboard:end -->\n\nafter\n")
-    assert cli([str(sweep), "--readme", str(readme)]) == 0
+    assert cli([str(sweep), "--readme", str(readme)]) == 2  # the block holds something: replaced only with --force
+    assert "old numbers" in readme.read_text()
+    assert cli([str(sweep), "--readme", str(readme), "--force"]) == 0
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("# Tool\n\nintro") and text.rstrip().endswith("after")
     assert "### Leaderboard: demo" in text and "2.00x" in text
     assert "](results/demo/avg_exit_layer.png)" in text
-    assert cli([str(sweep), "--readme", str(readme)]) == 0
+    assert cli([str(sweep), "--readme", str(readme), "--force"]) == 0
     assert readme.read_text() == text
     readme.write_text("no markers\n")
     assert cli([str(sweep), "--readme", str(readme)]) == 2
@@ -233,3 +235,31 @@ def test_csv_and_latex_carry_both_ends_of_the_interval(tmp_path):
     latex = (sweep / "leaderboard.tex").read_text()
     assert "2.00x [1.90, 2.10]" in latex and "0.90x [0.85, 0.95]" in latex
     assert "(unpaired)" not in (sweep / "leaderboard.md").read_text()
+
+
+def test_a_record_cut_short_and_a_trial_without_record_are_listed_in_the_task_table(tmp_path):
+    records = [
+        {**record("tatoeba_enfr_mee", "full", None, None, 20.0, 10.0, 6.0), "trial_id": "tatoeba_enfr_mee__full__tna__mna__aaa"},
+        {**record("tatoeba_enfr_mee", "softmax", 0.9, 2, 19.5, 5.0, 3.0), "trial_id": "tatoeba_enfr_mee__softmax__t0.9__m2__bbb"},
+    ]
+    write_sweep(tmp_path, records)
+    cut = tmp_path / "records" / "tatoeba_enfr_mee__softmax__t0.9__m2__bbb.json"
+    cut.write_text(cut.read_text()[:40])
+    trials = [r["trial_id"] for r in records] + ["tatoeba_enfr_mee__softmax__t0.5__m3__ccc", "squad_mee__full__tna__mna__ddd"]
+    (tmp_path / "sweep.json").write_text(json.dumps({"fingerprint": "x", "config": {"name": "demo"}, "trials": trials}))
+    build_leaderboard(tmp_path)
+    board = (tmp_path / "leaderboard.md").read_text()
+    table_rows = [line for line in board.splitlines() if line.startswith("| ")]
+    unreadable = [row for row in table_rows if "unreadable record" in row]
+    missing = [row for row in table_rows if "no record: the sweep did not finish it" in row]
+    assert len(unreadable) == 1 and "| softmax " in unreadable[0] and "| 0.9 " in unreadable[0] and str(cut) in unreadable[0]
+    assert len(missing) == 2 and any("| 0.5 " in row and "| 3 " in row for row in missing)
+    assert "## squad_mee" in board  # a task with no readable record still gets its table
+    assert "3 trial(s) of this sweep have no result" in board
+
+
+def test_a_damaged_manifest_is_named_with_the_fix(tmp_path, capsys):
+    write_sweep(tmp_path, RECORDS)
+    (tmp_path / "sweep.json").write_text('{"fingerprint": "x", "conf')
+    assert cli([str(tmp_path)]) == 2
+    assert f"the sweep manifest {tmp_path / 'sweep.json'} cannot be read" in capsys.readouterr().err

@@ -39,7 +39,8 @@ class FakeBackend:
     """A deterministic stand-in for lm-eval: lower thresholds are faster and worse.
 
     A file `<marker_dir>/<measure>-<threshold>` makes that trial raise: every time if it
-    says `always`, once (the file is then removed) if it says `once`.
+    says `always`, once (the file is then removed) if it says `once`; if it says `kill`, the
+    worker process dies by SIGKILL in the middle of the trial, once.
     """
 
     marker_dir: Path | None = None
@@ -57,6 +58,9 @@ class FakeBackend:
     def evaluate(self, trial, policy):
         marker = self.marker_dir / f"{trial.measure}-{trial.threshold}" if self.marker_dir else None
         if marker is not None and marker.exists():
+            if marker.read_text() == "kill":
+                marker.unlink()
+                os.kill(os.getpid(), signal.SIGKILL)
             if marker.read_text() == "once":
                 marker.unlink()
             raise RuntimeError(f"injected failure for {trial.measure} {trial.threshold}")
@@ -254,3 +258,62 @@ def test_real_adapter_sweep_on_the_head_node(tiny_model_dir, tmp_path, ray_head)
     assert any(line.startswith("| softmax") for line in _leaderboard_lines(tmp_path / "out"))
     rerun = run_sweep(config, progress=False)
     assert (rerun.skipped, rerun.ran) == (2, 0)
+
+
+def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_recorded_once(tiny_model_dir, tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    (markers / "softmax-0.7").write_text("kill")
+    with short_temp_dir() as temp_dir:
+        config = sweep_config(tmp_path, pretrained=str(tiny_model_dir), ray={"num_cpus": 2, "temp_dir": temp_dir})
+        result = run_sweep(config, backend=backend_with(markers), progress=False)
+    assert (result.total, result.ran, result.failed) == (5, 5, [])
+    records = load_records(tmp_path / "out")
+    assert len({r["trial_id"] for r in records}) == len(records) == 5 and all(r["status"] == "ok" for r in records)
+    killed = next(r for r in records if r["trial"]["threshold"] == 0.7)
+    assert killed["attempts"] == 2 and "the worker died during the trial" in killed["errors"][0]
+
+
+LOCAL_DRIVER = """
+import sys
+sys.path.insert(0, {repo!r})
+import tests.sweep.test_ray as here
+from mee_bench.sweep.runner import run_sweep
+from mee_bench.sweep.config import load_config
+run_sweep(load_config({config!r}), backend=here.backend_with(delay_s=1.0), progress=False)
+"""
+
+
+def test_a_local_ray_left_by_a_sigkilled_driver_is_ended_by_cleanup(tiny_model_dir, tmp_path):
+    import psutil
+
+    from mee_bench.sweep.ray_session import PROCESSES_FILE
+    from mee_bench.sweep.runner import cli
+
+    with short_temp_dir() as temp_dir:
+        config_path = tmp_path / "sweep.yaml"
+        config_path.write_text(
+            f"name: local\nmodel: {{pretrained: {tiny_model_dir}}}\ntasks: [fake_task]\nmeasures: [softmax]\n"
+            f"thresholds: {{softmax: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}}\nmin_exit_layers: [2]\n"
+            f"output_dir: {tmp_path / 'out'}\nray: {{num_cpus: 1, temp_dir: {temp_dir}}}\ncarbon: {{country_iso_code: FRA}}\n"
+        )
+        records_dir = tmp_path / "out" / "records"
+        driver = subprocess.Popen([sys.executable, "-c", LOCAL_DRIVER.format(repo=str(REPO), config=str(config_path))])
+        try:
+            deadline = time.monotonic() + 180
+            while not list(records_dir.glob("*.json")):
+                assert driver.poll() is None, "the driver exited before it could be killed"
+                assert time.monotonic() < deadline, "no records appeared"
+                time.sleep(0.1)
+            ray_processes = psutil.Process(driver.pid).children(recursive=True)
+        finally:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+        time.sleep(1.0)
+        left = [p for p in ray_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        recorded = json.loads((tmp_path / "out" / PROCESSES_FILE).read_text())["processes"]
+        assert left and {p.pid for p in left} <= {pid for pid, _ in recorded}, "the sweep wrote down what it started"
+        assert cli([str(config_path), "--cleanup"]) == 0
+        assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not (tmp_path / "out" / PROCESSES_FILE).exists()
+        assert cli([str(config_path), "--cleanup"]) == 0  # nothing left: says so

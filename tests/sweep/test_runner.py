@@ -171,8 +171,9 @@ def test_force_keeps_trials_still_in_the_grid_and_moves_the_rest_aside(tmp_path)
     forced.open("fp-2", {"limit": 4, "tasks": ["u"]}, ["a", "c"], force=True)
     forced.close()
     assert [r["trial_id"] for r in load_records(tmp_path / "sweep")] == ["a"]
-    [moved] = list((tmp_path / "sweep" / "superseded").rglob("*.json"))
-    assert moved.name == "b.json"
+    [aside] = list((tmp_path / "sweep" / "superseded").iterdir())
+    assert sorted(p.name for p in aside.iterdir()) == ["b.json", "sweep.json"]  # with the manifest it belonged to
+    assert json.loads((aside / "sweep.json").read_text())["fingerprint"] == "fp-1"
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["fingerprint"] == "fp-2"
 
 
@@ -229,7 +230,7 @@ def test_workers_index_lm_evals_builtin_tasks_only_for_a_task_that_is_not_ours(t
 def test_cli_dry_run_lists_trials_and_reports_config_errors(tiny_model_dir, tmp_path, capsys):
     path = tmp_path / "s.yaml"
     path.write_text(
-        f"model: {{pretrained: {tiny_model_dir}}}\ntasks: [a, b]\nmeasures: [softmax, oracle]\n"
+        f"model: {{pretrained: {tiny_model_dir}}}\ntasks: [tatoeba_enfr_mee, squad_mee]\nmeasures: [softmax, oracle]\n"
         "thresholds: {softmax: [0.5]}\nmin_exit_layers: [2, 3]\ncarbon: {country_iso_code: FRA}\n"
     )
     assert cli([str(path), "--dry-run"]) == 0
@@ -237,6 +238,26 @@ def test_cli_dry_run_lists_trials_and_reports_config_errors(tiny_model_dir, tmp_
     assert out.startswith("10 trials:") and out.count(" full ") == 2
     assert cli([str(path), "limits=3"]) == 2
     assert "closest valid key is 'limit'" in capsys.readouterr().err
+    assert cli([str(path), "tasks=[tatoeba_enfr_me]", "--dry-run"]) == 2
+    assert "unknown task 'tatoeba_enfr_me' in `tasks`; did you mean 'tatoeba_enfr_mee'?" in capsys.readouterr().err
+
+
+def test_dry_run_and_a_real_run_refuse_bad_task_data_before_ray_starts(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from mee_bench.paths import DATA_DIR_ENV
+
+    data = tmp_path / "data" / "tatoeba_fra_eng" / "validation.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text(json.dumps({"translation": {"en": "Hi.", "fr": "Salut."}}) + "\n" + json.dumps({"translation": {"fr": "Va !"}}) + "\n")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
+    path = tmp_path / "s.yaml"
+    path.write_text(f"model: {{pretrained: {tiny_model_dir}}}\ntasks: [tatoeba_enfr_mee]\nmeasures: [softmax]\n"
+                    f"thresholds: {{softmax: [0.5]}}\noutput_dir: {tmp_path / 'out'}\ncarbon: {{country_iso_code: FRA}}\n")
+    expected = f"{data.resolve()}:2: not a tatoeba_enfr_mee record (translation[en] is missing); fix or remove that record"
+    assert cli([str(path), "--dry-run"]) == 2
+    assert expected in capsys.readouterr().err
+    assert cli([str(path), "--no-progress"]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the store, before Ray
 
 
 def test_record_json_round_trips_dataclasses(tmp_path):
@@ -256,3 +277,90 @@ def test_missing_embedded_default_model_says_how_to_get_one(tmp_path, monkeypatc
     config = resolve_model(make_config(None, tmp_path, model={"pretrained": None}))
     with pytest.raises(ConfigError, match="embedded default model is not at .* yet"):
         check_model(config)
+
+
+def flip_middle_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_resume_refuses_when_the_model_or_the_task_data_changed_in_the_middle(tiny_model_dir, tmp_path, monkeypatch):
+    """Provenance decides resume: the same config over changed files is a different sweep."""
+    import shutil
+
+    from mee_bench.harness.catalogue import TATOEBA_ENFR
+    from mee_bench.harness.data import local_split_path
+    from mee_bench.paths import DATA_DIR_ENV
+    from mee_bench.sweep.config import config_dict
+    from mee_bench.sweep.store import provenance, sweep_fingerprint
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    data = tmp_path / "data" / TATOEBA_ENFR.dataset / f"{TATOEBA_ENFR.split}.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text("".join(json.dumps({"translation": {"en": f"Hi {i}.", "fr": f"Salut {i}."}}) + "\n" for i in range(50)))
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
+    assert local_split_path(TATOEBA_ENFR.dataset, TATOEBA_ENFR.split) == data.resolve()
+    config = resolve_model(make_config(model, tmp_path))
+    settings = result_settings(config)
+    ids = [trial_id(t, settings) for t in expand_grid(config)]
+    store = ResultStore(config.results_dir)  # a finished sweep, as run_sweep leaves it
+    store.open(sweep_fingerprint(config, settings), {**config_dict(config), "provenance": provenance(settings)}, ids, False)
+    for trial in ids:
+        store.write({"trial_id": trial, "status": "ok", "trial": {"task": TATOEBA_ENFR.name}})
+    store.close()
+    assert run_sweep(make_config(model, tmp_path), progress=False).skipped == len(ids)  # resumes: nothing to run
+
+    original = data.read_bytes()
+    data.write_bytes(original.replace(b"Salut 25.", b"Salut 25!"))  # one reference in the middle of the file
+    with pytest.raises(SweepError, match=r"differs in: provenance\.tasks\.tatoeba_enfr_mee\.data\).*content of the model"):
+        run_sweep(make_config(model, tmp_path), progress=False)
+    data.write_bytes(original)
+    flip_middle_byte(model / "model.safetensors")
+    with pytest.raises(SweepError, match=r"differs in: provenance\.model_fingerprint\)"):
+        run_sweep(make_config(model, tmp_path), progress=False)
+    assert sorted(p.stem for p in (config.results_dir / "records").glob("*.json")) == sorted(ids)  # nothing touched
+
+
+def test_a_full_disk_on_record_write_keeps_the_old_record_and_leaves_no_half_written_file(tmp_path, monkeypatch):
+    import errno
+
+    store = ResultStore(tmp_path / "sweep")
+    store.open("fp", {}, ["a"], force=False)
+    store.write(_record("a", "failed"))
+    before = (tmp_path / "sweep" / "records" / "a.json").read_bytes()
+    real_dump = json.dump
+
+    def dump_then_disk_full(payload, handle, **kwargs):
+        handle.write(json.dumps(payload)[:10])  # part of the record reaches the disk, then it is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", dump_then_disk_full)
+    with pytest.raises(SweepError, match=r"cannot write the record .*a\.json .*No space left on device.*resume"):
+        store.write(_record("a"))
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert sorted(p.name for p in (tmp_path / "sweep" / "records").iterdir()) == ["a.json"]
+    assert (tmp_path / "sweep" / "records" / "a.json").read_bytes() == before
+    assert store.finished() == set()  # the failed record stands, so a rerun runs the trial again
+    store.close()
+
+
+def test_sigterm_ends_a_sweep_like_ctrl_c_and_the_handler_is_put_back(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import mee_bench.sweep.runner as runner
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not stop the sweep")
+
+    monkeypatch.setattr(runner, "run_sweep", terminated)
+    path = tmp_path / "s.yaml"
+    path.write_text(f"model: {{pretrained: {tiny_model_dir}}}\ntasks: [tatoeba_enfr_mee]\nmeasures: [softmax]\n"
+                    "thresholds: {softmax: [0.5]}\ncarbon: {country_iso_code: FRA}\n")
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli([str(path)]) == 130
+    assert "interrupted; finished trials are saved, run the same command to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before

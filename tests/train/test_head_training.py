@@ -88,3 +88,20 @@ def test_heads_beat_a_constant_predictor_on_a_tiny_trained_model(trained_tiny, t
         accuracy = sum(row["accuracy"] for row in report[name]) / 2
         constant = sum(report["constant_accuracy"][:2]) / 2
         assert accuracy > constant, (name, report[name], report["constant_accuracy"])
+
+
+def test_train_heads_never_replaces_heads_without_force_nor_picks_the_default_model(tmp_path, capsys):
+    from mee_bench.cli import main
+    from mee_bench.engine.heads import HEADS_FILE
+    from mee_bench.paths import DEFAULT_MODEL_DIR
+
+    assert main(["train-heads"]) == 2
+    error = capsys.readouterr().err
+    assert "name the model whose heads to train" in error and f"{DEFAULT_MODEL_DIR} --force" in error
+    ExitHeads(d_model=32).save(tmp_path, metadata={"num_layers": 4})
+    (tmp_path / METRICS_FILE).write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main(["train-heads", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert f"already has trained exit heads ({HEADS_FILE}, {METRICS_FILE}); pass --force" in error
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -91,7 +91,7 @@ def test_config_errors(tiny_corpus, tmp_path):
 def test_missing_and_malformed_data_name_file_and_line(tiny_corpus, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"translation": {"en": "a", "fr": "b"}}\n{"translation": {"en": "c"}}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: .*'fr'"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: .*translation\.fr is missing"):
         train(tiny_train_config(tiny_corpus, tmp_path / "run1", **{"data.sources.0.path": str(bad)}))
     bad.write_text('{"translation": {"en": "a", "fr": "b"}}\n\n{"translation": \n')
     with pytest.raises(DataError, match=r"bad\.jsonl:3: not valid JSON"):
@@ -133,3 +133,25 @@ def test_fine_tune_starts_from_the_base_weights(trained_tiny, tiny_corpus, tmp_p
     base_ce = [json.loads(line)["ce3"] for line in (trained_tiny / "metrics.jsonl").read_text().splitlines()]
     assert first_ce < base_ce[0] - 0.5 and abs(first_ce - base_ce[-1]) < 0.5
     assert json.loads((output / "training.json").read_text())["init"] == str(trained_tiny)
+
+
+def test_sigterm_stops_training_after_the_step_with_its_checkpoint_saved(tiny_corpus, tmp_path):
+    import os
+    import signal
+
+    config = tiny_train_config(tiny_corpus, tmp_path / "run", **{"budget.steps": 8, "data.batch_tokens": 300,
+                                                                  "checkpoint_minutes": 60.0})
+    steps: list[int] = []
+
+    def sigterm_at_step_3() -> bool:  # what the loop asks before each step; the signal arrives during step 3
+        steps.append(len(steps))
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return asked()
+
+    with training.stop_on_signals() as asked:
+        with pytest.raises(training.TrainingInterrupted, match="stopped at step 3; checkpoint saved in .*resume"):
+            train(config, sigterm_at_step_3)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    assert json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert len(train_losses(tmp_path / "run")) == 3

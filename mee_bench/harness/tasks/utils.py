@@ -14,9 +14,9 @@ import re
 import string
 from collections import Counter
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
-from mee_bench.harness.catalogue import BIGPATENT, CNNDM, SQUAD, TATOEBA_ENFR, WMT15_ENFR
+from mee_bench.harness.catalogue import BIGPATENT, CNNDM, SQUAD, TATOEBA_ENFR, WMT15_ENFR, tasks_reading
 from mee_bench.harness.data import load_split
 
 if TYPE_CHECKING:
@@ -29,14 +29,22 @@ _PUNCTUATION = frozenset(string.punctuation)
 
 
 def load_docs(data_name: str, data_split: str, **_task_metadata: Any) -> "datasets.DatasetDict":
-    """lm-eval `custom_dataset`: the split from the local data root, else the hub.
+    """lm-eval `custom_dataset`: the split from the local data root, else the hub, checked whole
+    against every catalogue task that reads it before lm-eval builds a single request.
 
     lm-eval also passes the task metadata (model_args, version) as keywords; they do not
     change which data is read.
     """
     import datasets
 
-    return datasets.DatasetDict({data_split: load_split(data_name, data_split)})
+    specs = tasks_reading(data_name, data_split)
+
+    def check(located: Iterable[tuple[str, dict]], source: str) -> None:
+        located = list(located)
+        for spec in specs:
+            spec.check_records(located, source)
+
+    return datasets.DatasetDict({data_split: load_split(data_name, data_split, check if specs else None)})
 
 
 # The YAMLs' `doc_to_text` and `doc_to_target`: each task's prompt and reference, from the catalogue.
