@@ -119,11 +119,8 @@ def trial_id(trial: Trial, settings: dict) -> str:
     layer = "na" if trial.min_exit_layer is None else trial.min_exit_layer
     readable = f"{trial.task}__{trial.measure}__t{threshold}__m{layer}"
     safe = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in readable)
-    fields = dataclasses.asdict(trial)
-    if fields["calibration"] is None:  # ids of trials from before `calibrated` existed stay the same
-        del fields["calibration"]
     own = {**settings, "tasks": (settings.get("tasks") or {}).get(trial.task)}
-    return f"{safe}__{_digest([fields, own])[:10]}"
+    return f"{safe}__{_digest([dataclasses.asdict(trial), own])[:10]}"
 
 
 def sweep_fingerprint(config: SweepConfig, settings: dict) -> str:
