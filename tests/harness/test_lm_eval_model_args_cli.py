@@ -6,12 +6,14 @@ which `test_lm_eval_cli.py` checks separately), so the test follows the code und
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from mee_bench.engine.heads import ExitHeads
+from mee_bench.engine.policy import ExitPolicy
 from mee_bench.harness.install_hook import TRIGGER_SOURCE
 from mee_bench.harness.lm_eval_hook import DISABLE_ENV
 from mee_bench.harness.lm_eval_model import MODEL_ARGS
@@ -37,19 +39,24 @@ def lm_eval_run(model_args: str, *flags: str, cwd) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
-    """Every model arg set at once (colliding with lm-eval's --device and --batch_size), and a bad one."""
+    """Every model arg set at once (colliding with lm-eval's --device and --batch_size; `calibration`
+    names a policy, so it runs without the policy args), and a bad one."""
     work = tmp_path_factory.mktemp("model-args")
     heads = ExitHeads(d_model=32).save(work, metadata={"num_layers": 4})
+    policy_file = work / "exit_policy.json"
+    policy_file.write_text(json.dumps({"policy": ExitPolicy("softmax", 0.5, 1).as_dict(), "calibration": {"delta": 0.1}}))
     every_arg = {
         "pretrained": tiny_model_dir, "measure": "lstm", "threshold": 0.5, "min_exit_layer": 1,
         "threshold_schedule": "decaying", "tau": 2.0, "kv_strategy": "deferred", "dtype": "float32",
         "device": "cpu", "batch_size": 2, "max_length": 128, "heads": heads, "max_gen_toks": 4,
-        "trust_remote_code": False,
+        "trust_remote_code": False, "paired_timing": True, "timing_precision": 0.2, "timing_allowance_s": 1,
     }
-    assert set(every_arg) == set(MODEL_ARGS), "a model arg the adapter lists is not exercised here"
+    calibrated = {"pretrained": tiny_model_dir, "calibration": policy_file}
+    assert set(every_arg) | set(calibrated) == set(MODEL_ARGS), "a model arg the adapter lists is not exercised here"
     good = ",".join(f"{name}={value}" for name, value in every_arg.items())
     processes = {
         "good": lm_eval_run(good, "--device", "cuda:0", "--batch_size", "1", cwd=work),
+        "calibrated": lm_eval_run(",".join(f"{name}={value}" for name, value in calibrated.items()), cwd=work),
         "bad": lm_eval_run(f"pretrained={tiny_model_dir},measure=softmax,threshold=1.5", cwd=work),
     }
     return {name: (*process.communicate(timeout=TIMEOUT_S), process.returncode) for name, process in processes.items()}
@@ -61,6 +68,13 @@ def test_every_listed_model_arg_runs_and_model_args_win_over_lm_evals_flags(runs
     assert "model_args device=cpu wins over lm-eval's --device cuda:0" in stderr
     assert "model_args batch_size=2 wins over lm-eval's --batch_size 1" in stderr
     assert "mee early-exit efficiency" in stdout
+    assert "x [" in stdout  # paired_timing=true: the speedup against full with its interval
+
+
+def test_a_calibration_file_runs_its_policy(runs):
+    stdout, stderr, returncode = runs["calibrated"]
+    assert returncode == 0, stderr[-4000:]
+    assert "exit_policy.json" in stderr and "softmax" in stderr
 
 
 def test_a_bad_model_arg_ends_the_cli_in_one_line_and_exit_status_2(runs):
