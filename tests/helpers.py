@@ -109,13 +109,14 @@ TINY_TRAINING = {
 }
 
 
-def tiny_train_config(corpus: Path, output: Path, **overrides):
-    """A validated config for a tiny run on the tiny corpus; overrides are dotted keys."""
+def tiny_train_config(corpus: Path, output: Path, model: dict | None = None, **overrides):
+    """A validated config for a tiny run on the tiny corpus; `model` replaces the tiny T5's model
+    section (e.g. a decoder-only family), overrides are dotted keys."""
     from omegaconf import OmegaConf
 
     from mee_bench.train.config import load_config
 
-    values = OmegaConf.create(TINY_TRAINING)
+    values = OmegaConf.create({**TINY_TRAINING, **({"model": model} if model else {})})
     values.output_dir = str(output)
     values.data.sources = [{"name": "tatoeba", "path": str(corpus / "train.jsonl"), "task": "translate_en_fr"}]
     values.data.validation.path = str(corpus / "validation.jsonl")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -243,6 +243,14 @@ class CausalLayerRunner:
         mask = mask[:, None]
         cache.memo[window] = (end, slots, rows, mask, position_ids)
         return mask, position_ids
+
+
+def continuation_ids(tokenizer, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+    """Targets as a decoder-only model continues a prompt with them: a leading space (the prompt ends
+    with a cue such as "Answer:"), no special tokens, the model's EOS at the end (where generation stops)."""
+    ids = tokenizer([" " + text.lstrip() for text in texts], add_special_tokens=False)["input_ids"]
+    limit = max_length - 1 if max_length else None
+    return [row[:limit] + [tokenizer.eos_token_id] for row in ids]
 
 
 def _first(token_id: int | list[int] | None) -> int | None:
