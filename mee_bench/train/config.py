@@ -31,8 +31,6 @@ RESUMABLE_KEYS = ("budget", "checkpoint_minutes", "threads", "log_every_steps", 
 @dataclass
 class ModelConfig:
     init: Optional[str] = None  # a finished run or model to fine-tune (either kind); None = a new model as below
-    family: str = "t5"  # a new model's layout: t5, or a decoder-only type (llama, mistral, qwen2, qwen3, gpt2)
-    num_kv_heads: Optional[int] = None  # decoder-only: grouped-query K/V heads (None = num_heads)
     d_model: int = 256
     d_kv: int = 32
     num_heads: int = 8
@@ -41,6 +39,8 @@ class ModelConfig:
     num_decoder_layers: int = 6
     feed_forward_proj: str = "gated-gelu"
     dropout_rate: float = 0.0
+    family: str = "t5"  # a new model's layout: t5, or a decoder-only type (llama, mistral, qwen2, qwen3, gpt2)
+    num_kv_heads: Optional[int] = None  # decoder-only: grouped-query K/V heads (None = num_heads)
 
 
 @dataclass
