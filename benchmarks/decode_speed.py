@@ -1,9 +1,10 @@
 """Decode speed of the early-exit engine, measured side by side in one run.
 
 Random-weight models (speed does not depend on training): a t5-small shape (d_model 512,
-6+6 layers, vocab 32128) and the embedded default model's shape. For each dtype and batch
-size it times Hugging Face's `generate`, our `full` policy and forced exits (`fixed` at
-layers 2 and 4), interleaving repetitions so machine noise hits all variants alike, and
+6+6 layers, vocab 32128), the embedded default model's shape, and a Llama-shaped decoder-only
+model (hidden 512, 12 layers, 8 heads with 2 K/V heads, vocab 32000). For each dtype and
+batch size it times Hugging Face's `generate`, our `full` policy and forced exits (`fixed`
+at layers 2 and 4 of a T5, at one third of the Llama's depth), interleaving repetitions so machine noise hits all variants alike, and
 reports medians. Then the per-check overhead of every measure: the measure runs at every
 layer with a threshold it never reaches, and its extra time per check (fastest of the
 repetitions, as the difference is small) is divided by the fastest time of one decoder
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 from tabulate import tabulate
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import AutoModelForCausalLM, LlamaConfig, T5Config, T5ForConditionalGeneration
 
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.heads import ExitHeads
@@ -38,6 +39,8 @@ SHAPES = {
     "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=6, num_decoder_layers=6, vocab_size=32128),
     "default": dict(d_model=256, d_kv=64, d_ff=1024, num_heads=4, num_layers=4, num_decoder_layers=6, vocab_size=8192),
     "t5-large": dict(d_model=1024, d_kv=64, d_ff=4096, num_heads=16, num_layers=24, num_decoder_layers=24, vocab_size=32128),
+    "llama": dict(family="llama", hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=1536, vocab_size=32000),
 }
 NEVER = {"softmax": 1.0, "saturation": 1.0, "classifier": 1.0, "lstm": 1.0, "last_three_mlp": 1.0, "monotonic_heuristic": 1.0}
 
@@ -51,10 +54,35 @@ def default_shape() -> dict:
     return {key: config[key] for key in SHAPES["default"]}
 
 
-def random_model(shape: dict, dtype: torch.dtype, device: str) -> T5ForConditionalGeneration:
+def is_decoder_only(shape: dict) -> bool:
+    return shape.get("family") == "llama"
+
+
+def depth(shape: dict) -> int:
+    """Decoder layers an exit can happen after."""
+    return shape["num_hidden_layers"] if is_decoder_only(shape) else shape["num_decoder_layers"]
+
+
+def width(shape: dict) -> int:
+    return shape["hidden_size"] if is_decoder_only(shape) else shape["d_model"]
+
+
+def forced_exit_layers(shape: dict) -> tuple[int, ...]:
+    """T5: layer 2 and just past half the depth; the Llama shape: one third of its depth."""
+    layers = depth(shape)
+    return (layers // 3,) if is_decoder_only(shape) else (2, layers // 2 + 1)
+
+
+def random_model(shape: dict, dtype: torch.dtype, device: str):
     torch.manual_seed(0)
-    config = T5Config(**shape, decoder_start_token_id=0, eos_token_id=None, pad_token_id=0, dropout_rate=0.0)
-    model = T5ForConditionalGeneration(config).eval().to(device=device, dtype=dtype)
+    if is_decoder_only(shape):
+        values = {key: value for key, value in shape.items() if key != "family"}
+        config = LlamaConfig(**values, bos_token_id=None, eos_token_id=None, pad_token_id=0, max_position_embeddings=512)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    else:
+        config = T5Config(**shape, decoder_start_token_id=0, eos_token_id=None, pad_token_id=0, dropout_rate=0.0)
+        model = T5ForConditionalGeneration(config)
+    model = model.eval().to(device=device, dtype=dtype)
     model.generation_config.eos_token_id = None  # every variant generates exactly max_new_tokens
     return model
 
@@ -84,13 +112,13 @@ def speed_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_token
     generator = EarlyExitGenerator(model)
     ids = torch.randint(2, shape["vocab_size"], (batch, 24), generator=torch.Generator().manual_seed(1)).to(device)
     mask = torch.ones_like(ids)
-    layers = shape["num_decoder_layers"]
+    layers = depth(shape)
     variants = {"full": lambda: generator.generate(ids, mask, ExitPolicy("full"), new_tokens)}
-    if shape["num_layers"] == layers:  # transformers' generate sizes its cache by the encoder depth
+    if is_decoder_only(shape) or shape["num_layers"] == layers:  # T5: generate sizes its cache by the encoder depth
         variants["hf_generate"] = lambda: model.generate(
             input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens
         )
-    for exit_layer in (2, layers // 2 + 1):
+    for exit_layer in forced_exit_layers(shape):
         policy = ExitPolicy("fixed", min_exit_layer=exit_layer)
         variants[f"exit{exit_layer}"] = lambda policy=policy: generator.generate(ids, mask, policy, new_tokens)
     with torch.inference_mode():
@@ -124,11 +152,11 @@ def layer_time(generator: EarlyExitGenerator, ids: torch.Tensor, repeats: int, d
 def overhead_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_tokens: int, repeats: int, device: str) -> dict:
     model = random_model(shape, dtype, device)
     torch.manual_seed(0)
-    heads = ExitHeads(shape["d_model"]).to(device)
+    heads = ExitHeads(width(shape)).to(device)
     generator = EarlyExitGenerator(model, heads=heads)
     ids = torch.randint(2, shape["vocab_size"], (batch, 24), generator=torch.Generator().manual_seed(1)).to(device)
     mask = torch.ones_like(ids)
-    layers = shape["num_decoder_layers"]
+    layers = depth(shape)
     variants = {"full": lambda: generator.generate(ids, mask, ExitPolicy("full"), new_tokens)}
     for measure, threshold in NEVER.items():
         policy = ExitPolicy(measure, threshold=threshold, min_exit_layer=1)
@@ -155,11 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = args.device
     repeats, new_tokens = (3, 8) if args.quick else (7, 32)
-    shapes = {"t5-small": SHAPES["t5-small"], "default": default_shape()}
+    shapes = {"t5-small": SHAPES["t5-small"], "default": default_shape(), "llama": SHAPES["llama"]}
     if args.large:
         shapes["t5-large"] = SHAPES["t5-large"]
     dtypes = [torch.float32, torch.bfloat16]
     batches = [1] if args.quick else [1, 8]
+    llama_exit = forced_exit_layers(SHAPES["llama"])[0]
 
     speed_rows = []
     for name, shape in shapes.items():
@@ -179,11 +208,18 @@ def main(argv: list[str] | None = None) -> int:
 
     headline = next(r for r in speed_rows if r["shape"] == "t5-small" and r["dtype"] == "float32" and r["batch"] == 1)
     headline_overhead = next(r for r in overhead_rows if r["shape"] == "t5-small" and r["dtype"] == "float32")
+    llama_rows = [r for r in speed_rows if r["shape"] == "llama"]
+    llama_speedup = f"speedup_exit{llama_exit}_of_{depth(SHAPES['llama'])}"
     result = {
         "full_vs_hf_generate": headline["full_vs_hf_generate"],
         "speedup_exit2_of_6": headline["speedup_exit2_of_6"],
         "measure_overhead_layers": {m: headline_overhead[m] for m in NEVER},
-        "targets": {"full_vs_hf_generate": "<= 1.0", "speedup_exit2_of_6": ">= 2.0", "measure_overhead_layers": "<= 0.10 (saturation, classifier, lstm, last_three_mlp)"},
+        "llama": {
+            f"{r['dtype']}_bs{r['batch']}": {"full_vs_hf_generate": r["full_vs_hf_generate"], llama_speedup: r[llama_speedup]}
+            for r in llama_rows
+        },
+        "targets": {"full_vs_hf_generate": "<= 1.0", "speedup_exit2_of_6": ">= 2.0", "measure_overhead_layers": "<= 0.10 (saturation, classifier, lstm, last_three_mlp)",
+                    "llama": f"full_vs_hf_generate <= 1.0 per dtype and batch; {llama_speedup} >= 1.8 at batch 1"},
         "speed": speed_rows,
         "overhead": overhead_rows,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
@@ -195,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nfull_vs_hf_generate={result['full_vs_hf_generate']:.2f}  speedup_exit2_of_6={result['speedup_exit2_of_6']:.2f}  -> {out}")
+    for case, figures in result["llama"].items():
+        print(f"llama {case}: full_vs_hf_generate={figures['full_vs_hf_generate']:.2f}  "
+              f"{llama_speedup}={figures[llama_speedup]:.2f}")
     return 0
 
 
