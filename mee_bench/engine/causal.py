@@ -17,6 +17,7 @@ and deferred strategies both need that), and the runner passes an explicit 4D ma
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -56,7 +57,9 @@ class SlotWriter:
         return keys[self.rows, :, : self.end], values[self.rows, :, : self.end]
 
 
-def write_slots(keys: Tensor, values: Tensor, rows: Tensor | None, slots: Tensor | int, key: Tensor, value: Tensor) -> None:
+def write_slots(
+    keys: Tensor, values: Tensor, rows: Tensor | None, slots: Tensor | int, key: Tensor, value: Tensor
+) -> None:
     """Write `key`/`value` [A, H, Q, d] into one layer's [B, H, slots, d] tensors at `slots` of `rows`."""
     if isinstance(slots, int):
         index = slice(None) if rows is None else rows
@@ -79,16 +82,11 @@ def left_align(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tenso
     return input_ids.gather(1, index), attention_mask.gather(1, index)
 
 
-class CausalLayerRunner:
-    """The decoder-only half of a `LayerRunner`; a family subclass names its modules.
-
-    Subclasses set `layers` (the model's decoder layer modules), `num_kv_heads`, `head_dim`
-    and implement `embed`, `final_norm`, `logits`, `head_parameters`, `project_kv` and, when
-    their layers need more than the mask, `layer_inputs`.
-    """
+class CausalLayerRunner(ABC):
+    """The decoder-only half of a `LayerRunner`; a family subclass names its modules (the abstract
+    methods) and, when its layers take more than the mask and positions, overrides `layer_inputs`."""
 
     is_encoder_decoder = False
-    layers: list
 
     def __init__(self, model) -> None:
         config = model.config
@@ -96,13 +94,14 @@ class CausalLayerRunner:
         self.model = model
         self.config = config
         self.num_layers, self.hidden_size = self.config_dims(config)
+        self.layers = self.decoder_layers()
+        self.num_kv_heads, self.head_dim = self.kv_shape()
         self.eos_token_id = _first(config.eos_token_id)
-        self.start_token_id = _first(config.bos_token_id if config.bos_token_id is not None else config.eos_token_id) or 0
+        # only a placeholder for `decoder_input_ids[:, 0]`: step 0's real input is the prompt's last token
+        bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
+        self.start_token_id = _first(bos) or 0
         self.windows = [self.sliding_window(index) for index in range(self.num_layers)]
-
-    def finish_init(self) -> None:
-        """Called by subclasses once `layers` is set: which keyword the layers take their cache by
-        (`cache` in transformers >= 5.2x, `past_key_values` before)."""
+        # the keyword the layers take their cache by: `cache` in recent transformers, `past_key_values` before
         parameters = inspect.signature(self.layers[0].forward).parameters
         self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"
 
@@ -127,16 +126,38 @@ class CausalLayerRunner:
 
     # What a family supplies.
 
-    def embed(self, token_ids: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def decoder_layers(self) -> list:
+        """The model's own decoder layer modules, first to last."""
+
+    @abstractmethod
+    def kv_shape(self) -> tuple[int, int]:
+        """(K/V heads, head width) of the layers' attention."""
+
+    @abstractmethod
+    def backbone(self):
+        """The model without its LM head (what `all_layer_states` runs)."""
+
+    @abstractmethod
+    def embed(self, token_ids: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def project_kv(self, index: int, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Layer `index`'s K/V [A, kv_heads, Q, head_dim] of `hidden` [A, Q, d] as its attention makes them."""
+
+    @abstractmethod
+    def final_norm(self, hidden: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def head_parameters(self) -> list[Tensor]: ...
 
     def layer_inputs(self, index: int, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, dict]:
         """The layer's input state and extra keyword arguments at `position_ids` [A, Q]."""
         return hidden, {}
 
-    def project_kv(self, index: int, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Layer `index`'s K/V [A, kv_heads, Q, head_dim] of `hidden` [A, Q, d] as its attention makes them."""
-        raise NotImplementedError
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits of any layer's raw output: the model's own final norm and LM head."""
+        return self.model.lm_head(self.final_norm(hidden))
 
     # The protocol.
 
@@ -161,11 +182,19 @@ class CausalLayerRunner:
         return cache, input_ids[:, -1].clone()
 
     def layer(
-        self, index: int, hidden: Tensor, cache: SlotCache, rows: Tensor | None, positions: Tensor | int, last_position: int
+        self,
+        index: int,
+        hidden: Tensor,
+        cache: SlotCache,
+        rows: Tensor | None,
+        positions: Tensor | int,
+        last_position: int,
     ) -> Tensor:
         return self._run(index, hidden, cache, rows, self._slots(cache, positions), last_position + cache.offset + 1)
 
-    def copy_skipped_kv(self, first_skipped: int, hidden: Tensor, cache: SlotCache, rows: Tensor, position: int) -> None:
+    def copy_skipped_kv(
+        self, first_skipped: int, hidden: Tensor, cache: SlotCache, rows: Tensor, position: int
+    ) -> None:
         """CALM's state copying: each layer >= `first_skipped` gets the K/V its own norm, projections
         and rotary position make of the exit state [A, 1, d]."""
         slot = position + cache.offset
@@ -199,10 +228,6 @@ class CausalLayerRunner:
                 hook.remove()
         return [self.embed(ids[:, -steps:]), *(state[:, -steps:] for state in captured)]
 
-    def backbone(self):
-        """The model without its LM head (what `all_layer_states` runs)."""
-        raise NotImplementedError
-
     # Internals.
 
     @staticmethod
@@ -215,11 +240,14 @@ class CausalLayerRunner:
             held = cache.memo["slots"] = (positions, positions + cache.offset)
         return held[1]
 
-    def _run(self, index: int, hidden: Tensor, cache: SlotCache, rows: Tensor | None, slots: Tensor | int, end: int) -> Tensor:
+    def _run(
+        self, index: int, hidden: Tensor, cache: SlotCache, rows: Tensor | None, slots: Tensor | int, end: int
+    ) -> Tensor:
+        """The model's own layer `index` on `hidden` at cache `slots` of `rows`, attending over slots 0..end-1."""
         mask, position_ids = self._mask_and_positions(cache, rows, slots, end, self.windows[index])
         hidden, extra = self.layer_inputs(index, hidden, position_ids)
-        writer = SlotWriter(cache, rows, slots, end)
-        output = self.layers[index](hidden, attention_mask=mask, position_ids=position_ids, **{self.cache_keyword: writer}, **extra)
+        extra[self.cache_keyword] = SlotWriter(cache, rows, slots, end)
+        output = self.layers[index](hidden, attention_mask=mask, position_ids=position_ids, **extra)
         return output[0] if isinstance(output, tuple) else output
 
     def _mask_and_positions(
@@ -228,8 +256,7 @@ class CausalLayerRunner:
         """The boolean attention mask [A, 1, Q, end] and position ids [A, Q] of one call shape, memoized
         for the layers that follow (the same rows, slots and end until the loop moves on)."""
         held = cache.memo.get(window)
-        same_slots = held is not None and (held[1] is slots or isinstance(slots, int) and isinstance(held[1], int) and held[1] == slots)
-        if same_slots and held[0] == end and held[2] is rows:
+        if held is not None and held[0] == end and _same(held[1], slots) and held[2] is rows:
             return held[3], held[4]
         pads = cache.pads if rows is None else cache.pads[rows]
         query = torch.as_tensor(slots, device=pads.device)
@@ -243,6 +270,14 @@ class CausalLayerRunner:
         mask = mask[:, None]
         cache.memo[window] = (end, slots, rows, mask, position_ids)
         return mask, position_ids
+
+
+def _same(held: Tensor | int, slots: Tensor | int) -> bool:
+    """The same call shape: equal int slots, or the very slot tensor (kept alive by the memo, so its
+    identity cannot be reused)."""
+    if isinstance(held, int) or isinstance(slots, int):
+        return isinstance(held, int) and isinstance(slots, int) and held == slots
+    return held is slots
 
 
 def continuation_ids(tokenizer, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:

@@ -18,13 +18,11 @@ from mee_bench.engine.runner import register_runner
 class GPT2LayerRunner(CausalLayerRunner):
     """Runs an unmodified Hugging Face GPT-2 one block at a time (a `LayerRunner`)."""
 
-    def __init__(self, model) -> None:
-        super().__init__(model)
-        config = model.config
-        self.layers = list(model.transformer.h)
-        self.num_kv_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.finish_init()
+    def decoder_layers(self) -> list:
+        return list(self.model.transformer.h)
+
+    def kv_shape(self) -> tuple[int, int]:
+        return self.config.num_attention_heads, self.config.hidden_size // self.config.num_attention_heads
 
     def embed(self, token_ids: Tensor) -> Tensor:
         return self.model.transformer.wte(token_ids)
@@ -42,9 +40,6 @@ class GPT2LayerRunner(CausalLayerRunner):
 
     def final_norm(self, hidden: Tensor) -> Tensor:
         return self.model.transformer.ln_f(hidden)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.model.lm_head(self.final_norm(hidden))
 
     def head_parameters(self) -> list[Tensor]:
         ln_f = self.model.transformer.ln_f

@@ -22,14 +22,17 @@ class LlamaLayerRunner(CausalLayerRunner):
 
     def __init__(self, model) -> None:
         super().__init__(model)
-        config = model.config
-        self.layers = list(model.model.layers)
-        self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        attention = self.layers[0].self_attn
-        self.apply_rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        # the rotary application of the layers' own modeling module (Llama's, Qwen3's, ...)
+        self.apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
         self._rotary: tuple[Tensor, tuple[Tensor, Tensor]] | None = None
-        self.finish_init()
+
+    def decoder_layers(self) -> list:
+        return list(self.model.model.layers)
+
+    def kv_shape(self) -> tuple[int, int]:
+        config = self.config
+        heads = config.num_key_value_heads or config.num_attention_heads
+        return heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     def sliding_window(self, index: int) -> int | None:
         window = getattr(self.config, "sliding_window", None)
@@ -66,9 +69,6 @@ class LlamaLayerRunner(CausalLayerRunner):
 
     def final_norm(self, hidden: Tensor) -> Tensor:
         return self.model.model.norm(hidden)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.model.lm_head(self.final_norm(hidden))
 
     def head_parameters(self) -> list[Tensor]:
         return [self.model.model.norm.weight, self.model.lm_head.weight]

@@ -36,7 +36,8 @@ from mee_bench.engine.decoding import GenerationStats, input_limit
 from mee_bench.engine.loading import ModelLoadError, load_generator, resolve_device, resolve_dtype
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.harness.catalogue import TASK_NAMES, TASKS_DIR, task
+from mee_bench.harness import catalogue
+from mee_bench.harness.catalogue import TASKS_DIR
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -239,16 +240,16 @@ class MEELM(TemplateLM):
         """The request's context; for a decoder-only model on a zero-shot project task, the catalogue's
         causal prompt of the same record instead of T5's."""
         context = request.args[0]
-        if not self.decoder_only or request.task_name not in TASK_NAMES or request.doc is None:
+        if not self.decoder_only or request.task_name not in catalogue.TASK_NAMES or request.doc is None:
             return context
-        spec = task(request.task_name)
+        spec = catalogue.task(request.task_name)
         return spec.causal_prompt(request.doc) if context == spec.prompt(request.doc) else context
 
     def _stops(self, request: Instance, until: list[str]) -> list[str]:
         """A decoder-only model also stops where the catalogue says a project task's answer ends."""
-        if not self.decoder_only or request.task_name not in TASK_NAMES:
+        if not self.decoder_only or request.task_name not in catalogue.TASK_NAMES:
             return until
-        return until + [stop for stop in task(request.task_name).causal_until if stop not in until]
+        return until + [stop for stop in catalogue.task(request.task_name).causal_until if stop not in until]
 
     # Generation: early exit.
 

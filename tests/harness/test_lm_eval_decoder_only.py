@@ -4,7 +4,6 @@ runs the early-exit decoder with stop strings and limits honoured, project tasks
 from __future__ import annotations
 
 import pytest
-import torch
 from lm_eval.api.instance import Instance
 
 from mee_bench.engine.policy import ExitPolicy
@@ -87,7 +86,8 @@ def test_stop_strings_and_max_gen_toks_are_honoured_exactly(lm):
         assert lm.efficiency_report()["task_gen"]["tokens"] == 12, "the random model must not stop by itself"
         stop = free[len(free) // 2 : len(free) // 2 + 1]
         assert stop.strip(), "the free text must have a character to stop at"
-        [cut] = lm.generate_until([generation_request("The house is", max_gen_toks=12, until=[stop])], disable_tqdm=True)
+        stopping = generation_request("The house is", max_gen_toks=12, until=[stop])
+        [cut] = lm.generate_until([stopping], disable_tqdm=True)
         assert cut == free[: free.index(stop)]
         assert lm.efficiency_report()["task_gen"]["tokens"] < 2 * 12, "generation must end at the stop string"
     finally:
@@ -95,7 +95,8 @@ def test_stop_strings_and_max_gen_toks_are_honoured_exactly(lm):
 
 
 def test_project_tasks_get_the_causal_prompt_and_stop_at_its_answer_end(lm, monkeypatch):
-    record = {"question": "Who wrote it?", "context": "The letter was written by the mayor.", "answers": {"text": ["x"]}}
+    record = {"question": "Who wrote it?", "context": "The letter was written by the mayor.",
+              "answers": {"text": ["x"]}}
     seen: list[list[int]] = []
     stops: list[list[str]] = []
     original = lm.generator.generate
