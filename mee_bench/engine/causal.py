@@ -72,6 +72,22 @@ def write_slots(
     values[batch_rows, :, slots] = value.transpose(1, 2)
 
 
+CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")  # newest transformers first
+
+
+def cache_keyword(layer) -> str:
+    """The keyword a decoder layer takes its cache by (renamed across transformers releases); passing
+    the wrong one would land in `**kwargs` and be ignored, so an unknown signature is an error."""
+    parameters = inspect.signature(layer.forward).parameters
+    for keyword in CACHE_KEYWORDS:
+        if keyword in parameters:
+            return keyword
+    raise TypeError(
+        f"{type(layer).__name__}.forward takes none of {', '.join(CACHE_KEYWORDS)}: this transformers release "
+        "is not supported by mee-bench's decoder-only runners; install transformers 5.x"
+    )
+
+
 def left_align(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Move each row's padding to its left end (a right-padded batch becomes left-padded)."""
     width = input_ids.shape[1]
@@ -101,9 +117,7 @@ class CausalLayerRunner(ABC):
         bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
         self.start_token_id = _first(bos) or 0
         self.windows = [self.sliding_window(index) for index in range(self.num_layers)]
-        # the keyword the layers take their cache by: `cache` in recent transformers, `past_key_values` before
-        parameters = inspect.signature(self.layers[0].forward).parameters
-        self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_keyword = cache_keyword(self.layers[0])
 
     @classmethod
     def config_dims(cls, config) -> tuple[int, int]:

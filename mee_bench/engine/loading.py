@@ -133,10 +133,17 @@ def load_model(
     runner = runner_for_config(config, pretrained)
     if runner.is_encoder_decoder:
         model = AutoModelForSeq2SeqLM.from_pretrained(pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    else:  # the runner's explicit 4D masks need sdpa attention
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
-        )
+    else:  # safetensors only; the runner's explicit 4D masks need sdpa attention
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa",
+                use_safetensors=True,
+            )
+        except OSError as err:
+            raise ModelLoadError(
+                f"cannot load safetensors weights of {pretrained!r} ({str(err).splitlines()[0]}); mee-bench loads "
+                "decoder-only checkpoints from safetensors only: re-save it with model.save_pretrained(path)"
+            ) from None
     tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     log.info(
         "loaded %s: a %s %s model (%s)", pretrained, model_kind(config), config.model_type, runner.__name__

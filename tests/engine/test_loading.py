@@ -78,6 +78,17 @@ def test_decoder_only_checkpoint_loads_and_says_which_kind(request, family, capl
     assert len(texts) == 2 and all(1 <= layer <= 4 for row in out.exit_layers for layer in row)
 
 
+def test_a_decoder_only_checkpoint_without_safetensors_is_refused_with_the_fix(tmp_path, t5_tokenizer):
+    from tests.helpers import tiny_causal_model
+
+    model = tiny_causal_model("llama")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # transformers 5 saves safetensors only
+    t5_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="decoder-only checkpoints from safetensors only: re-save it"):
+        load_model(tmp_path)
+
+
 @pytest.mark.parametrize(
     "heads, metadata, message",
     [
