@@ -35,6 +35,7 @@ class SlotCache:
     keys: Tensor  # [layers, B, kv_heads, slots, head_dim]
     values: Tensor
     pads: Tensor  # [B] left padding of each row
+    padded: bool  # any row has padding (else a query at the last slot, or the prefill, needs no mask)
     offset: int  # slot of generation step 0 (the prompt's last token)
     memo: dict = field(default_factory=dict)  # per attention window: the mask and positions of the latest call shape
 
@@ -185,13 +186,14 @@ class CausalLayerRunner(ABC):
             keys=torch.zeros(shape, dtype=self.dtype, device=self.device),
             values=torch.zeros(shape, dtype=self.dtype, device=self.device),
             pads=(attention_mask == 0).sum(1),
+            padded=not bool(attention_mask.all()),
             offset=width - 1,
         )
         if width > 1:
             slots = torch.arange(width - 1, device=self.device).expand(batch, -1)
             hidden = self.embed(input_ids[:, :-1])
             for index in range(self.num_layers):
-                hidden = self._run(index, hidden, cache, None, slots, width - 1)
+                hidden = self._run(index, hidden, cache, None, slots, width - 1, prefix=True)
             cache.memo.clear()
         return cache, input_ids[:, -1].clone()
 
@@ -255,20 +257,32 @@ class CausalLayerRunner(ABC):
         return held[1]
 
     def _run(
-        self, index: int, hidden: Tensor, cache: SlotCache, rows: Tensor | None, slots: Tensor | int, end: int
+        self,
+        index: int,
+        hidden: Tensor,
+        cache: SlotCache,
+        rows: Tensor | None,
+        slots: Tensor | int,
+        end: int,
+        prefix: bool = False,
     ) -> Tensor:
-        """The model's own layer `index` on `hidden` at cache `slots` of `rows`, attending over slots 0..end-1."""
-        mask, position_ids = self._mask_and_positions(cache, rows, slots, end, self.windows[index])
+        """The model's own layer `index` on `hidden` at cache `slots` of `rows`, attending over slots
+        0..end-1; `prefix`: the queries are exactly those slots, in order (the prefill)."""
+        mask, position_ids = self._mask_and_positions(cache, rows, slots, end, self.windows[index], prefix)
         hidden, extra = self.layer_inputs(index, hidden, position_ids)
         extra[self.cache_keyword] = SlotWriter(cache, rows, slots, end)
         output = self.layers[index](hidden, attention_mask=mask, position_ids=position_ids, **extra)
         return output[0] if isinstance(output, tuple) else output
 
     def _mask_and_positions(
-        self, cache: SlotCache, rows: Tensor | None, slots: Tensor | int, end: int, window: int | None
-    ) -> tuple[Tensor, Tensor]:
+        self, cache: SlotCache, rows: Tensor | None, slots: Tensor | int, end: int, window: int | None, prefix: bool
+    ) -> tuple[Tensor | None, Tensor]:
         """The boolean attention mask [A, 1, Q, end] and position ids [A, Q] of one call shape, memoized
-        for the layers that follow (the same rows, slots and end until the loop moves on)."""
+        for the layers that follow (the same rows, slots and end until the loop moves on).
+
+        No mask where none is needed: no padding, no window cutting in, and one query at the last
+        slot (it sees every key) or the prefill (sdpa's own causal mask). The attention then takes
+        its fast paths, as in the model's own generate (grouped K/V heads without copies)."""
         held = cache.memo.get(window)
         if held is not None and held[0] == end and _same(held[1], slots) and held[2] is rows:
             return held[3], held[4]
@@ -276,12 +290,16 @@ class CausalLayerRunner(ABC):
         query = torch.as_tensor(slots, device=pads.device)
         query = query.expand(pads.shape[0], 1) if query.ndim == 0 else query
         position_ids = (query - pads[:, None]).clamp(min=0)  # padding slots never reach a real token
-        keys = torch.arange(end, device=pads.device)[None, None]
-        q = query[..., None]
-        mask = (keys <= q) & ((keys >= pads[:, None, None]) | (keys == q))
-        if window is not None:
-            mask &= keys > q - window
-        mask = mask[:, None]
+        last_query = prefix or isinstance(slots, int) and slots == end - 1
+        if not cache.padded and (window is None or end <= window) and last_query:
+            mask = None
+        else:
+            keys = torch.arange(end, device=pads.device)[None, None]
+            q = query[..., None]
+            mask = (keys <= q) & ((keys >= pads[:, None, None]) | (keys == q))
+            if window is not None:
+                mask &= keys > q - window
+            mask = mask[:, None]
         cache.memo[window] = (end, slots, rows, mask, position_ids)
         return mask, position_ids
 

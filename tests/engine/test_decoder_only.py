@@ -204,11 +204,13 @@ def test_catch_up_block_equals_sequential_layers(family):
     torch.testing.assert_close(parallel.keys[1], sequential.keys[1])
 
 
+@pytest.mark.parametrize("lengths", [[9, 4, 7, 6], [7, 7, 7, 7]], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("strategy", ["copy", "deferred"])
 @pytest.mark.parametrize("family", ["mistral", "gpt2"])
-def test_per_row_exits_in_a_batch_equal_batch_of_one(family, strategy):
+def test_per_row_exits_in_a_batch_equal_batch_of_one(family, strategy, lengths):
+    """Unpadded rows attend with no mask at all (sdpa's fast path); padded ones through the explicit mask."""
     model = tiny_causal_model(family, seed=7)
-    ids, mask = padded_batch([9, 4, 7, 6], seed=8)
+    ids, mask = padded_batch(lengths, seed=8)
     policy = ExitPolicy("softmax", threshold=0.01, min_exit_layer=1, kv_strategy=strategy)
     generator = EarlyExitGenerator(model)
     batched = generator.generate(ids, mask, policy, MAX_NEW)
