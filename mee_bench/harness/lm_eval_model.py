@@ -225,7 +225,7 @@ class MEELM(TemplateLM):
             add = not has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id))
         return self.tokenizer.encode(string, add_special_tokens=add, verbose=False)
 
-    def _fit_encoder_input(self, ids: list[int], room: int = 0) -> list[int]:
+    def _fit_prompt(self, ids: list[int], room: int = 0) -> list[int]:
         """A prompt cut to `max_length` (less `room` for generated tokens). T5: the end goes, keeping
         the closing EOS, since a T5 prompt starts with its task prefix (`summarize:`). Decoder-only:
         the start goes, since the model continues the prompt's end."""
@@ -277,7 +277,7 @@ class MEELM(TemplateLM):
             )
         room = {key: settings[key][1] if self.decoder_only else 0 for key in settings}
         collator = Collator(
-            [(request, self._fit_encoder_input(ids, room[_kwargs_key(request)])) for request, ids in zip(requests, encoded)],
+            [(request, self._fit_prompt(ids, room[_kwargs_key(request)])) for request, ids in zip(requests, encoded)],
             sort_fn=lambda item: -len(item[1]),
             group_fn=lambda item: {"task": item[0].task_name or UNNAMED_TASK, "gen_kwargs": _kwargs_key(item[0])},
             group_by="gen_kwargs",
@@ -341,7 +341,7 @@ class MEELM(TemplateLM):
     def _score_batch(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         if self.decoder_only:
             return self._score_causal_batch(pairs)
-        contexts = [self._fit_encoder_input(context) for context, _ in pairs]
+        contexts = [self._fit_prompt(context) for context, _ in pairs]
         targets = [list(target) for _, target in pairs]
         if not any(targets):
             return [(0.0, True)] * len(pairs)
