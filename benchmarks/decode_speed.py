@@ -1,10 +1,12 @@
 """Decode speed of the early-exit engine, measured side by side in one run.
 
 Random-weight models (speed does not depend on training): a t5-small shape (d_model 512,
-6+6 layers, vocab 32128) and the embedded default model's shape (t5-large's with --large).
-For each dtype and batch size it times Hugging Face's `generate`, our `full` policy and
-forced exits (`fixed` at 1/3 and 2/3 of the decoder depth), interleaving repetitions so
-machine noise hits all variants alike (CUDA-synchronised on a GPU), and reports medians. Then the per-check overhead of every measure: the measure runs at every
+6+6 layers, vocab 32128), the embedded default model's shape, a Llama-shaped decoder-only
+model (hidden 512, 12 layers, 8 heads with 2 K/V heads, vocab 32000), and t5-large's shape
+with --large. For each dtype and batch size it times Hugging Face's `generate`, our `full`
+policy and forced exits (`fixed` at 1/3 and 2/3 of the decoder depth), interleaving
+repetitions so machine noise hits all variants alike (CUDA-synchronised on a GPU), and
+reports medians with paired 95% intervals. Then the per-check overhead of every measure: the measure runs at every
 layer with a threshold it never reaches, and its extra time per check (fastest of the
 repetitions, as the difference is small) is divided by the fastest time of one decoder
 layer measured in the same run.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 from tabulate import tabulate
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import AutoModelForCausalLM, LlamaConfig, T5Config, T5ForConditionalGeneration
 
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.heads import ExitHeads
@@ -42,6 +44,8 @@ SHAPES = {
     "default": dict(d_model=256, d_kv=64, d_ff=1024, num_heads=4, num_layers=4, num_decoder_layers=6, vocab_size=8192),
     "t5-large": dict(d_model=1024, d_kv=64, d_ff=4096, num_heads=16, num_layers=24, num_decoder_layers=24, vocab_size=32128),
     "tiny": dict(d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=6, num_decoder_layers=6, vocab_size=512),
+    "llama": dict(family="llama", hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=1536, vocab_size=32000),
 }
 NEVER = {"softmax": 1.0, "saturation": 1.0, "classifier": 1.0, "lstm": 1.0, "last_three_mlp": 1.0, "monotonic_heuristic": 1.0}
 
@@ -55,18 +59,37 @@ def default_shape() -> dict:
     return {key: config[key] for key in SHAPES["default"]}
 
 
-_built: dict[tuple, T5ForConditionalGeneration] = {}
+_built: dict[tuple, torch.nn.Module] = {}
 
 
-def random_model(shape: dict, dtype: torch.dtype, device: str) -> T5ForConditionalGeneration:
+def is_decoder_only(shape: dict) -> bool:
+    return shape.get("family") == "llama"
+
+
+def depth(shape: dict) -> int:
+    """Decoder layers an exit can happen after."""
+    return shape["num_hidden_layers"] if is_decoder_only(shape) else shape["num_decoder_layers"]
+
+
+def width(shape: dict) -> int:
+    return shape["hidden_size"] if is_decoder_only(shape) else shape["d_model"]
+
+
+def random_model(shape: dict, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """Built on the device itself and kept for the next batch size: a t5-large takes tens of seconds to initialise on a CPU."""
     key = (tuple(sorted(shape.items())), dtype, device)
     if key not in _built:
         _built.clear()  # one model in memory at a time
         torch.manual_seed(0)
-        config = T5Config(**shape, decoder_start_token_id=0, eos_token_id=None, pad_token_id=0, dropout_rate=0.0)
         with torch.device(device):
-            model = T5ForConditionalGeneration(config).eval().to(dtype=dtype)
+            if is_decoder_only(shape):
+                values = {k: v for k, v in shape.items() if k != "family"}
+                config = LlamaConfig(**values, bos_token_id=None, eos_token_id=None, pad_token_id=0, max_position_embeddings=512)
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+            else:
+                config = T5Config(**shape, decoder_start_token_id=0, eos_token_id=None, pad_token_id=0, dropout_rate=0.0)
+                model = T5ForConditionalGeneration(config)
+            model = model.eval().to(dtype=dtype)
         model.generation_config.eos_token_id = None  # every variant generates exactly max_new_tokens
         _built[key] = model
     return _built[key]
@@ -114,9 +137,9 @@ def speed_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_token
     generator = EarlyExitGenerator(model)
     ids = torch.randint(2, shape["vocab_size"], (batch, 24), generator=torch.Generator().manual_seed(1)).to(device)
     mask = torch.ones_like(ids)
-    layers = shape["num_decoder_layers"]
+    layers = depth(shape)
     variants = {"full": lambda: generator.generate(ids, mask, ExitPolicy("full"), new_tokens)}
-    if shape["num_layers"] == layers:  # transformers' generate sizes its cache by the encoder depth
+    if is_decoder_only(shape) or shape["num_layers"] == layers:  # T5: generate sizes its cache by the encoder depth
         variants["hf_generate"] = lambda: model.generate(
             input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens
         )
@@ -156,11 +179,11 @@ def layer_time(generator: EarlyExitGenerator, ids: torch.Tensor, repeats: int, d
 def overhead_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_tokens: int, repeats: int, device: str) -> dict:
     model = random_model(shape, dtype, device)
     torch.manual_seed(0)
-    heads = ExitHeads(shape["d_model"]).to(device)
+    heads = ExitHeads(width(shape)).to(device)
     generator = EarlyExitGenerator(model, heads=heads)
     ids = torch.randint(2, shape["vocab_size"], (batch, 24), generator=torch.Generator().manual_seed(1)).to(device)
     mask = torch.ones_like(ids)
-    layers = shape["num_decoder_layers"]
+    layers = depth(shape)
     variants = {"full": lambda: generator.generate(ids, mask, ExitPolicy("full"), new_tokens)}
     for measure, threshold in NEVER.items():
         policy = ExitPolicy(measure, threshold=threshold, min_exit_layer=1)
@@ -214,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         repeats, new_tokens = 2, 4
     repeats = args.repeats or repeats
-    names = args.shapes or (["tiny"] if args.tiny else ["t5-small", "default"] + (["t5-large"] if args.large else []))
+    names = args.shapes or (["tiny"] if args.tiny else ["t5-small", "default", "llama"] + (["t5-large"] if args.large else []))
     unknown = [name for name in names if name not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {', '.join(unknown)}; use some of {', '.join(SHAPES)}")
@@ -244,8 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         "full_vs_hf_generate": headline["full_vs_hf_generate"],
         "speedup_exit2_of_6": headline.get("speedup_exit2_of_6"),
         "headline": {"shape": headline["shape"], "dtype": headline["dtype"], "batch": headline["batch"]},
+        "llama": {
+            f"{r['dtype']}_bs{r['batch']}": {key: value for key, value in r.items() if "speedup" in key or "hf_generate" in key}
+            for r in speed_rows if r["shape"] == "llama"
+        },
         "measure_overhead_layers": {m: headline_overhead[m] for m in NEVER},
-        "targets": {"full_vs_hf_generate": "<= 1.0", "speedup_exit2_of_6": ">= 2.0", "measure_overhead_layers": "<= 0.10 (saturation, classifier, lstm, last_three_mlp)"},
+        "targets": {"full_vs_hf_generate": "<= 1.0", "speedup_exit2_of_6": ">= 2.0", "measure_overhead_layers": "<= 0.10 (saturation, classifier, lstm, last_three_mlp)",
+                    "llama": "full_vs_hf_generate <= 1.0 per dtype and batch; a forced exit at 1/3 of the depth >= 1.8x at batch 1"},
         "speed": speed_rows,
         "overhead": overhead_rows,
         "machine": machine(device),
@@ -256,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     figures = {key: result[key] for key in ("full_vs_hf_generate", "speedup_exit2_of_6") if result[key] is not None}
     print("\n" + "  ".join(f"{key}={value:.2f}" for key, value in figures.items()) + f"  -> {out}")
+    for case, figures in result["llama"].items():
+        print(f"llama {case}: " + "  ".join(f"{key}={value}" for key, value in figures.items() if value is not None))
     return 0
 
 

@@ -15,7 +15,7 @@ import sys
 
 COMMANDS = {
     "demo": ("mee_bench.demo", "early-exit generation on the embedded default model: tokens, exit layers, speedup"),
-    "train": ("mee_bench.train.loop", "train a T5 with the final / weighted_ce / weighted_ce_kd objective"),
+    "train": ("mee_bench.train.loop", "train a T5 or decoder-only model with the final / weighted_ce / weighted_ce_kd objective"),
     "train-heads": ("mee_bench.train.heads", "train the classifier, last_three_mlp and lstm exit heads of a model"),
     "sweep": ("mee_bench.sweep.runner", "run measures x thresholds x min exit layers x tasks on Ray with CodeCarbon"),
     "calibrate": ("mee_bench.calibrate.run", "pick exit thresholds with a Learn-then-Test risk guarantee (CALM)"),

@@ -88,7 +88,8 @@ def cli(argv: list[str]) -> int:
     generator = load_generator(args.pretrained, args.dtype, args.device, require_heads=policy.needs_heads)
     tokenizer = generator.tokenizer
     sentences = demo_sentences(args.sentences)
-    prompts = [TATOEBA_ENFR.prompt({"translation": {"en": sentence}}) for sentence in sentences]
+    prompt = TATOEBA_ENFR.prompt if generator.runner.is_encoder_decoder else TATOEBA_ENFR.causal_prompt
+    prompts = [prompt({"translation": {"en": sentence}}) for sentence in sentences]
 
     generator.generate_text(prompts[:1], ExitPolicy("full"), args.max_new_tokens)  # warm-up, untimed
     full_texts, full_out, full_s = timed_generate(generator, prompts, ExitPolicy("full"), args.max_new_tokens, args.repeats)

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # threads made tests several times slower.
 torch.set_num_threads(1)
 
-from tests.helpers import TOKENIZER_DIR, tiny_model
+from tests.helpers import TOKENIZER_DIR, tiny_causal_model, tiny_model
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -50,6 +50,25 @@ def tiny_model_dir(tmp_path_factory, t5_tokenizer) -> Path:
     tiny_model(seed=0, layers=2, decoder_layers=4).save_pretrained(path)
     t5_tokenizer.save_pretrained(path)
     return path
+
+
+def _save_causal(path: Path, family: str, tokenizer) -> Path:
+    model = tiny_causal_model(family, seed=0, vocab_size=len(tokenizer), layers=4)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, t5_tokenizer) -> Path:
+    """A saved tiny Llama (safetensors + the offline T5 tokenizer, whose EOS is 1 and pad 0)."""
+    return _save_causal(tmp_path_factory.mktemp("tiny-llama"), "llama", t5_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, t5_tokenizer) -> Path:
+    """A saved tiny GPT-2 with the offline T5 tokenizer."""
+    return _save_causal(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", t5_tokenizer)
 
 
 _exit_status: list[int] = []

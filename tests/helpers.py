@@ -55,6 +55,42 @@ def tiny_model(seed: int = 0, **config_overrides):
     return T5ForConditionalGeneration(tiny_config(**config_overrides)).eval()
 
 
+CAUSAL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+def tiny_causal_config(family: str, vocab_size: int = 512, layers: int = 4, **overrides):
+    """A tiny decoder-only config of `family` (grouped-query attention where the family has it;
+    Mistral with a sliding window shorter than the tests' sequences, Qwen3 with tied embeddings)."""
+    import transformers
+
+    tokens = dict(bos_token_id=2, eos_token_id=1, pad_token_id=0, initializer_range=0.2)
+    if family == "gpt2":
+        values = dict(vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=4, n_positions=256, **tokens)
+        values.update(overrides)
+        return transformers.GPT2Config(**values)
+    values = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, **tokens,
+    )
+    extra = {"mistral": {"sliding_window": 6}, "qwen3": {"head_dim": 16, "tie_word_embeddings": True}}
+    values.update(extra.get(family, {}))
+    values.update(overrides)
+    config_class = {
+        "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+    }[family]
+    return config_class(**values)
+
+
+def tiny_causal_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides):
+    """A random decoder-only model of `family` whose greedy outputs vary (a large init keeps it off one token)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_causal_config(family, **config_overrides)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype).eval()
+
+
 TINY_TRAINING = {
     "model": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 3},
     "tokenizer": {"vocab_size": 400},
@@ -73,13 +109,14 @@ TINY_TRAINING = {
 }
 
 
-def tiny_train_config(corpus: Path, output: Path, **overrides):
-    """A validated config for a tiny run on the tiny corpus; overrides are dotted keys."""
+def tiny_train_config(corpus: Path, output: Path, model: dict | None = None, **overrides):
+    """A validated config for a tiny run on the tiny corpus; `model` replaces the tiny T5's model
+    section (e.g. a decoder-only family), overrides are dotted keys."""
     from omegaconf import OmegaConf
 
     from mee_bench.train.config import load_config
 
-    values = OmegaConf.create(TINY_TRAINING)
+    values = OmegaConf.create({**TINY_TRAINING, **({"model": model} if model else {})})
     values.output_dir = str(output)
     values.data.sources = [{"name": "tatoeba", "path": str(corpus / "train.jsonl"), "task": "translate_en_fr"}]
     values.data.validation.path = str(corpus / "validation.jsonl")

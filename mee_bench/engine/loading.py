@@ -145,7 +145,7 @@ def load_model(
 
     Safetensors weights are preferred; `trust_remote_code` stays off unless asked for.
     """
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -159,20 +159,24 @@ def load_model(
         raise ModelLoadError(
             f"cannot load a config from {pretrained!r} ({one_line(err)}): re-download or re-save the checkpoint"
         ) from None
-    try:
-        runner_class(config.model_type)
-    except ValueError:
-        raise ModelLoadError(
-            f"{pretrained!r} is a {config.model_type!r} model; mee-bench runs T5-family encoder-decoders "
-            f"({', '.join(supported_model_types())})"
-        ) from None
+    runner = runner_for_config(config, pretrained)
     fix = "re-download or re-save the checkpoint"
     for weights in sorted(local.glob("*.safetensors")) if local else ():
         if weights.name != HEADS_FILE:  # heads are checked when a policy needs them
             check_safetensors(weights, fix)
+    # Safetensors only (no pickled weights); a decoder-only runner's explicit 4D masks need sdpa attention.
+    auto = AutoModelForSeq2SeqLM if runner.is_encoder_decoder else AutoModelForCausalLM
+    extra = {} if runner.is_encoder_decoder else {"attn_implementation": "sdpa"}
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, RuntimeError) as err:  # torch's own reader raises RuntimeError on a damaged .bin
+        model = auto.from_pretrained(
+            pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **extra
+        )
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot load safetensors weights of {pretrained!r} ({one_line(err)}); mee-bench loads safetensors "
+            f"only: {fix}, or re-save it with model.save_pretrained(path)"
+        ) from None
+    except (ValueError, RuntimeError) as err:
         raise ModelLoadError(f"cannot load the weights of {pretrained!r} ({one_line(err)}): {fix}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
@@ -181,7 +185,54 @@ def load_model(
             f"cannot load the tokenizer of {pretrained!r} ({one_line(err)}): re-download or re-save the tokenizer "
             "files (tokenizer.json / spiece.model, tokenizer_config.json) into that directory"
         ) from None
+    log.info("loaded %s: a %s %s model (%s)", pretrained, model_kind(config), config.model_type, runner.__name__)
     return model.to(dev).eval(), tokenizer
+
+
+def model_kind(config) -> str:
+    """'encoder-decoder' or 'decoder-only', as the registered runner treats `config`."""
+    return "encoder-decoder" if runner_class(config.model_type).is_encoder_decoder else "decoder-only"
+
+
+def runner_for_config(config, source: str | Path) -> type:
+    """The runner class for a checkpoint's config, or one line naming what is supported."""
+    try:
+        return runner_class(config.model_type)
+    except ValueError:
+        pass
+    families = _families()
+    if _is_encoder_only(config):
+        raise ModelLoadError(
+            f"{str(source)!r} is an encoder-only {config.model_type!r} model, which cannot generate text; use an "
+            f"encoder-decoder ({families['encoder-decoder']}) or decoder-only ({families['decoder-only']}) checkpoint"
+        )
+    raise ModelLoadError(
+        f"{str(source)!r} is a {config.model_type!r} model, which mee-bench has no layer runner for; supported: "
+        f"encoder-decoder {families['encoder-decoder']}; decoder-only {families['decoder-only']}"
+    )
+
+
+def _families() -> dict[str, str]:
+    kinds: dict[str, list[str]] = {"encoder-decoder": [], "decoder-only": []}
+    for model_type in supported_model_types():
+        kinds["encoder-decoder" if runner_class(model_type).is_encoder_decoder else "decoder-only"].append(model_type)
+    return {kind: ", ".join(types) for kind, types in kinds.items()}
+
+
+def _is_encoder_only(config) -> bool:
+    """A model with no generating head: saved as a masked-LM / classifier, or of a type that has
+    neither a causal-LM nor a seq2seq class in transformers."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    encoder_heads = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+    if any(name.endswith(encoder_heads) for name in getattr(config, "architectures", None) or []):
+        return True
+    return config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        config.model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    )
 
 
 def load_generator(

@@ -1,4 +1,5 @@
-"""The task catalogue: each `*_mee` task's data, prompt, reference and metrics, written once.
+"""The task catalogue: each `*_mee` task's data, prompts (T5's, and a decoder-only model's), reference
+and metrics, written once.
 
 lm-eval reads the YAMLs in `tasks/`; their glue (`tasks/utils.py`) takes prompts and fields
 from here, as do training data, the monotonicity study, the model report, the leaderboard,
@@ -47,6 +48,8 @@ class TaskSpec:
     max_gen_toks: int | None = None
     until: tuple[str, ...] = ()
     in_group: bool = True  # one of the paper's tasks, listed in group `mee`
+    causal_template: str = ""  # the prompt for a decoder-only model: the record's text, then a cue to answer
+    causal_until: tuple[str, ...] = ("\n",)  # where a decoder-only model's answer ends (it has no EOS habit)
 
     def __post_init__(self) -> None:
         if self.primary_metric not in self.metrics:
@@ -68,6 +71,11 @@ class TaskSpec:
             if not isinstance(value, str) or not value.strip():
                 raise RecordError(f"{name} is {value!r}, not a non-empty string")
         return self.prompt_template.format_map(record)
+
+    def causal_prompt(self, record: Mapping[str, Any]) -> str:
+        """The model input for one record when the model is decoder-only: T5's task prefixes mean
+        nothing to a causal LM, which continues text; the record then an "Answer:"-style cue does."""
+        return (self.causal_template or self.prompt_template).format_map(record)
 
     def references(self, record: Mapping[str, Any]) -> list[str]:
         """Every reference of a record (SQuAD lists several annotators' answers), each a string."""
@@ -107,26 +115,31 @@ SQUAD = TaskSpec(
     name="squad_mee", dataset="squad", split="validation",
     prompt_template="question: {question} context: {context}", reference_field="answers.text",
     metrics=("exact_match", "f1"), primary_metric="f1", max_gen_toks=32,
+    causal_template="{context}\nQuestion: {question}\nAnswer:",
 )
 CNNDM = TaskSpec(
     name="cnndm_mee", dataset="cnn_dailymail", split="validation",
     prompt_template="summarize: {article}", reference_field="highlights",
     metrics=("rouge1", "rouge2", "rougeL", "rougeLsum"), primary_metric="rougeL", max_gen_toks=128,
+    causal_template="{article}\nTL;DR:", causal_until=("\n\n",),
 )
 WMT15_ENFR = TaskSpec(
     name="wmt15_enfr_mee", dataset="wmt15", split="validation",
     prompt_template="translate English to French: {translation[en]}", reference_field="translation.fr",
     metrics=("bleu", "chrf"), primary_metric="bleu", max_gen_toks=128,
+    causal_template="English: {translation[en]}\nFrench:",
 )
 BIGPATENT = TaskSpec(
     name="bigpatent_mee", dataset="big_patent", split="validation",
     prompt_template="summarize: {description}", reference_field="abstract",
     metrics=("rouge1", "rouge2", "rougeL"), primary_metric="rougeL", max_gen_toks=256,
+    causal_template="{description}\nAbstract:", causal_until=("\n\n",),
 )
 TATOEBA_ENFR = TaskSpec(
     name="tatoeba_enfr_mee", dataset="tatoeba_fra_eng", split="validation",
     prompt_template="translate English to French: {translation[en]}", reference_field="translation.fr",
     metrics=("bleu", "chrf", "bleu_multiref"), primary_metric="bleu", max_gen_toks=64, in_group=False,
+    causal_template="English: {translation[en]}\nFrench:",
 )
 
 TASKS: tuple[TaskSpec, ...] = (SQUAD, CNNDM, WMT15_ENFR, BIGPATENT, TATOEBA_ENFR)

@@ -5,6 +5,11 @@ current `ExitPolicy` and records efficiency figures per lm-eval task; `loglikeli
 `loglikelihood_rolling` are teacher-forced through the full model (every decoder layer), so
 multiple-choice and perplexity tasks score the model itself, whatever the policy.
 
+Either kind of checkpoint serves: an encoder-decoder (T5 family; lm-eval's `seq2seq`
+backend) or a decoder-only model (Llama family, GPT-2; the `causal` backend, tokenized and
+scored exactly as lm-eval's own `hf` model does). A decoder-only model reads the project
+tasks in the catalogue's causal prompt format, since T5's task prefixes mean nothing to it.
+
 One model load serves many policies: `set_policy` switches the exit policy, and
 `reset_efficiency` / `efficiency_report` frame the figures of one evaluation.
 """
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import Collator, handle_stop_sequences, postprocess_generated_text
+from lm_eval.models.utils import Collator, handle_stop_sequences, has_bos_prefix, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
@@ -34,6 +39,7 @@ from mee_bench.timing import LoadMonitor, PairedBlocks, Speedup
 from mee_bench.engine.loading import ModelLoadError, load_generator, resolve_device, resolve_dtype
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy, read_policy_file, shipped_policy_path
+from mee_bench.harness import catalogue
 from mee_bench.harness.catalogue import TASKS_DIR
 
 if TYPE_CHECKING:
@@ -56,6 +62,8 @@ LM_EVAL_FLAGS = ("device", "batch_size", "max_batch_size")  # what lm-eval passe
 
 class ModelArgsError(ValueError):
     """A `--model_args` value the adapter cannot use; the lm-eval hook ends the CLI with this one line."""
+POSITION_LIMIT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")  # what lm-eval's `hf` model reads
+FALLBACK_CAUSAL_LENGTH = 2048  # lm-eval's `hf` default when neither the config nor the tokenizer says
 
 
 @dataclass
@@ -89,12 +97,13 @@ class TaskEfficiency:
 
 @register_model("mee")
 class MEELM(TemplateLM):
-    """lm-eval model `mee`: a T5-family checkpoint decoded greedily with early exits.
+    """lm-eval model `mee`: a T5-family or decoder-only checkpoint decoded greedily with early exits.
 
-    model_args: pretrained (directory or hub id; default: the embedded default model),
+    model_args: pretrained (directory or hub id of either kind; default: the embedded default model),
     measure, threshold, min_exit_layer, threshold_schedule, tau, kv_strategy (the
     `ExitPolicy`), calibration (a `mee-bench calibrate` record or exit_policy.json whose policy
-    to run), dtype, device, batch_size, max_length (encoder input tokens), heads (exit heads
+    to run), dtype, device, batch_size, max_length (encoder input tokens; for a decoder-only model prompt and
+    generated tokens together, as lm-eval's `hf` model counts them), heads (exit heads
     file; default: beside the model), max_gen_toks (when a task sets none), trust_remote_code;
     paired_timing (time every batch against `full` on the same inputs, interleaved, and report
     the speedup with its 95% interval), timing_precision (the interval's relative half-width
@@ -105,8 +114,6 @@ class MEELM(TemplateLM):
     weights (`exit_policy.json`) if any, else `full`; the other policy args adjust it. Which
     one runs is printed and recorded under `mee_policy_source`.
     """
-
-    backend = "seq2seq"
 
     def __init__(
         self,
@@ -156,7 +163,13 @@ class MEELM(TemplateLM):
         self.generator = load_generator(self.pretrained, dtype, str(self._device), heads, False, trust_remote_code)
         self.model, self.tokenizer = self.generator.model, self.generator.tokenizer
         self.heads_path = self.generator.heads_path
-        self._max_length = input_limit(self.tokenizer, requested_max_length)
+        self.decoder_only = not self.generator.runner.is_encoder_decoder
+        self.backend = "causal" if self.decoder_only else "seq2seq"
+        self._max_length = (
+            self._causal_length(requested_max_length) if self.decoder_only
+            else input_limit(self.tokenizer, requested_max_length)
+        )
+        log.info("mee: loaded %s, a %s %s model", self.pretrained, self.model_kind, self.model.config.model_type)
         self.set_policy(policy)
         self._efficiency: dict[str, TaskEfficiency] = {}
 
@@ -203,6 +216,20 @@ class MEELM(TemplateLM):
         policy.check_model(self.generator.num_layers)
         self.policy = policy
 
+    @property
+    def model_kind(self) -> str:
+        return "decoder-only" if self.decoder_only else "encoder-decoder"
+
+    def _causal_length(self, requested: int | None) -> int:
+        """A decoder-only model's context: as lm-eval's `hf` model finds it (config, then tokenizer)."""
+        if requested:
+            return requested
+        for key in POSITION_LIMIT_KEYS:
+            if isinstance(getattr(self.model.config, key, None), int):
+                return getattr(self.model.config, key)
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else FALLBACK_CAUSAL_LENGTH
+
     def reset_efficiency(self) -> None:
         """Forget the efficiency figures gathered so far (start of an evaluation)."""
         self._efficiency = {}
@@ -215,6 +242,8 @@ class MEELM(TemplateLM):
         """Recorded by lm-eval under the results' `config`."""
         return {
             "pretrained": self.pretrained,
+            "model_kind": self.model_kind,
+            "model_type": self.model.config.model_type,
             "model_dtype": str(self.generator.runner.dtype),
             "model_device": str(self.device),
             "decoder_layers": self.generator.num_layers,
@@ -228,6 +257,12 @@ class MEELM(TemplateLM):
     @property
     def eot_token_id(self) -> int:
         return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context becomes: BOS where the tokenizer has one, else EOS (as lm-eval's `hf`)."""
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
 
     @property
     def max_length(self) -> int:
@@ -246,15 +281,39 @@ class MEELM(TemplateLM):
         return self.tokenizer.name_or_path.replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        """T5 token ids; the encoder side keeps the tokenizer's EOS unless told otherwise."""
-        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens is not False, verbose=False)
+        """Token ids with the tokenizer's special tokens unless told otherwise (T5's encoder side keeps its
+        EOS). A decoder-only model's text that already starts with the prefix token gets none, as
+        lm-eval's `hf` model encodes it."""
+        add = add_special_tokens is not False
+        if add_special_tokens is None and self.decoder_only:
+            add = not has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id))
+        return self.tokenizer.encode(string, add_special_tokens=add, verbose=False)
 
-    def _fit_encoder_input(self, ids: list[int]) -> list[int]:
-        """Cut the end off inputs longer than `max_length`, keeping the closing EOS: a T5 prompt
-        starts with its task prefix (`summarize:`), which must survive."""
-        if len(ids) <= self.max_length:
-            return ids
-        return ids[: self.max_length - 1] + ids[-1:]
+    def _fit_prompt(self, ids: list[int], room: int = 0) -> list[int]:
+        """A prompt cut to `max_length` (less `room` for generated tokens). T5: the end goes, keeping
+        the closing EOS, since a T5 prompt starts with its task prefix (`summarize:`). Decoder-only:
+        the start goes, since the model continues the prompt's end."""
+        limit = max(self.max_length - room, 1)
+        if len(ids) <= limit:
+            return ids or [self.prefix_token_id]
+        if self.decoder_only:
+            return ids[-limit:]
+        return ids[: limit - 1] + ids[-1:]
+
+    def _prompt(self, request: Instance) -> str:
+        """The request's context; for a decoder-only model on a zero-shot project task, the catalogue's
+        causal prompt of the same record instead of T5's."""
+        context = request.args[0]
+        if not self.decoder_only or request.task_name not in catalogue.TASK_NAMES or request.doc is None:
+            return context
+        spec = catalogue.task(request.task_name)
+        return spec.causal_prompt(request.doc) if context == spec.prompt(request.doc) else context
+
+    def _stops(self, request: Instance, until: list[str]) -> list[str]:
+        """A decoder-only model also stops where the catalogue says a project task's answer ends."""
+        if not self.decoder_only or request.task_name not in catalogue.TASK_NAMES:
+            return until
+        return until + [stop for stop in catalogue.task(request.task_name).causal_until if stop not in until]
 
     # Generation: early exit.
 
@@ -269,15 +328,20 @@ class MEELM(TemplateLM):
             return []
         kwargs_by_key = {_kwargs_key(request): request.args[1] for request in requests}
         settings = {key: _greedy_settings(kwargs, self.max_gen_toks) for key, kwargs in kwargs_by_key.items()}
-        encoded = self.tokenizer([request.args[0] for request in requests], verbose=False).input_ids
+        prompts = [self._prompt(request) for request in requests]
+        if self.decoder_only:
+            encoded = [self.tok_encode(prompt) for prompt in prompts]
+        else:
+            encoded = self.tokenizer(prompts, verbose=False).input_ids
         too_long = sum(len(ids) > self.max_length for ids in encoded)
         if too_long:
             log.warning(
                 "%d of %d prompts exceed max_length=%d tokens; their ends are cut (set max_length to change it)",
                 too_long, len(requests), self.max_length,
             )
+        room = {key: settings[key][1] if self.decoder_only else 0 for key in settings}
         collator = Collator(
-            list(zip(requests, (self._fit_encoder_input(ids) for ids in encoded))),
+            [(request, self._fit_prompt(ids, room[_kwargs_key(request)])) for request, ids in zip(requests, encoded)],
             sort_fn=lambda item: -len(item[1]),
             group_fn=lambda item: {"task": item[0].task_name or UNNAMED_TASK, "gen_kwargs": _kwargs_key(item[0])},
             group_by="gen_kwargs",
@@ -290,6 +354,7 @@ class MEELM(TemplateLM):
             first = batch[0][0]
             task = first.task_name or UNNAMED_TASK
             until, max_gen_toks = settings[_kwargs_key(first)]
+            until = self._stops(first, until)
             work = ([ids for _, ids in batch], until, max_gen_toks)
             if task not in monitors:
                 monitors[task] = LoadMonitor(threads=torch.get_num_threads()).start()
@@ -340,8 +405,9 @@ class MEELM(TemplateLM):
         return texts, output.stats
 
     def _pad(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right padding for T5 and for scoring; a decoder-only prompt is left-padded by its runner."""
         width = max(len(row) for row in rows)
-        pad_id = self.tokenizer.pad_token_id
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
         return ids.to(self.device), mask.to(self.device)
@@ -368,7 +434,9 @@ class MEELM(TemplateLM):
 
     @torch.inference_mode()
     def _score_batch(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        contexts = [self._fit_encoder_input(context) for context, _ in pairs]
+        if self.decoder_only:
+            return self._score_causal_batch(pairs)
+        contexts = [self._fit_prompt(context) for context, _ in pairs]
         targets = [list(target) for _, target in pairs]
         if not any(targets):
             return [(0.0, True)] * len(pairs)
@@ -388,15 +456,34 @@ class MEELM(TemplateLM):
             scored.append((total, bool((row_log_probs.argmax(-1) == expected).all())))
         return scored
 
+    def _score_causal_batch(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """lm-eval `hf`'s causal scoring: context and continuation as one sequence cut to the last
+        `max_length + 1` tokens, the last one dropped, right-padded with no attention mask (causal
+        attention never looks right); the continuation's log-probabilities are read off its end."""
+        inputs = [(list(context) + list(target))[-(self.max_length + 1) :][:-1] for context, target in pairs]
+        input_ids, _ = self._pad(inputs)
+        log_probs = F.log_softmax(self.model(input_ids).logits.float(), dim=-1)
+        scored = []
+        for row, ((_, target), tokens) in enumerate(zip(pairs, inputs)):
+            if not target:
+                scored.append((0.0, True))
+                continue
+            expected = torch.tensor(target, device=log_probs.device)
+            row_log_probs = log_probs[row, len(tokens) - len(target) : len(tokens)]
+            total = row_log_probs.gather(-1, expected[:, None]).sum().item()
+            scored.append((total, bool((row_log_probs.argmax(-1) == expected).all())))
+        return scored
+
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole strings, in lm-eval's disjoint rolling windows of `max_length`
-        decoder tokens; each window's encoder input is the token before it (EOS for the first)."""
+        decoder tokens; each window's context (T5: its encoder input) is the token before it, the
+        prefix token (EOS for T5) for the first."""
         windows: list[tuple[None, list[int], list[int]]] = []
         owners: list[int] = []
         for index, request in enumerate(requests):
             tokens = self.tok_encode(request.args[0])
             for context, target in map(
-                make_disjoint_window, get_rolling_token_windows(tokens, self.eot_token_id, self.max_length, 1)
+                make_disjoint_window, get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, 1)
             ):
                 windows.append((None, context, target))
                 owners.append(index)

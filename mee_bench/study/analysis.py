@@ -1,4 +1,4 @@
-"""`mee-bench analyze`: the paper's monotonicity study (Figures 1-3) on any T5 checkpoint.
+"""`mee-bench analyze`: the paper's monotonicity study (Figures 1-3) on any T5 or decoder-only checkpoint.
 
 The LM head is applied to every decoder layer's raw state, teacher-forced on references
 or on the model's own greedy output; the statistics of `statistics.py` are accumulated
@@ -21,6 +21,7 @@ from mee_bench.harness.catalogue import TASK_NAMES, UnknownTaskError, task
 from mee_bench.harness.data import local_split_path, numbered_jsonl
 
 from mee_bench.paths import DATA_DIR_ENV
+from mee_bench.engine.causal import continuation_ids
 from mee_bench.engine.decoding import EarlyExitGenerator, input_limit
 from mee_bench.engine.loading import ModelLoadError, check_checkpoint_path, load_model
 from mee_bench.study.results import ModelAnalysis
@@ -39,6 +40,10 @@ MODES = ("teacher_forced", "free_running")
 class Example:
     input: str
     target: str | None
+    causal_input: str | None = None  # a catalogue task's prompt for a decoder-only model (default: `input`)
+
+    def prompt(self, decoder_only: bool) -> str:
+        return self.causal_input or self.input if decoder_only else self.input
 
 
 def task_examples(name: str, limit: int | None = None) -> list[Example]:
@@ -56,7 +61,7 @@ def task_examples(name: str, limit: int | None = None) -> list[Example]:
         if limit is not None and len(examples) >= limit:
             break
         try:
-            examples.append(Example(spec.prompt(row), spec.target(row)))
+            examples.append(Example(spec.prompt(row), spec.target(row), spec.causal_prompt(row)))
         except (KeyError, IndexError, TypeError) as err:
             raise ValueError(f"{path}:{number}: not a {name} record ({err}); fix or remove that line") from err
     return examples
@@ -96,29 +101,40 @@ class _Batch:
 
 def _batches(generator: EarlyExitGenerator, examples: Sequence[Example], mode: str, batch_size: int,
              max_input_tokens: int, max_output_tokens: int) -> Iterator[_Batch]:
-    """Tokenized batches with decoder inputs: the reference or the model's own greedy output."""
+    """Tokenized batches with decoder inputs: the reference or the model's own greedy output. A decoder-only
+    model reads its own prompt format and the reference as the prompt's continuation."""
     model, tokenizer = generator.model, generator.tokenizer
-    start_id, pad_id = generator.runner.start_token_id, model.config.pad_token_id
+    decoder_only = not generator.runner.is_encoder_decoder
+    start_id = generator.runner.start_token_id
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else generator.runner.eos_token_id
     for first in range(0, len(examples), batch_size):
         chunk = examples[first : first + batch_size]
-        enc = tokenizer([ex.input for ex in chunk], return_tensors="pt", padding=True, truncation=True,
+        enc = tokenizer([ex.prompt(decoder_only) for ex in chunk], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_input_tokens)
         input_ids, attention_mask = enc.input_ids.to(model.device), enc.attention_mask.to(model.device)
         truncated = int((attention_mask.sum(1) >= max_input_tokens).sum())
-        if mode == "teacher_forced":
+        if mode == "teacher_forced" and decoder_only:
+            tokens = continuation_ids(tokenizer, [ex.target for ex in chunk], max_output_tokens)
+            targets, target_mask = _padded(tokens, pad_id, model.device)
+        elif mode == "teacher_forced":
             dec = tokenizer(text_target=[ex.target for ex in chunk], return_tensors="pt", padding=True,
                             truncation=True, max_length=max_output_tokens)
             targets, target_mask = dec.input_ids.to(model.device), dec.attention_mask.to(model.device)
         else:
             tokens = generator.generate(input_ids, attention_mask, ExitPolicy("full"), max_output_tokens).tokens
-            width = max(len(row) for row in tokens)
-            targets = torch.tensor([row + [pad_id] * (width - len(row)) for row in tokens], device=model.device)
-            lengths = torch.tensor([len(row) for row in tokens], device=model.device)
-            target_mask = (torch.arange(width, device=model.device) < lengths[:, None]).long()
+            targets, target_mask = _padded(tokens, pad_id, model.device)
         starts = torch.full_like(targets[:, :1], start_id)
         decoder_input_ids = torch.cat([starts, targets[:, :-1]], dim=1).masked_fill(
             torch.cat([torch.ones_like(starts), target_mask[:, :-1]], dim=1) == 0, pad_id)
         yield _Batch(input_ids, attention_mask, decoder_input_ids, targets, target_mask, truncated)
+
+
+def _padded(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Right-padded token rows and their mask."""
+    width = max(len(row) for row in rows)
+    targets = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
+    lengths = torch.tensor([len(row) for row in rows], device=device)
+    return targets, (torch.arange(width, device=device) < lengths[:, None]).long()
 
 
 def example_positions(length: int, count: int) -> list[int]:
@@ -185,7 +201,8 @@ def analyze_model(model, tokenizer, examples: Sequence[Example], mode: str = "te
         for slot, position in enumerate(chosen):
             probs = torch.stack([p[slot] for p in chosen_probs])
             described.append(_describe_example(tokenizer, batch, position, predictions.top_ids[:, position],
-                                               predictions.top_probs[:, position], probs, examples[0].input))
+                                               predictions.top_probs[:, position], probs,
+                                               examples[0].prompt(not runner.is_encoder_decoder)))
         sequences += batch.input_ids.shape[0]
         truncated += batch.truncated
         log.info("%s: batch %d, %d sequences, %d tokens", label, number, sequences, stats.tokens)

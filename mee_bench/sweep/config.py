@@ -278,7 +278,7 @@ def check_model(config: SweepConfig) -> int:
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"model.pretrained={pretrained!r} cannot be read ({str(err).splitlines()[0]}); "
-            "point it at a saved T5 checkpoint directory or a hub id"
+            "point it at a saved checkpoint directory (T5 family or decoder-only) or a hub id"
         ) from None
     local = Path(pretrained)
     for weights in sorted(local.glob("*.safetensors")) if local.is_dir() else ():

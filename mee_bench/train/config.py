@@ -32,7 +32,7 @@ RESUMABLE_KEYS = (
 
 @dataclass
 class ModelConfig:
-    init: Optional[str] = None  # a finished run or model to fine-tune; None = a new T5 of the shape below
+    init: Optional[str] = None  # a finished run or model to fine-tune (either kind); None = a new model as below
     d_model: int = 256
     d_kv: int = 32
     num_heads: int = 8
@@ -41,6 +41,8 @@ class ModelConfig:
     num_decoder_layers: int = 6
     feed_forward_proj: str = "gated-gelu"
     dropout_rate: float = 0.0
+    family: str = "t5"  # a new model's layout: t5, or a decoder-only type (llama, mistral, qwen2, qwen3, gpt2)
+    num_kv_heads: Optional[int] = None  # decoder-only: grouped-query K/V heads (None = num_heads)
 
 
 @dataclass
@@ -190,6 +192,42 @@ def _validate(cfg: TrainConfig) -> None:
     for number, source in enumerate(cfg.data.sources):
         if source.weight <= 0:
             raise ConfigError(f"data.sources[{number}].weight must be positive, got {source.weight}")
+    _validate_family(cfg.model)
+
+
+T5_ONLY_MODEL_KEYS = ("num_layers", "d_kv", "feed_forward_proj")  # a decoder-only model has no encoder, no d_kv
+
+
+def decoder_only_families() -> list[str]:
+    """The decoder-only model types the engine has runners for (the runner registry is the one list)."""
+    import mee_bench.engine  # noqa: F401  (registers every runner)
+    from mee_bench.engine.runner import runner_class, supported_model_types
+
+    return [name for name in supported_model_types() if not runner_class(name).is_encoder_decoder]
+
+
+def _validate_family(model: ModelConfig) -> None:
+    """A new model's family has a runner, and a decoder-only one is not given T5-only shape keys."""
+    decoder_only = decoder_only_families()
+    if model.family not in ("t5", *decoder_only):
+        raise ConfigError(
+            f"unknown model.family {model.family!r}; use t5 or a decoder-only one: {', '.join(decoder_only)}"
+        )
+    if model.family == "t5":
+        if model.num_kv_heads is not None:
+            raise ConfigError("model.num_kv_heads is a decoder-only option; T5 has no grouped-query attention: remove it")
+        return
+    defaults = ModelConfig()
+    asked = [key for key in T5_ONLY_MODEL_KEYS if getattr(model, key) != getattr(defaults, key)]
+    if asked:
+        raise ConfigError(
+            f"model.{asked[0]} is a T5-only option, but model.family={model.family} is decoder-only; remove it "
+            "(its depth is model.num_decoder_layers, its head width d_model / num_heads)"
+        )
+    if model.num_kv_heads is not None and model.num_heads % model.num_kv_heads:
+        raise ConfigError(
+            f"model.num_kv_heads={model.num_kv_heads} must divide model.num_heads={model.num_heads}"
+        )
 
 
 def identity(cfg: TrainConfig | object) -> dict:

@@ -1,4 +1,5 @@
-"""Training examples with T5 task prefixes, a token-budget length-bucketed batch order, collation.
+"""Training examples with T5 task prefixes (or a decoder-only model's prompts), a token-budget
+length-bucketed batch order, collation.
 
 The batch order of an epoch is a pure function of (seed, epoch), so a restarted run
 rebuilds it and continues at the saved position: same data order, no data state to pickle.
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mee_bench.engine.causal import continuation_ids
 from mee_bench.harness.catalogue import SQUAD, TATOEBA_ENFR, TaskSpec
 from mee_bench.paths import data_root
 
@@ -45,8 +47,9 @@ def resolve_data_path(path: str | Path) -> Path:
     return root / path
 
 
-def read_examples(path: str | Path, task: str, limit: int | None = None) -> list[TrainExample]:
-    """Examples of one JSON Lines source; a missing file or a bad line raises naming file and line."""
+def read_examples(path: str | Path, task: str, limit: int | None = None, causal: bool = False) -> list[TrainExample]:
+    """Examples of one JSON Lines source, in T5's prompt format or (`causal`) a decoder-only model's;
+    a missing file or a bad line raises naming file and line."""
     if task not in TASKS:
         raise DataError(f"unknown task {task!r} for {path}; use one of {', '.join(TASKS)}")
     path = resolve_data_path(path)
@@ -59,7 +62,8 @@ def read_examples(path: str | Path, task: str, limit: int | None = None) -> list
                 continue
             try:
                 row = json.loads(line)
-                examples.append(TrainExample(TASKS[task].prompt(row), TASKS[task].target(row)))
+                prompt = TASKS[task].causal_prompt(row) if causal else TASKS[task].prompt(row)
+                examples.append(TrainExample(prompt, TASKS[task].target(row)))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
             except (KeyError, TypeError, IndexError) as err:
@@ -71,13 +75,25 @@ def read_examples(path: str | Path, task: str, limit: int | None = None) -> list
     return examples
 
 
+def encode_pairs(
+    tokenizer, examples: Sequence[TrainExample], max_source: int, max_target: int, causal: bool = False
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of sources and targets (targets end with EOS). A decoder-only model's target continues
+    its prompt (`continuation_ids`), so it gets no special tokens of its own (no BOS mid-sequence)."""
+    sources = tokenizer([e.source for e in examples], truncation=True, max_length=max_source)["input_ids"]
+    if causal:
+        return sources, continuation_ids(tokenizer, [e.target for e in examples], max_target)
+    return sources, tokenizer([e.target for e in examples], truncation=True, max_length=max_target)["input_ids"]
+
+
 class TokenizedSource:
     """One source's examples as token id arrays (targets end with </s>)."""
 
-    def __init__(self, name: str, examples: Sequence[TrainExample], tokenizer, max_source: int, max_target: int):
+    def __init__(
+        self, name: str, examples: Sequence[TrainExample], tokenizer, max_source: int, max_target: int, causal: bool = False
+    ):
         self.name = name
-        sources = tokenizer([e.source for e in examples], truncation=True, max_length=max_source)["input_ids"]
-        targets = tokenizer([e.target for e in examples], truncation=True, max_length=max_target)["input_ids"]
+        sources, targets = encode_pairs(tokenizer, examples, max_source, max_target, causal)
         self.sources = [np.asarray(ids, dtype=np.int32) for ids in sources]
         self.targets = [np.asarray(ids, dtype=np.int32) for ids in targets]
 

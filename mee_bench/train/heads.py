@@ -25,7 +25,15 @@ from mee_bench.engine.oracle import top1_unchanged_after
 from mee_bench.engine.measures import head_names
 from mee_bench.engine.runner import LayerRunner, build_runner
 from mee_bench.paths import DEFAULT_MODEL_DIR
-from mee_bench.train.data import IGNORE_INDEX, DataError, MixtureBatches, TokenizedSource, collate, read_examples
+from mee_bench.train.data import (
+    IGNORE_INDEX,
+    DataError,
+    MixtureBatches,
+    TokenizedSource,
+    collate,
+    encode_pairs,
+    read_examples,
+)
 
 LABEL_MODES = ("strict", "equals_final")
 METRICS_FILE = "exit_heads_metrics.json"
@@ -155,16 +163,15 @@ def train_heads(
         raise ValueError(f"unknown label mode {mode!r}; use one of {', '.join(LABEL_MODES)}")
     model, tokenizer = load_model(model_dir, device=device)
     runner = build_runner(model)
-    start_id, pad_id = runner.start_token_id, tokenizer.pad_token_id
-    sources = [TokenizedSource(path, read_examples(path, task, limit), tokenizer, 256, 96) for path, task in data]
+    causal = not runner.is_encoder_decoder  # a decoder-only model reads its prompts and targets as one text
+    start_id = runner.start_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else runner.eos_token_id
+    sources = [
+        TokenizedSource(path, read_examples(path, task, limit, causal), tokenizer, 256, 96, causal) for path, task in data
+    ]
     mixture = MixtureBatches(sources, [1.0] * len(sources), batch_tokens, seed)
-    val_rows = read_examples(validation[0], validation[1], validation_examples)
-    val_pairs = list(
-        zip(
-            tokenizer([e.source for e in val_rows], truncation=True, max_length=256)["input_ids"],
-            tokenizer([e.target for e in val_rows], truncation=True, max_length=96)["input_ids"],
-        )
-    )
+    val_rows = read_examples(validation[0], validation[1], validation_examples, causal)
+    val_pairs = list(zip(*encode_pairs(tokenizer, val_rows, 256, 96, causal)))
     val_batches = [
         _on(runner.device, collate(val_pairs[i : i + 64], start_id, pad_id)) for i in range(0, len(val_pairs), 64)
     ]

@@ -1,4 +1,5 @@
-"""`mee-bench train CONFIG [key=value ...]`: train a T5 with the final / weighted_ce / weighted_ce_kd objective.
+"""`mee-bench train CONFIG [key=value ...]`: train a T5 or a decoder-only model with the final / weighted_ce /
+weighted_ce_kd objective.
 
 CONFIG is a YAML file or a preset name from configs/train/. The run lives in
 `output_dir`: a checkpoint every few minutes (safetensors model + optimiser state, JSON
@@ -41,8 +42,19 @@ from mee_bench.train.checkpoint import (
 from mee_bench.train.config import ConfigError, learning_rate, load_config
 
 
-def load_sources(cfg) -> list[tuple[object, list]]:
-    return [(src, read_examples(src.path, src.task, cfg.data.limit)) for src in cfg.data.sources]
+def load_sources(cfg, causal: bool = False) -> list[tuple[object, list]]:
+    return [(src, read_examples(src.path, src.task, cfg.data.limit, causal)) for src in cfg.data.sources]
+
+
+def is_decoder_only(cfg) -> bool:
+    """Whether the run trains a decoder-only model: `model.init`'s own kind, else `model.family`."""
+    if not cfg.model.init:
+        return cfg.model.family != "t5"
+    from transformers import AutoConfig
+
+    from mee_bench.engine.loading import model_kind
+
+    return model_kind(AutoConfig.from_pretrained(str(cfg.model.init))) == "decoder-only"
 
 
 def build_tokenizer(cfg, output: Path, sources):
@@ -65,22 +77,28 @@ def build_tokenizer(cfg, output: Path, sources):
     return tokenizer
 
 
-def build_model(cfg, tokenizer):
-    from transformers import T5Config, T5ForConditionalGeneration
+def build_model(cfg, tokenizer, causal: bool = False):
+    from transformers import AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
 
     if cfg.model.init:
-        model = T5ForConditionalGeneration.from_pretrained(str(cfg.model.init), dtype=torch.float32)
+        if causal:
+            model = AutoModelForCausalLM.from_pretrained(str(cfg.model.init), dtype=torch.float32, attn_implementation="sdpa")
+        else:
+            model = T5ForConditionalGeneration.from_pretrained(str(cfg.model.init), dtype=torch.float32)
         full_precision = Path(cfg.model.init) / CHECKPOINT_DIR / "model.safetensors"
         if full_precision.is_file():  # a run of ours: its fp32 weights, not the bf16 copy beside them
             from safetensors.torch import load_model as load_weights
 
             load_weights(model, str(full_precision))
-        model.config.dropout_rate = cfg.model.dropout_rate
+        if not causal:
+            model.config.dropout_rate = cfg.model.dropout_rate
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = cfg.model.dropout_rate
         return model
     torch.manual_seed(cfg.seed)
+    if causal:
+        return AutoModelForCausalLM.from_config(decoder_only_config(cfg, tokenizer), attn_implementation="sdpa")
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=cfg.model.d_model,
@@ -98,11 +116,36 @@ def build_model(cfg, tokenizer):
     return T5ForConditionalGeneration(config)
 
 
+def decoder_only_config(cfg, tokenizer):
+    """A new decoder-only model of `model.family` in the run's shape; room for the longest prompt and target."""
+    from transformers import AutoConfig
+
+    m = cfg.model
+    positions = cfg.data.max_source_tokens + cfg.data.max_target_tokens
+    tokens = dict(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if m.family == "gpt2":
+        dropout = dict(resid_pdrop=m.dropout_rate, embd_pdrop=m.dropout_rate, attn_pdrop=m.dropout_rate)
+        return AutoConfig.for_model(
+            "gpt2", n_embd=m.d_model, n_head=m.num_heads, n_inner=m.d_ff, n_layer=m.num_decoder_layers,
+            n_positions=positions, **dropout, **tokens,
+        )
+    return AutoConfig.for_model(
+        m.family, hidden_size=m.d_model, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads or m.num_heads,
+        intermediate_size=m.d_ff, num_hidden_layers=m.num_decoder_layers, max_position_embeddings=positions,
+        attention_dropout=m.dropout_rate, **tokens,
+    )
+
+
 def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
     """Per-layer validation CE (all layers, any objective) and full-depth greedy BLEU on a few examples."""
     import sacrebleu
 
-    from mee_bench.train.data import collate
+    from mee_bench.engine.decoding import EarlyExitGenerator
+    from mee_bench.engine.policy import ExitPolicy
+    from mee_bench.train.data import collate, encode_pairs
 
     model.eval()
     examples = validation[: cfg.data.validation.examples]
@@ -111,17 +154,21 @@ def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
     with torch.no_grad(), autocast(cfg):
         for start in range(0, len(examples), 64):
             chunk = examples[start : start + 64]
-            sources = tokenizer([e.source for e in chunk], truncation=True, max_length=cfg.data.max_source_tokens)[
-                "input_ids"
-            ]
-            targets = tokenizer([e.target for e in chunk], truncation=True, max_length=cfg.data.max_target_tokens)[
-                "input_ids"
-            ]
-            batch = collate(list(zip(sources, targets)), model.config.decoder_start_token_id, tokenizer.pad_token_id)
+            causal = not runner.is_encoder_decoder
+            sources, targets = encode_pairs(
+                tokenizer, chunk, cfg.data.max_source_tokens, cfg.data.max_target_tokens, causal
+            )
+            batch = collate(list(zip(sources, targets)), runner.start_token_id, pad_id(tokenizer, runner))
             batch = to_device(batch, runner.device)
             _, parts = eval_objective(runner, decoder_layer_states(runner, batch), batch["labels"])
             layer_ce = [parts[f"ce{i}"] * len(chunk) for i in range(1, runner.num_layers + 1)]
             per_layer = layer_ce if per_layer is None else [a + b for a, b in zip(per_layer, layer_ce)]
+            if causal:  # the engine's full policy is token for token the model's own greedy generate
+                output = EarlyExitGenerator(model).generate(
+                    batch["input_ids"], batch["attention_mask"], ExitPolicy("full"), 64
+                )
+                hypotheses += tokenizer.batch_decode(output.tokens, skip_special_tokens=True)
+                continue
             generated = model.generate(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -154,6 +201,11 @@ def training_device(cfg) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda was asked for but CUDA is not available; set device=cpu")
     return torch.device(cfg.device)
+
+
+def pad_id(tokenizer, runner: LayerRunner) -> int:
+    """The padding id of batches: the tokenizer's, else EOS (GPT-2's tokenizer has no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else runner.eos_token_id
 
 
 def budget_left(cfg, state: dict) -> bool:
@@ -227,16 +279,19 @@ def train(cfg, stop: Callable[[], bool] = lambda: False) -> Path:
     device = training_device(cfg)
     check_init(cfg)
     output, resuming = prepare_output_dir(cfg)
-    sources = load_sources(cfg)
-    validation = read_examples(cfg.data.validation.path, cfg.data.validation.task, cfg.data.validation.examples)
+    causal = is_decoder_only(cfg)
+    sources = load_sources(cfg, causal)
+    validation = read_examples(
+        cfg.data.validation.path, cfg.data.validation.task, cfg.data.validation.examples, causal
+    )
     tokenizer = build_tokenizer(cfg, output, sources)
-    model = build_model(cfg, tokenizer).to(device)
+    model = build_model(cfg, tokenizer, causal).to(device)
     optimizer = build_optimizer(cfg, model)
     state = {"step": 0, "epoch": 0, "position": 0, "wall_time": 0.0, "tokens": 0}
     if resuming:
         state = load_checkpoint(output, model, optimizer)
     tokenized = [
-        TokenizedSource(s.name, rows, tokenizer, cfg.data.max_source_tokens, cfg.data.max_target_tokens)
+        TokenizedSource(s.name, rows, tokenizer, cfg.data.max_source_tokens, cfg.data.max_target_tokens, causal)
         for s, rows in sources
     ]
     mixture = MixtureBatches(
@@ -287,7 +342,7 @@ def train(cfg, stop: Callable[[], bool] = lambda: False) -> Path:
         if state["position"] >= len(batches):
             state["epoch"], state["position"] = state["epoch"] + 1, 0
             continue
-        batch = mixture.collate(batches[state["position"]], model.config.decoder_start_token_id, tokenizer.pad_token_id)
+        batch = mixture.collate(batches[state["position"]], runner.start_token_id, pad_id(tokenizer, runner))
         lr = learning_rate(cfg, state["step"])
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -51,8 +51,55 @@ def test_non_t5_checkpoint_is_refused(tmp_path):
     from transformers import BartConfig
 
     BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="'bart' model; mee-bench runs T5-family"):
+    with pytest.raises(ModelLoadError, match=r"'bart' model, which mee-bench has no layer runner for; supported: "
+                       r"encoder-decoder mt5, t5; decoder-only gpt2, llama, mistral, qwen2, qwen3"):
         load_model(tmp_path)
+
+
+def test_encoder_only_checkpoint_is_refused_as_such(tmp_path):
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config.architectures = ["BertForMaskedLM"]
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="encoder-only 'bert' model, which cannot generate text; use an encoder-decoder"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_decoder_only_checkpoint_loads_and_says_which_kind(request, family, caplog):
+    directory = request.getfixturevalue(f"tiny_{family}_dir")
+    with caplog.at_level(logging.INFO, logger="mee_bench.engine.loading"):
+        generator = load_generator(directory, dtype="bfloat16")
+    assert f"a decoder-only {family} model" in caplog.text
+    assert not generator.runner.is_encoder_decoder and generator.runner.dtype == torch.bfloat16
+    assert generator.model.config._attn_implementation == "sdpa"
+    texts, out = generator.generate_text(["The house is", "A"], ExitPolicy("softmax", threshold=0.01, min_exit_layer=1), 5)
+    assert len(texts) == 2 and all(1 <= layer <= 4 for row in out.exit_layers for layer in row)
+
+
+def test_a_decoder_only_checkpoint_without_safetensors_is_refused_with_the_fix(tmp_path, t5_tokenizer):
+    from tests.helpers import tiny_causal_model
+
+    model = tiny_causal_model("llama")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # transformers 5 saves safetensors only
+    t5_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="mee-bench loads safetensors only: .*re-save it with model.save_pretrained"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "heads, metadata, message",
+    [
+        (ExitHeads(d_model=48), {}, "trained for d_model=48, but the model has d_model=32"),
+        (ExitHeads(d_model=32), {"num_layers": 6}, "trained for 6 decoder layers, but the model has 4"),
+    ],
+)
+def test_heads_of_another_model_are_refused_for_a_decoder_only_model(tmp_path, tiny_llama_dir, heads, metadata, message):
+    heads.save(tmp_path, metadata=metadata)
+    with pytest.raises(ModelLoadError, match=message):
+        load_generator(tiny_llama_dir, heads=tmp_path)
 
 
 @pytest.mark.parametrize(

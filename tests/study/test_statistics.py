@@ -172,13 +172,13 @@ def test_cli_free_running_on_an_inputs_file(tiny_model_dir, tmp_path):
     assert analysis["final_top1_accuracy"] >= 0.9
 
 
-def test_task_examples_are_the_catalogues_prompt_and_reference_of_local_records():
+def test_task_examples_are_the_catalogues_prompts_and_reference_of_local_records():
     if data_root() is None:
         pytest.skip("no local data root")
     for spec in TASKS:
         examples = task_examples(spec.name, limit=2)
         records = list(zip(read_jsonl(local_split_path(spec.dataset, spec.split)), range(2)))
-        assert examples == [Example(spec.prompt(row), spec.target(row)) for row, _ in records], spec.name
+        assert examples == [Example(spec.prompt(row), spec.target(row), spec.causal_prompt(row)) for row, _ in records], spec.name
 
 
 def test_a_local_record_without_the_tasks_fields_is_refused_naming_file_row_and_field(tmp_path, monkeypatch):

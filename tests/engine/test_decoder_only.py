@@ -1,0 +1,242 @@
+"""Decoder-only runners (Llama family, GPT-2) against Hugging Face's generate and slow references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mee_bench.engine.causal import left_align
+from mee_bench.engine.decoding import EarlyExitGenerator
+from mee_bench.engine.measures import MEASURES, ExitMeasure
+from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.runner import build_runner
+from tests.helpers import CAUSAL_FAMILIES, tiny_causal_model
+
+MAX_NEW = 12
+VOCAB = 512
+EOS = 1
+
+
+def padded_batch(lengths: list[int], side: str = "left", seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        span = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[row, span] = torch.randint(3, VOCAB, (n,), generator=generator)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def cut_at_eos(row: list[int]) -> list[int]:
+    return row[: row.index(EOS) + 1] if EOS in row else row
+
+
+def hf_greedy(model, ids, mask, max_new_tokens=MAX_NEW) -> list[list[int]]:
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=0
+    )
+    return [cut_at_eos(row) for row in out[:, ids.shape[1] :].tolist()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lengths", [[9], [9, 5, 7, 3]], ids=["batch1", "batch4"])
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
+def test_full_policy_matches_model_generate(family, lengths, dtype):
+    model = tiny_causal_model(family, dtype=dtype)
+    ids, mask = padded_batch(lengths)
+    out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    assert out.tokens == hf_greedy(model, ids, mask)
+    assert all(layer == 4 for row in out.exit_layers for layer in row)
+    assert len(set(out.tokens[0])) > 2, "the test model must produce varied tokens for the comparison to mean anything"
+
+
+def test_right_padded_prompts_decode_as_left_padded_ones():
+    model = tiny_causal_model("llama", seed=1)
+    ids, mask = padded_batch([9, 4, 6], side="right")
+    generator = EarlyExitGenerator(model)
+    right = generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    assert right.tokens == generator.generate(*left_align(ids, mask), ExitPolicy("full"), MAX_NEW).tokens
+    assert right.tokens == hf_greedy(model, *left_align(ids, mask))
+
+
+def test_a_one_token_prompt_needs_no_prefill():
+    model = tiny_causal_model("qwen2", seed=2)
+    ids = torch.tensor([[17]])
+    out = EarlyExitGenerator(model).generate(ids, None, ExitPolicy("full"), MAX_NEW)
+    assert out.tokens == hf_greedy(model, ids, torch.ones_like(ids))
+
+
+class StepSchedule(ExitMeasure):
+    """Test measure: token number s exits at layer SCHEDULE[s % len] (0 = full depth)."""
+
+    name = "causal_step_schedule"
+    schedule = (2, 0, 1, 3, 0, 2, 2, 0, 1, 1)
+
+    def __init__(self):
+        super().__init__()
+        self.step_index = -1
+
+    def start(self, embedding, first_check_layer):
+        super().start(embedding, first_check_layer)
+        self.step_index += 1
+
+    def step(self, layer, hidden, logits):
+        target = self.schedule[self.step_index % len(self.schedule)]
+        return torch.full((hidden.shape[0],), float(layer == target))
+
+
+@pytest.fixture
+def step_schedule(monkeypatch):
+    monkeypatch.setitem(MEASURES, StepSchedule.name, StepSchedule)
+    return ExitPolicy(StepSchedule.name, threshold=0.5, min_exit_layer=1)
+
+
+def scheduled_layer(step: int, num_layers: int) -> int:
+    return StepSchedule.schedule[step % len(StepSchedule.schedule)] or num_layers
+
+
+class HFLayers:
+    """One row's forward through the model's own modules over a whole sequence, layer by layer."""
+
+    def __init__(self, model):
+        self.model = model
+        self.gpt2 = model.config.model_type == "gpt2"
+        self.layers = model.transformer.h if self.gpt2 else model.model.layers
+
+    def embed(self, tokens: list[int]) -> torch.Tensor:
+        ids = torch.tensor([tokens])
+        if self.gpt2:
+            return self.model.transformer.wte(ids) + self.model.transformer.wpe(torch.arange(len(tokens))[None])
+        return self.model.model.embed_tokens(ids)
+
+    def layer(self, index: int, sequence: torch.Tensor) -> torch.Tensor:
+        length = sequence.shape[1]
+        query, key = torch.arange(length)[:, None], torch.arange(length)[None]
+        window = getattr(self.model.config, "sliding_window", None) or length
+        mask = ((key <= query) & (key > query - window))[None, None]
+        if self.gpt2:
+            out = self.layers[index](sequence, attention_mask=mask)
+        else:
+            rotary = self.model.model.rotary_emb(sequence, torch.arange(length)[None])
+            out = self.layers[index](sequence, attention_mask=mask, position_embeddings=rotary)
+        return out[0] if isinstance(out, tuple) else out
+
+    def token(self, state: torch.Tensor) -> int:
+        norm = self.model.transformer.ln_f if self.gpt2 else self.model.model.norm
+        return int(self.model.lm_head(norm(state)).argmax())
+
+
+def layer_states(hf: HFLayers, tokens: list[int], exits: list[int]) -> list[torch.Tensor]:
+    """Inputs of every layer (then the last output) at every position, [P, d] each, when position p
+    runs layers 1..exits[p] and hands its exit state on to every deeper layer (what copying K/V
+    projected from the exit state amounts to). Recomputed from scratch: causal, so it equals the
+    incremental computation."""
+    states = [hf.embed(tokens)[0]]
+    for j in range(len(hf.layers)):
+        out = hf.layer(j, states[j][None])[0]
+        runs = torch.tensor([j < e for e in exits])[:, None]
+        states.append(torch.where(runs, out, states[j]))
+    return states
+
+
+def reference_decode(model, prompt: list[int], max_new_tokens: int, strategy: str) -> list[int]:
+    """Slow reference, one row. copy: skipped layers of an exited position see its exit state.
+    deferred: every earlier position's deep states are the full model's (the catch-up ran them
+    before anything attends to them), so token t is layer e_t's state in a full forward."""
+    hf = HFLayers(model)
+    num_layers = len(hf.layers)
+    generated: list[int] = []
+    for step in range(max_new_tokens):
+        scheduled = [scheduled_layer(s, num_layers) for s in range(step + 1)]
+        if strategy == "deferred":
+            scheduled = [num_layers] * step + scheduled[-1:]
+        exits = [num_layers] * (len(prompt) - 1) + scheduled
+        states = layer_states(hf, prompt + generated, exits)
+        generated.append(hf.token(states[exits[-1]][-1]))
+        if generated[-1] == EOS:
+            break
+    return generated
+
+
+@pytest.mark.parametrize("strategy", ["copy", "deferred"])
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
+def test_scheduled_exits_match_slow_reference(step_schedule, family, strategy):
+    model = tiny_causal_model(family, seed=4)
+    ids, _ = padded_batch([8], seed=5)
+    policy = ExitPolicy(StepSchedule.name, threshold=0.5, min_exit_layer=1, kv_strategy=strategy)
+    out = EarlyExitGenerator(model).generate(ids, None, policy, MAX_NEW)
+    with torch.no_grad():
+        expected = reference_decode(model, ids[0].tolist(), MAX_NEW, strategy)
+    assert out.tokens[0] == expected
+    assert out.exit_layers[0] == [scheduled_layer(s, 4) for s in range(len(expected))]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_copy_and_deferred_differ_when_deep_tokens_follow_exits(step_schedule, family):
+    """Guards the references above: the two strategies really take different paths."""
+    model = tiny_causal_model(family, seed=4)
+    ids, _ = padded_batch([8], seed=5)
+    runs = {
+        strategy: EarlyExitGenerator(model).generate(
+            ids, None, ExitPolicy(StepSchedule.name, threshold=0.5, min_exit_layer=1, kv_strategy=strategy), 24
+        ).tokens[0]
+        for strategy in ("copy", "deferred")
+    }
+    assert runs["copy"] != runs["deferred"]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
+def test_catch_up_block_equals_sequential_layers(family):
+    """One parallel catch-up call over several positions per row computes what running them one
+    by one does: explicit causal mask, left padding and rotary positions included."""
+    torch.manual_seed(0)
+    model = tiny_causal_model(family, seed=6)
+    runner = build_runner(model)
+    ids, mask = padded_batch([6, 4])
+    with torch.no_grad():
+        (sequential, _), (parallel, _) = runner.start(ids, mask, 8), runner.start(ids, mask, 8)
+        hidden = torch.randn(2, 5, 32)
+        one_by_one = torch.cat([runner.layer(1, hidden[:, p : p + 1], sequential, None, p, p) for p in range(5)], dim=1)
+        block = runner.layer(1, hidden, parallel, None, torch.arange(5).expand(2, 5), 4)
+    torch.testing.assert_close(block, one_by_one, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(parallel.keys[1], sequential.keys[1])
+
+
+@pytest.mark.parametrize("lengths", [[9, 4, 7, 6], [7, 7, 7, 7]], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("strategy", ["copy", "deferred"])
+@pytest.mark.parametrize("family", ["mistral", "gpt2"])
+def test_per_row_exits_in_a_batch_equal_batch_of_one(family, strategy, lengths):
+    """Unpadded rows attend with no mask at all (sdpa's fast path); padded ones through the explicit mask."""
+    model = tiny_causal_model(family, seed=7)
+    ids, mask = padded_batch(lengths, seed=8)
+    policy = ExitPolicy("softmax", threshold=0.01, min_exit_layer=1, kv_strategy=strategy)
+    generator = EarlyExitGenerator(model)
+    batched = generator.generate(ids, mask, policy, MAX_NEW)
+    layers = [layer for row in batched.exit_layers for layer in row]
+    assert 1 <= min(layers) and max(layers) == 4 and len(set(layers)) > 1, "the policy must exit at mixed layers"
+    for row in range(4):
+        alone = generator.generate(ids[row : row + 1, mask[row].bool()], None, policy, MAX_NEW)
+        assert batched.tokens[row] == alone.tokens[0]
+        assert batched.exit_layers[row] == alone.exit_layers[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_all_layer_states_are_the_models_own_hidden_states(family):
+    """Teacher-forced states at the generation steps: the prompt's last token stands for step 0."""
+    model = tiny_causal_model(family, seed=9)
+    runner = build_runner(model)
+    ids, mask = padded_batch([7, 4], seed=3)
+    targets = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    decoder_input_ids = torch.cat([torch.zeros(2, 1, dtype=torch.long), targets[:, :-1]], dim=1)
+    with torch.no_grad():
+        states = runner.all_layer_states(ids, mask, decoder_input_ids)
+        for row in range(2):
+            sequence = torch.cat([ids[row, mask[row].bool()], targets[row, :-1]])[None]
+            hidden = model(sequence, output_hidden_states=True).hidden_states
+            for layer in range(1, runner.num_layers):
+                torch.testing.assert_close(states[layer][row], hidden[layer][0, -3:], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                runner.logits(states[-1][row]), model(sequence).logits[0, -3:], rtol=1e-4, atol=1e-4
+            )
