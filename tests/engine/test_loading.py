@@ -99,7 +99,7 @@ def test_a_decoder_only_checkpoint_without_safetensors_is_refused_with_the_fix(t
 def test_heads_of_another_model_are_refused_for_a_decoder_only_model(tmp_path, tiny_llama_dir, heads, metadata, message):
     heads.save(tmp_path, metadata=metadata)
     with pytest.raises(ModelLoadError, match=message):
-        load_generator(tiny_llama_dir, heads=tmp_path)
+        load_generator(tiny_llama_dir, heads=tmp_path, require_heads=True)
 
 
 @pytest.mark.parametrize(
