@@ -45,8 +45,11 @@ class ExitPolicy:
             raise ValueError(f"min_exit_layer={self.min_exit_layer!r} must be an integer >= 1")
         if self.tau <= 0:
             raise ValueError(f"tau={self.tau!r} must be > 0")
-        if not isinstance(self.vocab_top_k, int) or self.vocab_top_k < 0:
-            raise ValueError(f"vocab_top_k={self.vocab_top_k!r} must be an integer >= 0 (0 = full-vocabulary checks)")
+        if not isinstance(self.vocab_top_k, int) or self.vocab_top_k < 0 or self.vocab_top_k == 1:
+            raise ValueError(
+                f"vocab_top_k={self.vocab_top_k!r} must be 0 (full-vocabulary checks) or an integer >= 2 "
+                "(a confidence compares the top two tokens)"
+            )
         if self.vocab_top_k and not cls.vocab_prunable:
             prunable = ", ".join(sorted(name for name, c in MEASURES.items() if c.vocab_prunable))
             raise ValueError(
