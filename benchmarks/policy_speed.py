@@ -1,12 +1,16 @@
-"""Speed of real exit policies on the embedded default model and real sentences, side by side.
+"""Speed of real exit policies on the embedded default model and real sentences, at batch 1, 4 and 16.
 
 A sweep times each trial once, so its speedups also carry the machine's drift between trials
 (about +-10% on a 2-core machine). Here every policy decodes the same held-out Tatoeba
-sentences one at a time (batch 1, the paper's setting) with the model's own exit heads, and
-the repetitions are interleaved, so drift hits all policies alike. Reported per policy: the
-median decoder ms/token over repetitions, the speedup over `full` and the average exit layer.
+sentences with the model's own exit heads, in blocks of `max(batch, 4)` sentences, and each
+block is timed back to back with `full` on the same block, alternating which goes first
+(`mee_bench.engine.timing.PairedBlocks`): the speedup is the median of the block ratios with
+a 95% bootstrap interval. Reported per policy and batch size: the speedup interval, the
+candidate's decoder ms/token, the average exit layer, decoder layers computed per token,
+whether its output equals `full`'s on every sentence (`identical_to_full`), and for
+self-speculative policies the acceptance rate and mean accepted draft length.
 
-    python benchmarks/policy_speed.py [--quick] [--sentences 40] [--repeats 5] [--threads 1]
+    python benchmarks/policy_speed.py [--quick] [--sentences 48] [--batches 1 4 16] [--threads 1]
 
 Writes results/bench/policy_speed.json.
 """
@@ -16,32 +20,44 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
+from functools import reduce
 from itertools import islice
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
+from mee_bench.engine.decoding import EarlyExitGenerator, GenerationOutput
+from mee_bench.engine.loading import load_generator
+from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.timing import LoadMonitor, PairedBlocks
 from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.harness.data import local_split_path, read_jsonl
-
-from mee_bench.paths import DATA_DIR_ENV
-from mee_bench.engine.decoding import EarlyExitGenerator
-from mee_bench.engine.loading import load_generator
-from mee_bench.paths import DEFAULT_MODEL_DIR
-from mee_bench.engine.policy import ExitPolicy
+from mee_bench.paths import DATA_DIR_ENV, DEFAULT_MODEL_DIR
 
 REPO = Path(__file__).resolve().parent.parent
+MAX_NEW_TOKENS = 64
 POLICIES = {
-    "full": ExitPolicy("full"),
     "fixed, layer 2": ExitPolicy("fixed", min_exit_layer=2),
     "lstm 0.5, from 2": ExitPolicy("lstm", threshold=0.5, min_exit_layer=2),
     "lstm 0.9, from 4": ExitPolicy("lstm", threshold=0.9, min_exit_layer=4),
     "saturation 0.95, from 4": ExitPolicy("saturation", threshold=0.95, min_exit_layer=4),
     "softmax 0.5, from 2": ExitPolicy("softmax", threshold=0.5, min_exit_layer=2),
+    "softmax 0.5, from 2, top-64": ExitPolicy("softmax", threshold=0.5, min_exit_layer=2, vocab_top_k=64),
     "monotonic_heuristic 0.9, from 4": ExitPolicy("monotonic_heuristic", threshold=0.9, min_exit_layer=4),
+    "monotonic_heuristic 0.9, from 4, top-64": ExitPolicy(
+        "monotonic_heuristic", threshold=0.9, min_exit_layer=4, vocab_top_k=64
+    ),
+    "self_speculative, draft 2 layers x 1": ExitPolicy(
+        "fixed", min_exit_layer=2, decoding="self_speculative", max_draft=1
+    ),
+    "self_speculative, draft 4 layers x 2": ExitPolicy(
+        "fixed", min_exit_layer=4, decoding="self_speculative", max_draft=2
+    ),
+    "self_speculative, draft 2 layers while lstm >= 0.5 (max 4)": ExitPolicy(
+        "lstm", threshold=0.5, min_exit_layer=2, decoding="self_speculative", max_draft=4
+    ),
 }
 
 
@@ -55,59 +71,92 @@ def tatoeba_prompts(count: int) -> list[str]:
     return list(islice(distinct, count))
 
 
-def decode_all(generator: EarlyExitGenerator, inputs: list[torch.Tensor], policy: ExitPolicy) -> tuple[float, int, list[int]]:
-    """Decoder seconds, tokens and exit layers of every sentence decoded alone."""
-    seconds, tokens, layers = 0.0, 0, []
-    for ids in inputs:
-        out = generator.generate(ids, None, policy, max_new_tokens=64)
-        seconds += out.stats.decoder_s
-        tokens += out.stats.tokens
-        layers += out.exit_layers[0]
-    return seconds, tokens, layers
+def decode_block(generator: EarlyExitGenerator, block: list[tuple[torch.Tensor, torch.Tensor]], policy: ExitPolicy) -> list[GenerationOutput]:
+    return [generator.generate(ids, mask, policy, MAX_NEW_TOKENS) for ids, mask in block]
+
+
+def batches_of(generator: EarlyExitGenerator, prompts: list[str], batch: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Timing blocks of `max(batch, 4)` prompts, each a list of tokenized batches of `batch` prompts."""
+    per_block = max(batch, 4)
+    blocks = []
+    for start in range(0, len(prompts) - per_block + 1, per_block):
+        chunk = prompts[start : start + per_block]
+        blocks.append([generator.tokenize(chunk[i : i + batch]) for i in range(0, per_block, batch)])
+    return blocks
+
+
+def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blocks: list, full_tokens: list,
+               target_half_width: float, allowance_s: float) -> dict:
+    paired = PairedBlocks(
+        lambda block: decode_block(generator, block, ExitPolicy("full")),
+        lambda block: decode_block(generator, block, policy),
+        target_half_width=target_half_width, allowance_s=allowance_s, min_blocks=max(6, len(blocks)),
+    )
+    outputs = [out for block in blocks for out in paired.run(block)]
+    speedup = paired.speedup()
+    stats = reduce(lambda a, b: a.merge(b), (out.stats for out in outputs))
+    tokens = [row for out in outputs for row in out.tokens]
+    timed = len(blocks)
+    return {
+        "policy": name,
+        "speedup_vs_full": speedup.format(),
+        "verdict": speedup.verdict,
+        "ms_per_token": 1e3 * sum(paired.timer.candidate_s[:timed]) / stats.tokens,
+        "avg_exit_layer": stats.avg_exit_layer,
+        "layers_per_token": stats.layers_per_token,
+        "identical_to_full": tokens == full_tokens,
+        "acceptance_rate": stats.acceptance_rate,
+        "mean_accepted_draft": stats.mean_accepted_draft,
+        "speedup": speedup.as_dict(),
+        "policy_settings": policy.as_dict(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8 sentences, 2 repetitions (a smoke run)")
-    parser.add_argument("--sentences", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="16 sentences, batch 1 and 4, loose intervals (a smoke run)")
+    parser.add_argument("--sentences", type=int, default=48)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--target-half-width", type=float, default=0.05, help="relative; timing stops when reached")
+    parser.add_argument("--allowance", type=float, default=20.0, help="seconds of extra timing per policy and batch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the sweep gives each trial 1)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "policy_speed.json")
     args = parser.parse_args(argv)
-    sentences, repeats = (8, 2) if args.quick else (args.sentences, args.repeats)
+    sentences, batches, allowance = (16, [1, 4], 0.0) if args.quick else (args.sentences, args.batches, args.allowance)
     torch.set_num_threads(args.threads)
 
     generator = load_generator(DEFAULT_MODEL_DIR, require_heads=True)
-    inputs = [generator.tokenize([prompt])[0] for prompt in tatoeba_prompts(sentences)]
-    for policy in POLICIES.values():
-        decode_all(generator, inputs[:2], policy)  # warm-up
-
-    ms_per_token: dict[str, list[float]] = {name: [] for name in POLICIES}
-    exit_layers: dict[str, list[int]] = {}
-    for _ in range(repeats):
-        for name, policy in POLICIES.items():
-            seconds, tokens, layers = decode_all(generator, inputs, policy)
-            ms_per_token[name].append(1000 * seconds / tokens)
-            exit_layers[name] = layers
-    full = statistics.median(ms_per_token["full"])
-    rows = [
-        {
-            "policy": name,
-            "ms_per_token": statistics.median(samples),
-            "speedup_vs_full": full / statistics.median(samples),
-            "slowest_to_fastest": max(samples) / min(samples),
-            "avg_exit_layer": statistics.fmean(exit_layers[name]),
-        }
-        for name, samples in ms_per_token.items()
-    ]
-    print(tabulate(rows, headers="keys", floatfmt=".3f"))
+    prompts = tatoeba_prompts(sentences)
+    results = []
+    with LoadMonitor(threads=args.threads) as load:
+        for batch in batches:
+            blocks = batches_of(generator, prompts, batch)
+            full_outputs = [out for block in blocks for out in decode_block(generator, block, ExitPolicy("full"))]
+            full_tokens = [row for out in full_outputs for row in out.tokens]
+            full_stats = reduce(lambda a, b: a.merge(b), (out.stats for out in full_outputs))
+            rows = [{"policy": "full", "speedup_vs_full": "1 (baseline)", "verdict": "baseline",
+                     "ms_per_token": 1e3 * full_stats.decoder_s / full_stats.tokens, "avg_exit_layer": full_stats.avg_exit_layer,
+                     "layers_per_token": full_stats.layers_per_token, "identical_to_full": True, "acceptance_rate": None,
+                     "mean_accepted_draft": None, "speedup": None, "policy_settings": ExitPolicy("full").as_dict()}]
+            for name, policy in POLICIES.items():
+                decode_block(generator, blocks[0][:1], policy)  # warm-up
+                rows.append(policy_row(name, policy, generator, blocks, full_tokens, args.target_half_width, allowance))
+                print(f"batch {batch}: {name} done", file=sys.stderr)
+            print(f"\nbatch {batch}")
+            shown = ("policy", "speedup_vs_full", "ms_per_token", "avg_exit_layer", "layers_per_token", "identical_to_full",
+                     "acceptance_rate", "mean_accepted_draft")
+            print(tabulate([[row[k] for k in shown] for row in rows], headers=shown, floatfmt=".2f"))
+            results.append({"batch": batch, "policies": rows})
 
     result = {
-        "policies": rows,
+        "batches": results,
+        "load": load.report(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
         "settings": {"model": DEFAULT_MODEL_DIR.name, "task": TATOEBA_ENFR.name, "sentences": sentences,
-                     "repeats": repeats, "batch": 1, "max_new_tokens": 64, "dtype": "float32"},
+                     "timing": "paired blocks with full, median ratio, 95% bootstrap interval",
+                     "target_half_width": args.target_half_width, "allowance_s": allowance,
+                     "max_new_tokens": MAX_NEW_TOKENS, "dtype": "float32"},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -93,23 +93,33 @@ def self_speculative_generate(
             can_propose = [offset < room[s] for s in drafting]
             if not any(can_propose):
                 break
-            logits = runner.logits(hidden)
-            drafted = logits[:, -1].argmax(-1)
-            score = measure.step(draft_depth, hidden, lambda: logits)
+            memo: list[Tensor] = []
+
+            def draft_logits(states: Tensor = hidden) -> Tensor:
+                if not memo:
+                    memo.append(runner.logits(states))
+                return memo[0]
+
+            score = measure.step(draft_depth, hidden, draft_logits)
             threshold = [policy.threshold_at(lengths[s] + offset, max_new_tokens) for s in drafting]
             confident = (score >= torch.tensor(threshold, device=device)).tolist()
+            proposing = [i for i in range(len(drafting)) if can_propose[i] and confident[i]]
+            if not proposing:
+                break
+            # the draft head only for the rows that propose (unless the measure read it already)
+            everyone = len(proposing) == len(drafting)
+            chosen = slice(None) if everyone else torch.tensor(proposing, device=device)
+            drafted = (memo[0][chosen] if memo else runner.logits(hidden[chosen]))[:, -1].argmax(-1)
             still_drafting, kept = [], []
-            for i, (s, token) in enumerate(zip(drafting, drafted.tolist())):
-                if not (can_propose[i] and confident[i]):
-                    continue
-                proposals[s].append(token)
+            for j, (i, token) in enumerate(zip(proposing, drafted.tolist())):
+                proposals[drafting[i]].append(token)
                 if token != runner.eos_token_id:
-                    still_drafting.append(s)
-                    kept.append(i)
+                    still_drafting.append(drafting[i])
+                    kept.append(j)
             if not still_drafting:
                 break
+            inputs = drafted if len(kept) == len(drafted) else drafted[torch.tensor(kept, device=device)]
             drafting = still_drafting
-            inputs = drafted[torch.tensor(kept, device=device)]
 
         predicted = _verify(runner, cache, alive, lengths, verified, draft_states, draft_depth, batch)
         counts.layer_positions += (num_layers - draft_depth) * sum(verified)
