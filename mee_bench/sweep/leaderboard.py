@@ -50,6 +50,13 @@ class Row:
     energy_wh: float | None
     co2_g: float | None
     power: str
+    options: str = ""  # policy options that change how the measure runs, as a label suffix
+
+
+def policy_options(record: dict) -> str:
+    """A suffix for the measure's label naming the policy options that are on (vocabulary-pruned checks)."""
+    top_k = record.get("config", {}).get("policy", {}).get("vocab_top_k")
+    return f", top-{top_k} checks" if top_k else ""
 
 
 @dataclass
@@ -143,6 +150,7 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
         energy_wh=None if kwh is None else 1e3 * kwh,
         co2_g=None if kg is None else 1e3 * kg,
         power=energy.get("power_source", "unknown"),
+        options=policy_options(record),
     )
 
 
@@ -158,7 +166,7 @@ def task_table(board: TaskBoard) -> tuple[list[str], list[list[str]]]:
               "avg exit layer", "speedup vs full", "ms/token", "energy (Wh)", "CO2 (g)", "power"]
     rows = []
     for row in board.rows:
-        measure = f"{row.measure} (analysis only)" if row.analysis_only else row.measure
+        measure = f"{row.measure} (analysis only)" if row.analysis_only else row.measure + row.options
         rows.append([
             measure,
             significant(row.threshold),
@@ -209,7 +217,7 @@ def summary_table(rows: list[SummaryRow], boards: list[TaskBoard]) -> tuple[list
             table.append([item.task, item.measure, "none", "none", "none", "none", "none", "none"])
             continue
         table.append([
-            item.task, item.measure, significant(best.threshold),
+            item.task, item.measure + best.options, significant(best.threshold),
             MISSING if best.min_exit_layer is None else str(best.min_exit_layer),
             f"{fixed(best.quality)} {metrics[item.task]}", f"{best.delta:+.2f}", _speedup(best), fixed(best.avg_exit_layer),
         ])

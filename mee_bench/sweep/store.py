@@ -68,6 +68,8 @@ def result_settings(config: SweepConfig) -> dict:
         "model": dataclasses.asdict(config.model),
         "model_fingerprint": model_fingerprint(config.model.pretrained, config.model.heads),
         **{k: getattr(config, k) for k in ("threshold_schedule", "kv_strategy", "limit", "batch_size", "max_gen_toks", "seed")},
+        # only when on, so that the ids of sweeps from before pruned checks existed stay the same
+        **({"vocab_top_k": config.vocab_top_k} if config.vocab_top_k else {}),
         "carbon": dataclasses.asdict(config.carbon),
     }
 

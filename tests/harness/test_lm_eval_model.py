@@ -223,3 +223,15 @@ def test_simple_evaluate_with_a_loaded_model_reports_efficiency_per_task(lm):
     assert attach_efficiency(results, lm)["mee"] == report
     table = efficiency_table(results["mee"])
     assert "tatoeba_enfr_mee" in table and "Avg exit layer" in table and f"4:{figures['tokens']}" in table
+
+
+def test_model_args_reach_self_speculation_and_pruned_checks(tiny_model_dir, lm):
+    requests = [generation_request(p, index=i) for i, p in enumerate(PROMPTS[:3])]
+    lm.set_policy(FULL)
+    full = lm.generate_until(requests, disable_tqdm=True)
+    speculative = MEELM(pretrained=str(tiny_model_dir), measure="fixed", min_exit_layer=2, decoding="self_speculative",
+                        max_draft=3, batch_size=2, device="cpu")
+    assert speculative.generate_until(requests, disable_tqdm=True) == full
+    assert speculative.efficiency_report()["task_a"]["acceptance_rate"] is not None
+    pruned = MEELM(pretrained=str(tiny_model_dir), measure="softmax", vocab_top_k=16, batch_size=2, device="cpu")
+    assert pruned.get_model_info()["mee_policy"]["vocab_top_k"] == 16

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from mee_bench.engine.measures import MEASURES
-from mee_bench.sweep.leaderboard import build_leaderboard, cli, pareto_front, summary, task_boards
+from mee_bench.sweep.leaderboard import build_leaderboard, cli, pareto_front, summary, task_boards, task_table
 from tests.helpers import REPO
 
 HARDWARE = {"cpu_model": "Test CPU", "cpu_count": 2, "torch_threads": 1, "gpu": None}
@@ -180,3 +180,11 @@ def test_readme_block_is_filled_from_the_leaderboard_and_refilled_in_place(tmp_p
     assert readme.read_text() == text
     readme.write_text("no markers\n")
     assert cli([str(sweep), "--readme", str(readme)]) == 2
+
+
+def test_pruned_checks_are_stated_in_the_measure_label():
+    pruned = record("tatoeba_enfr_mee", "softmax", 0.7, 2, 19.0, 4.0, 2.5)
+    pruned["config"]["policy"] = {"measure": "softmax", "vocab_top_k": 64}
+    [board] = task_boards([RECORDS[0], RECORDS[1], pruned])
+    labels = [cells[0] for cells in task_table(board)[1]]
+    assert "softmax, top-64 checks" in labels and "softmax" in labels  # the unpruned row keeps its plain label
