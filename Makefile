@@ -43,7 +43,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/decode_speed.py
-	$(BIN)/python benchmarks/policy_speed.py
+	$(BIN)/python benchmarks/policy_speed.py --readme README.md
+	$(BIN)/python benchmarks/pruned_checks.py
+	$(BIN)/python benchmarks/token_profile.py
 
 # Maintainers: rebuild the embedded default model from nothing with the project's own recipe
 # (about 3 hours on 2 CPU cores; every stage resumes from its last checkpoint if interrupted):

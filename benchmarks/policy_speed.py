@@ -4,15 +4,18 @@ A sweep times each trial once, so its speedups also carry the machine's drift be
 (about +-10% on a 2-core machine). Here every policy decodes the same held-out Tatoeba
 sentences with the model's own exit heads, in blocks of `max(batch, 4)` sentences, and each
 block is timed back to back with `full` on the same block, alternating which goes first
-(`mee_bench.engine.timing.PairedBlocks`): the speedup is the median of the block ratios with
-a 95% bootstrap interval. Reported per policy and batch size: the speedup interval, the
+(`mee_bench.engine.timing.PairedBlocks`): the speedup is the median of the blocks' ratios of
+ms per generated token (a policy that changes the output also changes how many tokens a
+block decodes) with a 95% bootstrap interval. Reported per policy and batch size: the speedup interval, the
 candidate's decoder ms/token, the average exit layer, decoder layers computed per token,
 whether its output equals `full`'s on every sentence (`identical_to_full`), and for
 self-speculative policies the acceptance rate and mean accepted draft length.
 
-    python benchmarks/policy_speed.py [--quick] [--sentences 48] [--batches 1 4 16] [--threads 1]
+    python benchmarks/policy_speed.py [--quick] [--sentences 48] [--batches 1 4 16] [--threads 1] [--readme README.md]
+    python benchmarks/policy_speed.py --from-json --readme README.md   # refill the README table only
 
-Writes results/bench/policy_speed.json.
+Writes results/bench/policy_speed.json; with --readme, the table between the README's
+`policy-speed` markers.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 from functools import reduce
 from itertools import islice
@@ -31,13 +35,14 @@ from tabulate import tabulate
 from mee_bench.engine.decoding import EarlyExitGenerator, GenerationOutput
 from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.engine.timing import LoadMonitor, PairedBlocks
+from mee_bench.engine.timing import LoadMonitor, PairedBlocks, speedup_interval
 from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.harness.data import local_split_path, read_jsonl
 from mee_bench.paths import DATA_DIR_ENV, DEFAULT_MODEL_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_NEW_TOKENS = 64
+README_START, README_END = "<!-- policy-speed:start -->", "<!-- policy-speed:end -->"
 POLICIES = {
     "fixed, layer 2": ExitPolicy("fixed", min_exit_layer=2),
     "lstm 0.5, from 2": ExitPolicy("lstm", threshold=0.5, min_exit_layer=2),
@@ -85,7 +90,16 @@ def batches_of(generator: EarlyExitGenerator, prompts: list[str], batch: int) ->
     return blocks
 
 
-def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blocks: list, full_tokens: list,
+def block_tokens(outputs: list[GenerationOutput], blocks: list) -> list[int]:
+    """Tokens generated in each block, from the block's outputs in order."""
+    counts, index = [], 0
+    for block in blocks:
+        counts.append(sum(out.stats.tokens for out in outputs[index : index + len(block)]))
+        index += len(block)
+    return counts
+
+
+def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blocks: list, full_outputs: list,
                target_half_width: float, allowance_s: float) -> dict:
     paired = PairedBlocks(
         lambda block: decode_block(generator, block, ExitPolicy("full")),
@@ -93,10 +107,17 @@ def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blo
         target_half_width=target_half_width, allowance_s=allowance_s, min_blocks=max(6, len(blocks)),
     )
     outputs = [out for block in blocks for out in paired.run(block)]
-    speedup = paired.speedup()
+    paired.speedup()  # more rounds over the same blocks (in order) until precise or out of time
+    full_tokens, tokens_per_block = block_tokens(full_outputs, blocks), block_tokens(outputs, blocks)
+    per_token = [
+        [seconds / counts[i % len(blocks)] for i, seconds in enumerate(times)]
+        for times, counts in ((paired.timer.baseline_s, full_tokens), (paired.timer.candidate_s, tokens_per_block))
+    ]
+    speedup = speedup_interval(*per_token, target_half_width=target_half_width)
     stats = reduce(lambda a, b: a.merge(b), (out.stats for out in outputs))
     tokens = [row for out in outputs for row in out.tokens]
     timed = len(blocks)
+    full_rows = [row for out in full_outputs for row in out.tokens]
     return {
         "policy": name,
         "speedup_vs_full": speedup.format(),
@@ -104,12 +125,48 @@ def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blo
         "ms_per_token": 1e3 * sum(paired.timer.candidate_s[:timed]) / stats.tokens,
         "avg_exit_layer": stats.avg_exit_layer,
         "layers_per_token": stats.layers_per_token,
-        "identical_to_full": tokens == full_tokens,
+        "identical_to_full": tokens == full_rows,
         "acceptance_rate": stats.acceptance_rate,
         "mean_accepted_draft": stats.mean_accepted_draft,
         "speedup": speedup.as_dict(),
         "policy_settings": policy.as_dict(),
     }
+
+
+def readme_table(result: dict) -> str:
+    """The README's speed table: one row per policy, one speedup column per batch size."""
+    batches = [entry["batch"] for entry in result["batches"]]
+    by_policy: dict[str, dict[int, dict]] = {}
+    for entry in result["batches"]:
+        for row in entry["policies"]:
+            by_policy.setdefault(row["policy"], {})[entry["batch"]] = row
+
+    def figure(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    header = ["policy", *(f"speedup, batch {b}" for b in batches), "layers/token", "identical to full",
+              "acceptance", "accepted drafts/round"]
+    rows = []
+    for name, per_batch in by_policy.items():
+        first = per_batch[batches[0]]
+        rows.append([f"`{name}`", *(per_batch[b]["speedup_vs_full"] for b in batches), figure(first["layers_per_token"]),
+                     "yes" if all(r["identical_to_full"] for r in per_batch.values()) else "no",
+                     figure(first["acceptance_rate"]), figure(first["mean_accepted_draft"])])
+    settings = result["settings"]
+    note = (f"<!-- generated by `python benchmarks/policy_speed.py --from-json --readme README.md` from "
+            f"results/bench/policy_speed.json; do not edit by hand -->\n\n"
+            f"{settings['sentences']} Tatoeba sentences, `{settings['model']}`, {settings['dtype']}, "
+            f"{result['machine']['threads']} torch thread; speedup = median of paired block ratios against `full` "
+            f"[95% interval]; layers/token and the speculation figures at batch {batches[0]}.\n\n")
+    return note + tabulate(rows, headers=header, tablefmt="github")
+
+
+def fill_readme(path: Path, table: str) -> None:
+    text = path.read_text()
+    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.DOTALL)
+    if not pattern.search(text):
+        raise SystemExit(f"{path} has no {README_START} ... {README_END} block; add the two markers where the table goes")
+    path.write_text(pattern.sub(lambda _: f"{README_START}\n{table}\n{README_END}", text))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allowance", type=float, default=20.0, help="seconds of extra timing per policy and batch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the sweep gives each trial 1)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "policy_speed.json")
+    parser.add_argument("--readme", type=Path, default=None, help="refill this README's policy-speed table")
+    parser.add_argument("--from-json", action="store_true", help="do not time anything: read --out and refill --readme")
     args = parser.parse_args(argv)
+    if args.from_json:
+        if args.readme is None:
+            raise SystemExit("--from-json only refills a README: pass --readme README.md")
+        fill_readme(args.readme, readme_table(json.loads(args.out.read_text())))
+        print(f"-> {args.readme}")
+        return 0
     sentences, batches, allowance = (16, [1, 4], 0.0) if args.quick else (args.sentences, args.batches, args.allowance)
     torch.set_num_threads(args.threads)
 
@@ -132,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             blocks = batches_of(generator, prompts, batch)
             full_outputs = [out for block in blocks for out in decode_block(generator, block, ExitPolicy("full"))]
-            full_tokens = [row for out in full_outputs for row in out.tokens]
             full_stats = reduce(lambda a, b: a.merge(b), (out.stats for out in full_outputs))
             rows = [{"policy": "full", "speedup_vs_full": "1 (baseline)", "verdict": "baseline",
                      "ms_per_token": 1e3 * full_stats.decoder_s / full_stats.tokens, "avg_exit_layer": full_stats.avg_exit_layer,
@@ -140,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                      "mean_accepted_draft": None, "speedup": None, "policy_settings": ExitPolicy("full").as_dict()}]
             for name, policy in POLICIES.items():
                 decode_block(generator, blocks[0][:1], policy)  # warm-up
-                rows.append(policy_row(name, policy, generator, blocks, full_tokens, args.target_half_width, allowance))
+                rows.append(policy_row(name, policy, generator, blocks, full_outputs, args.target_half_width, allowance))
                 print(f"batch {batch}: {name} done", file=sys.stderr)
             print(f"\nbatch {batch}")
             shown = ("policy", "speedup_vs_full", "ms_per_token", "avg_exit_layer", "layers_per_token", "identical_to_full",
@@ -154,13 +218,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
         "settings": {"model": DEFAULT_MODEL_DIR.name, "task": TATOEBA_ENFR.name, "sentences": sentences,
-                     "timing": "paired blocks with full, median ratio, 95% bootstrap interval",
+                     "timing": "paired blocks with full, median ratio of ms/token, 95% bootstrap interval",
                      "target_half_width": args.target_half_width, "allowance_s": allowance,
                      "max_new_tokens": MAX_NEW_TOKENS, "dtype": "float32"},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n-> {args.out}")
+    if args.readme is not None:
+        fill_readme(args.readme, readme_table(result))
+        print(f"-> {args.readme}")
     return 0
 
 
