@@ -7,7 +7,8 @@ block is timed back to back with `full` on the same block, alternating which goe
 (`mee_bench.engine.timing.PairedBlocks`): the speedup is the median of the blocks' ratios of
 ms per generated token (a policy that changes the output also changes how many tokens a
 block decodes) with a 95% bootstrap interval. Reported per policy and batch size: the speedup interval, the
-candidate's decoder ms/token, the average exit layer, decoder layers computed per token,
+candidate's decoder ms/token in its first timed pass (for scale only: `full`'s comes from an
+untimed reference pass, so compare policies by the paired speedup), the average exit layer, decoder layers computed per token,
 whether its output equals `full`'s on every sentence (`identical_to_full`), and for
 self-speculative policies the acceptance rate and mean accepted draft length.
 

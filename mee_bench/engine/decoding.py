@@ -144,7 +144,7 @@ class CheckLogits:
             if self.memo_is_full:
                 self.memo = self.runner.logits(self.hidden)
                 if self.top_k:
-                    self.token_ids = self.memo[:, -1].topk(self.top_k, dim=-1).indices
+                    self.token_ids = self.memo[:, -1].topk(min(self.top_k, self.memo.shape[-1]), dim=-1).indices
             else:
                 self.memo = self.runner.logits_for(self.hidden, self.token_ids)
         return self.memo
