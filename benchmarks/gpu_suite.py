@@ -218,8 +218,7 @@ class Suite:
 
     def policy_speed(self, budget: float) -> dict:
         out = self.out / "policy_speed_gpu.json"
-        sizes = ["--quick", "--batches", "1,4"] if self.dry_run else ["--sentences", "64", "--repeats", "3",
-                                                                       "--batches", "1,16", "--dtype", "bfloat16"]
+        sizes = ["--quick"] if self.dry_run else ["--sentences", "64", "--batches", "1", "16", "--dtype", "bfloat16"]
         self.call("policy_speed", [sys.executable, "benchmarks/policy_speed.py", "--device", self.device, *sizes,
                                    "--out", str(out)], budget)
         return {"outputs": [out.name]}
@@ -309,18 +308,15 @@ def gpu_energy(args: argparse.Namespace) -> int:
     """One evaluation (the lstm policy on 200 Tatoeba sentences, batch 16) with the GPU's energy counted."""
     import torch
 
-    from mee_bench.engine.decoding import EarlyExitGenerator
-    from mee_bench.engine.heads import ExitHeads, find_heads
-    from mee_bench.engine.loading import load_model
+    from mee_bench.engine.loading import load_generator
     from mee_bench.engine.policy import ExitPolicy
     from mee_bench.paths import DEFAULT_MODEL_DIR
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from policy_speed import tatoeba_sentences
+    from policy_speed import tatoeba_prompts
 
-    model, tokenizer = load_model(DEFAULT_MODEL_DIR, "bfloat16", "cuda")
-    generator = EarlyExitGenerator(model, tokenizer, ExitHeads.load(find_heads(DEFAULT_MODEL_DIR, None)))
-    prompts = tatoeba_sentences(200)
+    generator = load_generator(DEFAULT_MODEL_DIR, "bfloat16", "cuda", require_heads=True)
+    prompts = tatoeba_prompts(200)
     policy = ExitPolicy("lstm", threshold=0.5, min_exit_layer=2)
 
     def evaluation() -> int:

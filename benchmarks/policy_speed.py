@@ -1,16 +1,22 @@
-"""Speed of real exit policies on the embedded default model and real sentences, side by side.
+"""Speed of real exit policies on the embedded default model and real sentences, at batch 1, 4 and 16.
 
 A sweep times each trial once, so its speedups also carry the machine's drift between trials
 (about +-10% on a 2-core machine). Here every policy decodes the same held-out Tatoeba
-sentences one at a time (batch 1, the paper's setting) with the model's own exit heads, and
-the repetitions are interleaved, so drift hits all policies alike. Reported per policy: the
-median decoder ms/token over repetitions, the speedup over `full` and the average exit layer.
+sentences with the model's own exit heads, in blocks of `max(batch, 4)` sentences, and each
+block is timed back to back with `full` on the same block, alternating which goes first
+(`mee_bench.timing.PairedBlocks`): the speedup is the median of the blocks' ratios of
+ms per generated token (a policy that changes the output also changes how many tokens a
+block decodes) with a 95% bootstrap interval. Reported per policy and batch size: the speedup interval, the
+candidate's decoder ms/token in its first timed pass (for scale only: `full`'s comes from an
+untimed reference pass, so compare policies by the paired speedup), the average exit layer, decoder layers computed per token,
+whether its output equals `full`'s on every sentence (`identical_to_full`), and for
+self-speculative policies the acceptance rate and mean accepted draft length.
 
-    python benchmarks/policy_speed.py [--quick] [--sentences 40] [--repeats 5] [--threads 1]
-    python benchmarks/policy_speed.py --device cuda --dtype bfloat16 --batches 1,16 --out results/bench/policy_speed_gpu.json
+    python benchmarks/policy_speed.py [--quick] [--sentences 48] [--batches 1 4 16] [--threads 1] [--readme README.md]
+    python benchmarks/policy_speed.py --from-json --readme README.md   # refill the README table only
 
-With --batches, sentences are also decoded in padded batches of that many (one table row
-per policy and batch size). Writes results/bench/policy_speed.json.
+Writes results/bench/policy_speed.json; with --readme, the table between the README's
+`policy-speed` markers.
 """
 
 from __future__ import annotations
@@ -18,32 +24,46 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
+import re
 import sys
+from functools import reduce
 from itertools import islice
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
+from mee_bench.engine.decoding import EarlyExitGenerator, GenerationOutput
+from mee_bench.engine.loading import load_generator
+from mee_bench.engine.policy import ExitPolicy
+from mee_bench.timing import LoadMonitor, PairedBlocks, speedup_interval
 from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.harness.data import local_split_path, read_jsonl
-
-from mee_bench.paths import DATA_DIR_ENV
-from mee_bench.engine.decoding import EarlyExitGenerator
-from mee_bench.engine.loading import load_generator
-from mee_bench.paths import DEFAULT_MODEL_DIR
-from mee_bench.engine.policy import ExitPolicy
+from mee_bench.paths import DATA_DIR_ENV, DEFAULT_MODEL_DIR
 
 REPO = Path(__file__).resolve().parent.parent
+MAX_NEW_TOKENS = 64
+README_START, README_END = "<!-- policy-speed:start -->", "<!-- policy-speed:end -->"
 POLICIES = {
-    "full": ExitPolicy("full"),
     "fixed, layer 2": ExitPolicy("fixed", min_exit_layer=2),
     "lstm 0.5, from 2": ExitPolicy("lstm", threshold=0.5, min_exit_layer=2),
     "lstm 0.9, from 4": ExitPolicy("lstm", threshold=0.9, min_exit_layer=4),
     "saturation 0.95, from 4": ExitPolicy("saturation", threshold=0.95, min_exit_layer=4),
     "softmax 0.5, from 2": ExitPolicy("softmax", threshold=0.5, min_exit_layer=2),
+    "softmax 0.5, from 2, top-64": ExitPolicy("softmax", threshold=0.5, min_exit_layer=2, vocab_top_k=64),
     "monotonic_heuristic 0.9, from 4": ExitPolicy("monotonic_heuristic", threshold=0.9, min_exit_layer=4),
+    "monotonic_heuristic 0.9, from 4, top-64": ExitPolicy(
+        "monotonic_heuristic", threshold=0.9, min_exit_layer=4, vocab_top_k=64
+    ),
+    "self_speculative, draft 2 layers x 1": ExitPolicy(
+        "fixed", min_exit_layer=2, decoding="self_speculative", max_draft=1
+    ),
+    "self_speculative, draft 4 layers x 2": ExitPolicy(
+        "fixed", min_exit_layer=4, decoding="self_speculative", max_draft=2
+    ),
+    "self_speculative, draft 2 layers while lstm >= 0.5 (max 4)": ExitPolicy(
+        "lstm", threshold=0.5, min_exit_layer=2, decoding="self_speculative", max_draft=4
+    ),
 }
 
 
@@ -57,80 +77,163 @@ def tatoeba_prompts(count: int) -> list[str]:
     return list(islice(distinct, count))
 
 
-def decode_all(generator: EarlyExitGenerator, inputs: list[tuple], policy: ExitPolicy) -> tuple[float, int, list[int]]:
-    """Decoder seconds, tokens and exit layers of every (ids, mask) batch of sentences."""
-    seconds, tokens, layers = 0.0, 0, []
-    for ids, mask in inputs:
-        out = generator.generate(ids, mask, policy, max_new_tokens=64)
-        seconds += out.stats.decoder_s
-        tokens += out.stats.tokens
-        layers += [layer for row in out.exit_layers for layer in row]
-    return seconds, tokens, layers
+def decode_block(generator: EarlyExitGenerator, block: list[tuple[torch.Tensor, torch.Tensor]], policy: ExitPolicy) -> list[GenerationOutput]:
+    return [generator.generate(ids, mask, policy, MAX_NEW_TOKENS) for ids, mask in block]
 
 
-def batched_inputs(generator: EarlyExitGenerator, prompts: list[str], batch: int) -> list[tuple]:
-    """The prompts as padded (ids, mask) batches; a sentence alone carries no mask, as in a sweep."""
-    if batch == 1:
-        return [(generator.tokenize([prompt])[0], None) for prompt in prompts]
-    return [generator.tokenize(prompts[start : start + batch]) for start in range(0, len(prompts), batch)]
+def batches_of(generator: EarlyExitGenerator, prompts: list[str], batch: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Timing blocks of `max(batch, 4)` prompts, each a list of tokenized batches of `batch` prompts."""
+    per_block = max(batch, 4)
+    blocks = []
+    for start in range(0, len(prompts) - per_block + 1, per_block):
+        chunk = prompts[start : start + per_block]
+        blocks.append([generator.tokenize(chunk[i : i + batch]) for i in range(0, per_block, batch)])
+    return blocks
+
+
+def block_tokens(outputs: list[GenerationOutput], blocks: list) -> list[int]:
+    """Tokens generated in each block, from the block's outputs in order."""
+    counts, index = [], 0
+    for block in blocks:
+        counts.append(sum(out.stats.tokens for out in outputs[index : index + len(block)]))
+        index += len(block)
+    return counts
+
+
+def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blocks: list, full_outputs: list,
+               target_half_width: float, allowance_s: float) -> dict:
+    paired = PairedBlocks(
+        lambda block: decode_block(generator, block, ExitPolicy("full")),
+        lambda block: decode_block(generator, block, policy),
+        target_half_width=target_half_width, allowance_s=allowance_s, min_blocks=max(6, len(blocks)),
+        sync=torch.cuda.synchronize if generator.runner.device.type == "cuda" else lambda: None,
+    )
+    outputs = [out for block in blocks for out in paired.run(block)]
+    paired.speedup()  # more rounds over the same blocks (in order) until precise or out of time
+    full_tokens, tokens_per_block = block_tokens(full_outputs, blocks), block_tokens(outputs, blocks)
+    per_token = [
+        [seconds / counts[i % len(blocks)] for i, seconds in enumerate(times)]
+        for times, counts in ((paired.timer.baseline_s, full_tokens), (paired.timer.candidate_s, tokens_per_block))
+    ]
+    speedup = speedup_interval(*per_token, target_half_width=target_half_width)
+    stats = reduce(lambda a, b: a.merge(b), (out.stats for out in outputs))
+    tokens = [row for out in outputs for row in out.tokens]
+    timed = len(blocks)
+    full_rows = [row for out in full_outputs for row in out.tokens]
+    return {
+        "policy": name,
+        "speedup_vs_full": speedup.format(),
+        "verdict": speedup.verdict,
+        "ms_per_token": 1e3 * sum(paired.timer.candidate_s[:timed]) / stats.tokens,
+        "avg_exit_layer": stats.avg_exit_layer,
+        "layers_per_token": stats.layers_per_token,
+        "identical_to_full": tokens == full_rows,
+        "acceptance_rate": stats.acceptance_rate,
+        "mean_accepted_draft": stats.mean_accepted_draft,
+        "speedup": speedup.as_dict(),
+        "policy_settings": policy.as_dict(),
+    }
+
+
+def readme_table(result: dict) -> str:
+    """The README's speed table: one row per policy, one speedup column per batch size."""
+    batches = [entry["batch"] for entry in result["batches"]]
+    by_policy: dict[str, dict[int, dict]] = {}
+    for entry in result["batches"]:
+        for row in entry["policies"]:
+            by_policy.setdefault(row["policy"], {})[entry["batch"]] = row
+
+    def figure(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    header = ["policy", *(f"speedup, batch {b}" for b in batches), "layers/token", "identical to full",
+              "acceptance", "accepted drafts/round"]
+    rows = []
+    for name, per_batch in by_policy.items():
+        first = per_batch[batches[0]]
+        rows.append([f"`{name}`", *(per_batch[b]["speedup_vs_full"] for b in batches), figure(first["layers_per_token"]),
+                     "yes" if all(r["identical_to_full"] for r in per_batch.values()) else "no",
+                     figure(first["acceptance_rate"]), figure(first["mean_accepted_draft"])])
+    settings = result["settings"]
+    note = (f"<!-- generated by `python benchmarks/policy_speed.py --from-json --readme README.md` from "
+            f"results/bench/policy_speed.json; do not edit by hand -->\n\n"
+            f"{settings['sentences']} Tatoeba sentences, `{settings['model']}`, {settings['dtype']}, "
+            f"{result['machine']['threads']} torch thread; speedup = median of paired block ratios against `full` "
+            f"[95% interval]; layers/token and the speculation figures at batch {batches[0]}.\n\n")
+    return note + tabulate(rows, headers=header, tablefmt="github")
+
+
+def fill_readme(path: Path, table: str) -> None:
+    text = path.read_text()
+    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.DOTALL)
+    if not pattern.search(text):
+        raise SystemExit(f"{path} has no {README_START} ... {README_END} block; add the two markers where the table goes")
+    path.write_text(pattern.sub(lambda _: f"{README_START}\n{table}\n{README_END}", text))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8 sentences, 2 repetitions (a smoke run)")
-    parser.add_argument("--sentences", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="16 sentences, batch 1 and 4, loose intervals (a smoke run)")
+    parser.add_argument("--sentences", type=int, default=48)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--target-half-width", type=float, default=0.05, help="relative; timing stops when reached")
+    parser.add_argument("--allowance", type=float, default=20.0, help="seconds of extra timing per policy and batch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the sweep gives each trial 1)")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="a saved T5 with exit heads")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="a model directory with exit heads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1], help="e.g. 1,16")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "policy_speed.json")
+    parser.add_argument("--readme", type=Path, default=None, help="refill this README's policy-speed table")
+    parser.add_argument("--from-json", action="store_true", help="do not time anything: read --out and refill --readme")
     args = parser.parse_args(argv)
-    sentences, repeats = (8, 2) if args.quick else (args.sentences, args.repeats)
+    if args.from_json:
+        if args.readme is None:
+            raise SystemExit("--from-json only refills a README: pass --readme README.md")
+        fill_readme(args.readme, readme_table(json.loads(args.out.read_text())))
+        print(f"-> {args.readme}")
+        return 0
+    sentences, batches, allowance = (16, [1, 4], 0.0) if args.quick else (args.sentences, args.batches, args.allowance)
     torch.set_num_threads(args.threads)
 
     generator = load_generator(args.model, args.dtype, args.device, require_heads=True)
     prompts = tatoeba_prompts(sentences)
-    rows = []
-    for batch in args.batches:
-        inputs = batched_inputs(generator, prompts, batch)
-        for policy in POLICIES.values():
-            decode_all(generator, inputs[:2], policy)  # warm-up
-
-        ms_per_token: dict[str, list[float]] = {name: [] for name in POLICIES}
-        exit_layers: dict[str, list[int]] = {}
-        for _ in range(repeats):
+    results = []
+    with LoadMonitor(threads=args.threads) as load:
+        for batch in batches:
+            blocks = batches_of(generator, prompts, batch)
+            full_outputs = [out for block in blocks for out in decode_block(generator, block, ExitPolicy("full"))]
+            full_stats = reduce(lambda a, b: a.merge(b), (out.stats for out in full_outputs))
+            rows = [{"policy": "full", "speedup_vs_full": "1 (baseline)", "verdict": "baseline",
+                     "ms_per_token": 1e3 * full_stats.decoder_s / full_stats.tokens, "avg_exit_layer": full_stats.avg_exit_layer,
+                     "layers_per_token": full_stats.layers_per_token, "identical_to_full": True, "acceptance_rate": None,
+                     "mean_accepted_draft": None, "speedup": None, "policy_settings": ExitPolicy("full").as_dict()}]
             for name, policy in POLICIES.items():
-                seconds, tokens, layers = decode_all(generator, inputs, policy)
-                ms_per_token[name].append(1000 * seconds / tokens)
-                exit_layers[name] = layers
-        full = statistics.median(ms_per_token["full"])
-        rows += [
-            {
-                "policy": name,
-                **({"batch": batch} if args.batches != [1] else {}),
-                "ms_per_token": statistics.median(samples),
-                "speedup_vs_full": full / statistics.median(samples),
-                "slowest_to_fastest": max(samples) / min(samples),
-                "avg_exit_layer": statistics.fmean(exit_layers[name]),
-            }
-            for name, samples in ms_per_token.items()
-        ]
-    print(tabulate(rows, headers="keys", floatfmt=".3f"))
+                decode_block(generator, blocks[0][:1], policy)  # warm-up
+                rows.append(policy_row(name, policy, generator, blocks, full_outputs, args.target_half_width, allowance))
+                print(f"batch {batch}: {name} done", file=sys.stderr)
+            print(f"\nbatch {batch}")
+            shown = ("policy", "speedup_vs_full", "ms_per_token", "avg_exit_layer", "layers_per_token", "identical_to_full",
+                     "acceptance_rate", "mean_accepted_draft")
+            print(tabulate([[row[k] for k in shown] for row in rows], headers=shown, floatfmt=".2f"))
+            results.append({"batch": batch, "policies": rows})
 
     result = {
-        "policies": rows,
+        "batches": results,
+        "load": load.report(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(),
                     **({"gpu": torch.cuda.get_device_name()} if args.device == "cuda" else {})},
-        "settings": {"model": args.model.name, "task": TATOEBA_ENFR.name, "sentences": sentences,
-                     "repeats": repeats, "batch": args.batches[0] if len(args.batches) == 1 else args.batches,
-                     "max_new_tokens": 64, "dtype": args.dtype, "device": args.device},
+        "settings": {"model": args.model.name, "device": args.device, "task": TATOEBA_ENFR.name, "sentences": sentences,
+                     "timing": "paired blocks with full, median ratio of ms/token, 95% bootstrap interval",
+                     "target_half_width": args.target_half_width, "allowance_s": allowance,
+                     "max_new_tokens": MAX_NEW_TOKENS, "dtype": args.dtype},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n-> {args.out}")
+    if args.readme is not None:
+        fill_readme(args.readme, readme_table(result))
+        print(f"-> {args.readme}")
     return 0
 
 

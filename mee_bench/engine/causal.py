@@ -174,6 +174,15 @@ class CausalLayerRunner(ABC):
         """Vocabulary logits of any layer's raw output: the model's own final norm and LM head."""
         return self.model.lm_head(self.final_norm(hidden))
 
+    def logits_for(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
+        """Logits of `token_ids` [A, k] for `hidden` [A, Q, d]: the final norm, then only those k rows
+        of the LM head (plus their bias where the head has one)."""
+        head = self.model.lm_head
+        logits = self.final_norm(hidden) @ torch.nn.functional.embedding(token_ids, head.weight).transpose(1, 2)
+        if head.bias is not None:
+            logits = logits + head.bias[token_ids][:, None, :]
+        return logits
+
     # The protocol.
 
     def start(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> tuple[SlotCache, Tensor]:

@@ -4,7 +4,8 @@ One token per step, one decoder layer at a time. After each layer the policy's m
 may let rows exit; exited rows leave the active set, so they cost nothing in deeper
 layers. Skipped layers get their self-attention K/V either copied from the exit state
 (CALM) or computed later in one parallel catch-up call with the next token that goes
-deep (FREE's synchronized parallel decoding, `deferred`).
+deep (FREE's synchronized parallel decoding, `deferred`). A `self_speculative` policy takes
+the lossless draft-and-verify path of `speculative.py` instead.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,7 +22,8 @@ from torch import Tensor
 
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.engine.runner import build_runner
+from mee_bench.engine.runner import LayerRunner, build_runner
+from mee_bench.engine.speculative import SpeculationCounts, self_speculative_generate
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,29 @@ class GenerationStats:
     encoder_s: float = 0.0
     decoder_s: float = 0.0
     measure_s: float = 0.0
+    layer_positions: int = 0  # decoder layers run x positions (catch-up and verification included)
+    speculation: SpeculationCounts = field(default_factory=SpeculationCounts)
 
     @property
     def avg_exit_layer(self) -> float:
         return sum(layer * n for layer, n in self.exit_histogram.items()) / max(self.tokens, 1)
+
+    @property
+    def layers_per_token(self) -> float:
+        """Decoder layers computed per generated token, whatever the policy (full: the depth)."""
+        return self.layer_positions / max(self.tokens, 1)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Self-speculation: the share of proposed draft tokens the full model accepted."""
+        proposed = self.speculation.proposed
+        return self.speculation.accepted / proposed if proposed else None
+
+    @property
+    def mean_accepted_draft(self) -> float | None:
+        """Self-speculation: accepted draft tokens per row-round (each round also emits one token of its own)."""
+        rounds = self.speculation.rounds
+        return self.speculation.accepted / rounds if rounds else None
 
     def merge(self, other: "GenerationStats") -> "GenerationStats":
         return GenerationStats(
@@ -60,6 +81,10 @@ class GenerationStats:
             encoder_s=self.encoder_s + other.encoder_s,
             decoder_s=self.decoder_s + other.decoder_s,
             measure_s=self.measure_s + other.measure_s,
+            layer_positions=self.layer_positions + other.layer_positions,
+            speculation=SpeculationCounts(
+                *(a + b for a, b in zip(astuple(self.speculation), astuple(other.speculation)))
+            ),
         )
 
     def as_dict(self) -> dict:
@@ -72,6 +97,9 @@ class GenerationStats:
             "decoder_ms": 1e3 * self.decoder_s,
             "measure_ms": 1e3 * self.measure_s,
             "decode_ms_per_token": 1e3 * self.decoder_s / max(self.tokens, 1),
+            "layers_per_token": self.layers_per_token,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_draft": self.mean_accepted_draft,
         }
 
 
@@ -86,6 +114,50 @@ class GenerationOutput:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class CheckLogits:
+    """The logits a measure reads for the current token at the current layer, memoised.
+
+    With `top_k` (the policy's `vocab_top_k`), a token's first read computes the full head and
+    keeps its k best token ids per row; later layers' reads compute those k rows of the head
+    only (CALM's vocabulary-pruned softmax). Only the exit decision is approximated: an exit's
+    token comes from `full_logits`, the full-vocabulary head at the exit layer.
+    """
+
+    def __init__(self, runner: LayerRunner, top_k: int) -> None:
+        self.runner, self.top_k = runner, top_k
+        self.token_ids: Tensor | None = None  # [A, k] per running row, after the token's first read
+        self.hidden: Tensor | None = None
+        self.memo: Tensor | None = None
+        self.memo_is_full = False
+
+    def new_token(self) -> None:
+        self.token_ids = None
+
+    def at_layer(self, hidden: Tensor) -> None:
+        self.hidden, self.memo = hidden, None
+
+    def __call__(self) -> Tensor:
+        if self.memo is None:
+            self.memo_is_full = self.token_ids is None
+            if self.memo_is_full:
+                self.memo = self.runner.logits(self.hidden)
+                if self.top_k:
+                    self.token_ids = self.memo[:, -1].topk(min(self.top_k, self.memo.shape[-1]), dim=-1).indices
+            else:
+                self.memo = self.runner.logits_for(self.hidden, self.token_ids)
+        return self.memo
+
+    def full_logits(self, leaving: slice | Tensor, exit_hidden: Tensor) -> Tensor:
+        """Full-vocabulary logits of the exiting rows `leaving` of this layer's state `exit_hidden`."""
+        if self.memo is not None and self.memo_is_full:
+            return self.memo[leaving]
+        return self.runner.logits(exit_hidden)
+
+    def select(self, keep: Tensor) -> None:
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids[keep]
 
 
 class EarlyExitGenerator:
@@ -179,6 +251,20 @@ class EarlyExitGenerator:
         stats.encoder_s = time.perf_counter() - started
 
         started = time.perf_counter()
+        if policy.decoding == "self_speculative":
+            drafted = self_speculative_generate(
+                runner, cache, last_tokens, policy, measure, max_new_tokens, self._finished_check(stop_strings)
+            )
+            _sync(device)
+            stats.decoder_s = time.perf_counter() - started
+            stats.speculation, stats.layer_positions = drafted.counts, drafted.counts.layer_positions
+            stats.tokens = sum(len(row) for row in drafted.tokens)
+            exit_layers = [[num_layers] * len(row) for row in drafted.tokens]
+            stats.exit_histogram.update({num_layers: stats.tokens})
+            confidences = [[float("nan")] * len(row) for row in drafted.tokens]
+            return GenerationOutput(drafted.tokens, exit_layers, confidences, stats)
+        checks = CheckLogits(runner, policy.vocab_top_k)
+        is_finished = self._finished_check(stop_strings)
         deferred = policy.kv_strategy == "deferred" and measure.can_exit
         done_layers = torch.full((batch, max_new_tokens), num_layers, dtype=torch.long, device=device)
         pending_states = (
@@ -197,26 +283,25 @@ class EarlyExitGenerator:
             exit_layer = torch.full_like(token, num_layers)
             confidence = torch.full(token.shape, float("nan"), device=device)
             measure.start(hidden, policy.min_exit_layer)
+            checks.new_token()
             last_score = None  # the measure's latest values for the rows still running
             catching_up = deferred and step > 0 and bool((done_layers[rows, :step] < num_layers).any())
             for index in range(num_layers):
                 row_arg = None if rows.numel() == batch else rows
                 if catching_up:
-                    hidden = self._layer_with_catch_up(index, hidden, cache, rows, row_arg, step, done_layers, pending_states)
+                    hidden, caught_up = self._layer_with_catch_up(
+                        index, hidden, cache, rows, row_arg, step, done_layers, pending_states
+                    )
+                    stats.layer_positions += caught_up
                 else:
                     hidden = runner.layer(index, hidden, cache, row_arg, step, step)
+                stats.layer_positions += rows.numel()
                 layer = index + 1
                 if layer == num_layers:
                     break
-                memo: list[Tensor] = []
-
-                def layer_logits(states: Tensor = hidden) -> Tensor:
-                    if not memo:
-                        memo.append(runner.logits(states))
-                    return memo[0]
-
+                checks.at_layer(hidden)
                 measured = time.perf_counter()
-                score = measure.step(layer, hidden, layer_logits)
+                score = measure.step(layer, hidden, checks)
                 stats.measure_s += time.perf_counter() - measured
                 if score is None:
                     continue
@@ -228,7 +313,7 @@ class EarlyExitGenerator:
                 everyone = exiting == rows.numel()  # the common case at batch size 1: no indexing
                 leaving = slice(None) if everyone else exits.nonzero().squeeze(1)
                 exit_hidden = hidden if everyone else hidden[leaving]
-                exit_logits = (memo[0] if everyone else memo[0][leaving]) if memo else runner.logits(exit_hidden)
+                exit_logits = checks.full_logits(leaving, exit_hidden)
                 exit_slot = slot if everyone else slot[leaving]
                 token[exit_slot] = exit_logits[:, -1].argmax(-1)
                 exit_layer[exit_slot] = layer
@@ -245,13 +330,14 @@ class EarlyExitGenerator:
                 staying = ~exits
                 rows, slot, hidden, last_score = rows[staying], slot[staying], hidden[staying], score[staying]
                 measure.select(staying)
+                checks.select(staying)
             if rows.numel():
                 token[slot] = runner.logits(hidden)[:, -1].argmax(-1)
                 if last_score is not None:
                     confidence[slot] = last_score.float()
             exit_layer = measure.finish(token, exit_layer, num_layers)
 
-            finished = self._record(alive, token, exit_layer, confidence, tokens, exit_layers, confidences, stop_strings)
+            finished = self._record(alive, token, exit_layer, confidence, tokens, exit_layers, confidences, is_finished)
             last_tokens[alive] = token
             alive = alive[~finished]
             if alive.numel() == 0:
@@ -273,13 +359,16 @@ class EarlyExitGenerator:
         step: int,
         done_layers: Tensor,
         pending_states: Tensor,
-    ) -> Tensor:
+    ) -> tuple[Tensor, int]:
         """Run layer `index` for the current token together with every earlier token of the
-        same row that exited before this layer, in one call with an explicit causal mask."""
+        same row that exited before this layer, in one call with an explicit causal mask; the
+        current token's output and how many earlier positions caught up."""
         pending = done_layers[rows, :step] == index
-        if not bool(pending.any()):
-            return self.runner.layer(index, hidden, cache, row_arg, step, step)
-        width = int(pending.sum(1).max()) + 1
+        counts = pending.sum(1)
+        caught_up = int(counts.sum())
+        if caught_up == 0:
+            return self.runner.layer(index, hidden, cache, row_arg, step, step), 0
+        width = int(counts.max()) + 1
         candidates = torch.arange(step, device=hidden.device).expand_as(pending)
         ordered = torch.where(pending, candidates, step).sort(dim=1).values[:, : width - 1]
         positions = torch.cat([ordered, ordered.new_full((rows.numel(), 1), step)], dim=1)
@@ -290,7 +379,19 @@ class EarlyExitGenerator:
         block = self.runner.layer(index, block, cache, row_arg, positions, step)
         pending_states[block_rows[is_pending], positions[is_pending]] = block[is_pending]
         done_layers[block_rows[is_pending], positions[is_pending]] = index + 1
-        return block[:, -1:]
+        return block[:, -1:], caught_up
+
+    def _finished_check(self, stop_strings: Sequence[str]) -> Callable[[list[int]], bool]:
+        """Whether a row's tokens so far end its generation: EOS last, or a stop string in its text."""
+
+        def finished(tokens: list[int]) -> bool:
+            if tokens[-1] == self.runner.eos_token_id:
+                return True
+            return bool(stop_strings) and any(
+                stop in self.tokenizer.decode(tokens, skip_special_tokens=True) for stop in stop_strings
+            )
+
+        return finished
 
     def _record(
         self,
@@ -301,7 +402,7 @@ class EarlyExitGenerator:
         tokens: list[list[int]],
         exit_layers: list[list[int]],
         confidences: list[list[float]],
-        stop_strings: Sequence[str],
+        is_finished: Callable[[list[int]], bool],
     ) -> Tensor:
         """Append this step's results per row; return which rows are now finished."""
         finished = []
@@ -309,9 +410,5 @@ class EarlyExitGenerator:
             tokens[row].append(tok)
             exit_layers[row].append(layer)
             confidences[row].append(conf)
-            done = tok == self.runner.eos_token_id
-            if not done and stop_strings:
-                text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
-                done = any(stop in text for stop in stop_strings)
-            finished.append(done)
+            finished.append(is_finished(tokens[row]))
         return torch.tensor(finished, dtype=torch.bool, device=alive.device)

@@ -50,6 +50,8 @@ class ExitMeasure:
     head: ClassVar[str | None] = None  # the `ExitHeads` attribute it reads, if any
     needs_heads: ClassVar[bool] = False  # derived from `head`
     threshold_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    vocab_prunable: ClassVar[bool] = False  # True: its confidence reads the top of the softmax only, so
+    # the policy's `vocab_top_k` may hand it logits of the token's k best first-check tokens
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -65,7 +67,9 @@ class ExitMeasure:
 
     def step(self, layer: int, hidden: Tensor, logits: Callable[[], Tensor]) -> Tensor | None:
         """`hidden` [A, 1, d] is the raw output of decoder `layer` (1-based); `logits()` its
-        memoised LM-head logits. Returns a confidence [A] at check layers, else None."""
+        memoised LM-head logits (over a pruned vocabulary after the token's first read when the
+        policy sets `vocab_top_k` and the measure is `vocab_prunable`). Returns a confidence [A]
+        at check layers, else None."""
         return None
 
     def select(self, keep: Tensor) -> None:
@@ -108,6 +112,7 @@ class Softmax(ExitMeasure):
     """CALM: top-1 minus top-2 softmax probability at the current layer."""
 
     name = "softmax"
+    vocab_prunable = True
 
     def step(self, layer, hidden, logits):
         if layer < self.first_check_layer:
@@ -221,6 +226,7 @@ class MonotonicHeuristic(ExitMeasure):
     rise, else 0, so `confidence >= threshold` is exactly that rule."""
 
     name = "monotonic_heuristic"
+    vocab_prunable = True
 
     def start(self, embedding, first_check_layer):
         super().start(embedding, first_check_layer)

@@ -1,5 +1,6 @@
 """An exit policy: which measure, what threshold (static or decaying), from which layer,
-and how skipped layers get their key/value entries."""
+how skipped layers get their key/value entries, whether checks read a pruned vocabulary,
+and whether the measure exits early or drafts for lossless self-speculation."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mee_bench.engine.heads import ExitHeads
-from mee_bench.engine.measures import ExitMeasure, build_measure, measure_class
+from mee_bench.engine.measures import MEASURES, ExitMeasure, build_measure, measure_class
 
 THRESHOLD_SCHEDULES = ("static", "decaying")
 KV_STRATEGIES = ("copy", "deferred")
+DECODINGS = ("early_exit", "self_speculative")
 
 
 @dataclass(frozen=True)
@@ -23,9 +25,13 @@ class ExitPolicy:
     threshold_schedule: str = "static"
     tau: float = 4.0
     kv_strategy: str = "copy"
+    vocab_top_k: int = 0  # > 0: checks after a token's first read its k best tokens only (0 = off)
+    decoding: str = "early_exit"  # or "self_speculative": draft with min_exit_layer layers, verify with the rest
+    max_draft: int = 4  # self_speculative: draft tokens proposed per verification at most
 
     def __post_init__(self) -> None:
-        low, high = measure_class(self.measure).threshold_range
+        cls = measure_class(self.measure)
+        low, high = cls.threshold_range
         if not (isinstance(self.threshold, (int, float)) and low <= self.threshold <= high):
             raise ValueError(
                 f"threshold={self.threshold!r} is outside [{low}, {high}] for measure {self.measure!r}; "
@@ -41,12 +47,40 @@ class ExitPolicy:
             raise ValueError(f"min_exit_layer={self.min_exit_layer!r} must be an integer >= 1")
         if self.tau <= 0:
             raise ValueError(f"tau={self.tau!r} must be > 0")
+        if not isinstance(self.vocab_top_k, int) or self.vocab_top_k < 0 or self.vocab_top_k == 1:
+            raise ValueError(
+                f"vocab_top_k={self.vocab_top_k!r} must be 0 (full-vocabulary checks) or an integer >= 2 "
+                "(a confidence compares the top two tokens)"
+            )
+        if self.vocab_top_k and not cls.vocab_prunable:
+            prunable = ", ".join(sorted(name for name, c in MEASURES.items() if c.vocab_prunable))
+            raise ValueError(
+                f"vocab_top_k={self.vocab_top_k} does not apply to measure {self.measure!r}; "
+                f"use vocab_top_k=0 or one of {prunable}"
+            )
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding={self.decoding!r} is unknown; use one of {', '.join(DECODINGS)}")
+        if self.decoding == "self_speculative":
+            if not cls.can_exit:
+                raise ValueError(
+                    f"self_speculative drafting needs a measure that can exit, not {self.measure!r}; "
+                    "use 'fixed' to draft with min_exit_layer layers always"
+                )
+            if self.vocab_top_k:
+                raise ValueError("self_speculative drafts read the full head at the draft layer; set vocab_top_k=0")
+            if not isinstance(self.max_draft, int) or self.max_draft < 1:
+                raise ValueError(f"max_draft={self.max_draft!r} must be an integer >= 1")
 
     def check_model(self, num_layers: int) -> None:
         if self.measure != "full" and self.min_exit_layer > num_layers:
             raise ValueError(
                 f"min_exit_layer={self.min_exit_layer} exceeds the model's {num_layers} decoder layers; "
                 f"use a value in 1..{num_layers}"
+            )
+        if self.decoding == "self_speculative" and self.min_exit_layer >= num_layers:
+            raise ValueError(
+                f"self_speculative drafts with min_exit_layer={self.min_exit_layer} layers and verifies with the "
+                f"rest, so it must be below the model's {num_layers} decoder layers; use 1..{num_layers - 1}"
             )
 
     def threshold_at(self, step: int, max_new_tokens: int) -> float:

@@ -72,6 +72,11 @@ class LayerRunner(Protocol):
         """Vocabulary logits of any layer's raw output: the model's own final norm and head."""
         ...
 
+    def logits_for(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
+        """The logits of `token_ids` [A, k] only, for `hidden` [A, Q, d]: [A, Q, k], the same values as
+        `logits(hidden)` gathered at those ids, through k rows of the head (cheap pruned checks)."""
+        ...
+
     def final_norm(self, hidden: Tensor) -> Tensor:
         """The model's own final norm: what the head reads (distillation compares these states)."""
         ...

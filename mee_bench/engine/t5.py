@@ -202,6 +202,12 @@ class T5LayerRunner:
         """Logits of any layer's raw output: the model's final norm, output scaling and LM head."""
         return self.model.lm_head(self.final_norm(hidden) * self.output_scale)
 
+    def logits_for(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
+        """Logits of `token_ids` [A, k] for `hidden` [A, Q, d]: the same final norm and scaling, then
+        only those k rows of the LM head (T5's head has no bias)."""
+        head_rows = F.embedding(token_ids, self.model.lm_head.weight)  # [A, k, d]: a row gather, the cheapest kernel
+        return (self.final_norm(hidden) * self.output_scale) @ head_rows.transpose(1, 2)
+
     def final_norm(self, hidden: Tensor) -> Tensor:
         return self.model.decoder.final_layer_norm(hidden)
 

@@ -50,7 +50,10 @@ log = logging.getLogger(__name__)
 
 TRAIN_DEFAULT_COMMAND = "mee-bench train configs/train/default.yaml"
 TIMING_ARGS = ("paired_timing", "timing_precision", "timing_allowance_s")
-POLICY_ARGS = ("measure", "threshold", "min_exit_layer", "threshold_schedule", "tau", "kv_strategy")
+POLICY_ARGS = (
+    "measure", "threshold", "min_exit_layer", "threshold_schedule", "tau", "kv_strategy", "vocab_top_k", "decoding",
+    "max_draft",
+)
 MODEL_ARGS = (
     "pretrained", *POLICY_ARGS, "calibration", "dtype", "device", "batch_size", "max_length", "heads", "max_gen_toks",
     "trust_remote_code", *TIMING_ARGS,
@@ -100,8 +103,8 @@ class MEELM(TemplateLM):
     """lm-eval model `mee`: a T5-family or decoder-only checkpoint decoded greedily with early exits.
 
     model_args: pretrained (directory or hub id of either kind; default: the embedded default model),
-    measure, threshold, min_exit_layer, threshold_schedule, tau, kv_strategy (the
-    `ExitPolicy`), calibration (a `mee-bench calibrate` record or exit_policy.json whose policy
+    measure, threshold, min_exit_layer, threshold_schedule, tau, kv_strategy, vocab_top_k,
+    decoding, max_draft (the `ExitPolicy`), calibration (a `mee-bench calibrate` record or exit_policy.json whose policy
     to run), dtype, device, batch_size, max_length (encoder input tokens; for a decoder-only model prompt and
     generated tokens together, as lm-eval's `hf` model counts them), heads (exit heads
     file; default: beside the model), max_gen_toks (when a task sets none), trust_remote_code;
@@ -124,6 +127,9 @@ class MEELM(TemplateLM):
         threshold_schedule: str | None = None,
         tau: float | None = None,
         kv_strategy: str | None = None,
+        vocab_top_k: int | None = None,
+        decoding: str | None = None,
+        max_draft: int | None = None,
         calibration: str | None = None,
         dtype: str = "float32",
         device: str | None = None,
@@ -142,7 +148,9 @@ class MEELM(TemplateLM):
             raise ValueError(
                 f"unknown model_args for --model mee: {', '.join(sorted(unknown))}; valid ones: {', '.join(MODEL_ARGS)}"
             )
-        given = dict(zip(POLICY_ARGS, (measure, threshold, min_exit_layer, threshold_schedule, tau, kv_strategy)))
+        given = dict(zip(POLICY_ARGS, (
+            measure, threshold, min_exit_layer, threshold_schedule, tau, kv_strategy, vocab_top_k, decoding, max_draft
+        )))
         given = {name: value for name, value in given.items() if value is not None}
         self._batch_size = _positive_int("batch_size", batch_size)
         self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)

@@ -68,6 +68,7 @@ class SweepConfig:
     min_exit_layers: List[int] = field(default_factory=lambda: [4])
     threshold_schedule: str = "static"
     kv_strategy: str = "copy"
+    vocab_top_k: int = 0  # > 0: vocabulary-pruned checks for the measures that allow them (softmax family)
     limit: Optional[int] = None
     batch_size: int = 8
     max_gen_toks: Optional[int] = None  # None = each task's own generation length
@@ -151,6 +152,8 @@ def validate(config: SweepConfig) -> None:
         raise ConfigError(f"model.{err}") from None
     _check_choice("threshold_schedule", config.threshold_schedule, THRESHOLD_SCHEDULES)
     _check_choice("kv_strategy", config.kv_strategy, KV_STRATEGIES)
+    if not isinstance(config.vocab_top_k, int) or config.vocab_top_k < 0 or config.vocab_top_k == 1:
+        raise ConfigError(f"vocab_top_k={config.vocab_top_k!r} must be 0 (off) or an integer >= 2, e.g. vocab_top_k=64")
     if not config.tasks:
         raise ConfigError("empty grid: `tasks` is empty; list at least one task, e.g. tasks=[tatoeba_enfr_mee]")
     if not config.measures and not config.calibrated:
@@ -222,6 +225,7 @@ class Trial:
             min_exit_layer=defaults.min_exit_layer if self.min_exit_layer is None else self.min_exit_layer,
             threshold_schedule=config.threshold_schedule,
             kv_strategy=config.kv_strategy,
+            vocab_top_k=config.vocab_top_k if MEASURES[self.measure].vocab_prunable else 0,
         )
 
 

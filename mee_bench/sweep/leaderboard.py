@@ -53,6 +53,13 @@ class Row:
     co2_g: float | None
     power: str
     calibration: dict | None = None  # a `calibrated` row's guarantee: delta, epsilon, test risk
+    options: str = ""  # policy options that change how the measure runs, as a label suffix
+
+
+def policy_options(record: dict) -> str:
+    """A suffix for the measure's label naming the policy options that are on (vocabulary-pruned checks)."""
+    top_k = record.get("config", {}).get("policy", {}).get("vocab_top_k")
+    return f", top-{top_k} checks" if top_k else ""
 
 
 @dataclass
@@ -155,6 +162,7 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
         co2_g=None if kg is None else 1e3 * kg,
         power=energy.get("power_source", "unknown"),
         calibration=record.get("calibration", {}) if calibrated else None,
+        options=policy_options(record),
     )
 
 
@@ -162,7 +170,7 @@ def _measure_label(row: Row) -> str:
     if row.analysis_only:
         return f"{row.measure} (analysis only)"
     if row.calibration is None:
-        return row.measure
+        return row.measure + row.options
     within = row.calibration.get("within_delta")
     verdict = MISSING if within is None else ("yes" if within else "no")
     return (
@@ -247,7 +255,7 @@ def summary_table(rows: list[SummaryRow], boards: list[TaskBoard]) -> tuple[list
             table.append([item.task, item.measure, *["none"] * 7])
             continue
         table.append([
-            item.task, item.measure, significant(best.threshold),
+            item.task, item.measure + best.options, significant(best.threshold),
             MISSING if best.min_exit_layer is None else str(best.min_exit_layer),
             f"{fixed(best.quality)} {metrics[item.task]}", f"{best.delta:+.2f}", _speedup(best), _verdict(best),
             fixed(best.avg_exit_layer),

@@ -103,6 +103,8 @@ def result_settings(config: SweepConfig) -> dict:
         "tasks": {name: task_provenance(name) for name in dict.fromkeys(config.tasks)},
         "mee_bench_version": package_version(),
         **{k: getattr(config, k) for k in ("threshold_schedule", "kv_strategy", "limit", "batch_size", "max_gen_toks", "seed")},
+        # only when on, so that the ids of sweeps from before pruned checks existed stay the same
+        **({"vocab_top_k": config.vocab_top_k} if config.vocab_top_k else {}),
         "carbon": dataclasses.asdict(config.carbon),
     }
 

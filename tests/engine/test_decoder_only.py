@@ -240,3 +240,22 @@ def test_all_layer_states_are_the_models_own_hidden_states(family):
             torch.testing.assert_close(
                 runner.logits(states[-1][row]), model(sequence).logits[0, -3:], rtol=1e-4, atol=1e-4
             )
+
+
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
+def test_pruned_logits_are_the_full_logits_at_those_ids(family):
+    runner = build_runner(tiny_causal_model(family))
+    hidden = torch.randn(3, 2, runner.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(1))
+    expected = runner.logits(hidden).gather(-1, ids[:, None, :].expand(3, 2, 5))
+    assert torch.allclose(runner.logits_for(hidden, ids), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [[9], [9, 5, 7, 3]], ids=["batch1", "batch4"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_self_speculation_is_lossless_on_decoder_only_models(family, lengths):
+    generator = EarlyExitGenerator(tiny_causal_model(family))
+    ids, mask = padded_batch(lengths)
+    full = generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    policy = ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative", max_draft=3)
+    assert generator.generate(ids, mask, policy, MAX_NEW).tokens == full.tokens

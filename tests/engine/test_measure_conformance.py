@@ -114,3 +114,26 @@ def test_facts_agree_with_behaviour(measure_cls, heads):
         with pytest.raises(ValueError, match="train-heads"):
             build_measure(measure_cls.name)
 
+
+
+
+def test_vocab_prunable_measures_read_pruned_logits(measure_cls, heads):
+    """A `vocab_prunable` measure reads logits over each row's k kept tokens (here 4 of 16, the first
+    layer's best) at every layer and still gives one confidence per row within its range."""
+    if not measure_cls.vocab_prunable:
+        assert measure_cls.name not in ("softmax", "monotonic_heuristic")
+        return
+    generator = torch.Generator().manual_seed(5)
+    head = torch.randn(HIDDEN, VOCAB, generator=generator)
+    states = [torch.randn(ROWS, 1, HIDDEN, generator=generator) * 3 for _ in range(1, LAYERS)]
+    kept = (states[0] @ head)[:, -1].topk(4).indices[:, None, :]
+    measure = build_measure(measure_cls.name, heads)
+    measure.start(torch.zeros(ROWS, 1, HIDDEN), FIRST_CHECK)
+    low, high = measure_cls.threshold_range
+    scored = 0
+    for layer, hidden in enumerate(states, start=1):
+        score = measure.step(layer, hidden, lambda hidden=hidden: (hidden @ head).gather(-1, kept))
+        if score is not None:
+            scored += 1
+            assert score.shape == (ROWS,) and bool(((score >= low - 1e-5) & (score <= high + 1e-5)).all())
+    assert scored

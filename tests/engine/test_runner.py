@@ -71,6 +71,9 @@ class FakeRunner:
         following = F.one_hot((hidden[..., -1].long() + 1) % VOCAB, VOCAB).float()
         return 10.0 * following * hidden[..., CONFIDENT_LAYER - 1 : CONFIDENT_LAYER]
 
+    def logits_for(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
+        return self.logits(hidden).gather(-1, token_ids[:, None, :].expand(-1, hidden.shape[1], -1))
+
     def final_norm(self, hidden: Tensor) -> Tensor:
         return hidden
 

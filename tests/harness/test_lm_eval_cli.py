@@ -28,7 +28,8 @@ pytestmark = pytest.mark.slow  # starts Ray or subprocesses: `make test-fast` sk
 LM_EVAL = Path(sys.executable).parent / "lm_eval"
 EFFICIENCY_KEYS = {
     "tokens", "num_layers", "avg_exit_layer", "exit_histogram", "encoder_ms", "decoder_ms", "measure_ms",
-    "decode_ms_per_token", "requests", "wall_ms", "wall_ms_per_token", "load",
+    "decode_ms_per_token", "layers_per_token", "acceptance_rate", "mean_accepted_draft", "requests", "wall_ms",
+    "wall_ms_per_token", "load",
 }
 TIMEOUT_S = 480
 

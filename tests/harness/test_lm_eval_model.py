@@ -291,3 +291,15 @@ def test_paired_timing_keeps_the_outputs_and_times_every_batch_against_full(pair
 def test_bad_timing_args_fail_before_the_model_loads(tmp_path, model_args, message):
     with pytest.raises(ValueError, match=message):
         MEELM(pretrained=str(tmp_path / "no-such-model"), **model_args)
+
+
+def test_model_args_reach_self_speculation_and_pruned_checks(tiny_model_dir, lm):
+    requests = [generation_request(p, index=i) for i, p in enumerate(PROMPTS[:3])]
+    lm.set_policy(FULL)
+    full = lm.generate_until(requests, disable_tqdm=True)
+    speculative = MEELM(pretrained=str(tiny_model_dir), measure="fixed", min_exit_layer=2, decoding="self_speculative",
+                        max_draft=3, batch_size=2, device="cpu")
+    assert speculative.generate_until(requests, disable_tqdm=True) == full
+    assert speculative.efficiency_report()["task_a"]["acceptance_rate"] is not None
+    pruned = MEELM(pretrained=str(tiny_model_dir), measure="softmax", vocab_top_k=16, batch_size=2, device="cpu")
+    assert pruned.get_model_info()["mee_policy"]["vocab_top_k"] == 16

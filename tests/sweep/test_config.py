@@ -93,6 +93,7 @@ def test_empty_grid_is_refused(tmp_path, override, message):
         ("limit=abc", "bad value for 'limit'"),
         ("limit=0", "limit=0 must be >= 1"),
         ("kv_strategy=defered", "did you mean 'deferred'"),
+        ("vocab_top_k=1", "vocab_top_k=1 must be 0 .off. or an integer >= 2"),
         ("model.dtype=fp16", "model.dtype='fp16' is not valid"),
         ("ray.cpus_per_trial=0", "must be > 0"),
         ("model.device=cuda", "needs ray.gpus_per_trial > 0"),
@@ -141,3 +142,11 @@ def test_to_config_accepts_a_plain_mapping_and_expands_full_once_per_task():
 def test_full_is_added_even_when_not_listed(tmp_path):
     trials = expand_grid(load_config(write(tmp_path, MINIMAL)))
     assert [t.measure for t in trials] == ["full", "softmax"]
+
+
+def test_pruned_checks_reach_the_measures_that_allow_them_only(tmp_path):
+    config = to_config({"name": "x", "tasks": ["a"], "measures": ["softmax", "lstm"], "thresholds": {"softmax": [0.5], "lstm": [0.5]},
+                        "vocab_top_k": 64, "carbon": {"country_iso_code": "FRA"}})
+    policies = {t.measure: t.policy(config) for t in expand_grid(config)}
+    assert policies["softmax"].vocab_top_k == 64
+    assert policies["lstm"].vocab_top_k == 0 and policies["full"].vocab_top_k == 0

@@ -263,3 +263,11 @@ def test_a_damaged_manifest_is_named_with_the_fix(tmp_path, capsys):
     (tmp_path / "sweep.json").write_text('{"fingerprint": "x", "conf')
     assert cli([str(tmp_path)]) == 2
     assert f"the sweep manifest {tmp_path / 'sweep.json'} cannot be read" in capsys.readouterr().err
+
+
+def test_pruned_checks_are_stated_in_the_measure_label():
+    pruned = record("tatoeba_enfr_mee", "softmax", 0.7, 2, 19.0, 4.0, 2.5)
+    pruned["config"]["policy"] = {"measure": "softmax", "vocab_top_k": 64}
+    [board] = task_boards([RECORDS[0], RECORDS[1], pruned])
+    labels = [cells[0] for cells in task_table(board)[1]]
+    assert "softmax, top-64 checks" in labels and "softmax" in labels  # the unpruned row keeps its plain label

@@ -1,0 +1,111 @@
+"""Vocabulary-pruned checks: the later checks of a token read k rows of the head; exits still emit the
+full-vocabulary argmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mee_bench.engine.decoding import CheckLogits, EarlyExitGenerator
+from mee_bench.engine.measures import MEASURES, ExitMeasure
+from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.runner import build_runner
+from tests.engine.test_decoding import padded_batch
+from tests.helpers import tiny_model
+
+MAX_NEW = 12
+
+
+def test_t5_logits_for_equals_the_full_logits_at_those_ids():
+    runner = build_runner(tiny_model(seed=0))
+    hidden = torch.randn(3, 2, runner.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 32128, (3, 5), generator=torch.Generator().manual_seed(1))
+    expected = runner.logits(hidden).gather(-1, ids[:, None, :].expand(-1, 2, -1))
+    torch.testing.assert_close(runner.logits_for(hidden, ids), expected)
+
+
+def test_check_logits_reads_the_full_head_once_per_token_then_the_kept_rows():
+    runner = build_runner(tiny_model(seed=0))
+    generator = torch.Generator().manual_seed(2)
+    first, second = (torch.randn(3, 1, runner.hidden_size, generator=generator) for _ in range(2))
+    checks = CheckLogits(runner, top_k=4)
+    checks.new_token()
+    checks.at_layer(first)
+    full_first = checks()
+    torch.testing.assert_close(full_first, runner.logits(first))
+    kept = full_first[:, -1].topk(4).indices
+    assert checks() is full_first  # memoised within a layer
+    checks.select(torch.tensor([True, False, True]))
+    checks.at_layer(second[[0, 2]])
+    pruned = checks()
+    assert pruned.shape == (2, 1, 4)
+    torch.testing.assert_close(pruned[:, 0], runner.logits(second[[0, 2]])[:, 0].gather(-1, kept[[0, 2]]))
+    exit_logits = checks.full_logits(slice(None), second[[0, 2]])
+    torch.testing.assert_close(exit_logits, runner.logits(second[[0, 2]]))  # an exit reads the whole vocabulary
+
+
+class Replay(ExitMeasure):
+    """Test measure: the s-th token exits at the layer `layers[s]` of a recorded run (batch 1)."""
+
+    name = "replay"
+    layers: list[int] = []
+
+    def __init__(self):
+        super().__init__()
+        self.token = -1
+
+    def start(self, embedding, first_check_layer):
+        super().start(embedding, first_check_layer)
+        self.token += 1
+
+    def step(self, layer, hidden, logits):
+        return torch.full((hidden.shape[0],), float(layer == self.layers[self.token]))
+
+
+@pytest.mark.parametrize("measure, threshold, first", [("softmax", 0.3, 1), ("monotonic_heuristic", 0.2, 3)])
+def test_pruned_exits_emit_the_full_vocabulary_argmax_at_their_exit_layer(monkeypatch, measure, threshold, first):
+    """Replaying a pruned run's exit layers with full-vocabulary logits gives its tokens back; with k = 2 the
+    exit layer's argmax is often outside the first check's two best, so a pruned argmax would differ."""
+    generator = EarlyExitGenerator(tiny_model(seed=1))
+    ids, mask = padded_batch([9])
+    pruned = generator.generate(ids, mask, ExitPolicy(measure, threshold, first, vocab_top_k=2), MAX_NEW)
+    early = [layer for layer in pruned.exit_layers[0] if layer < 4]
+    assert len(early) >= 3, "the test needs tokens that exit after a pruned check"
+    monkeypatch.setitem(MEASURES, Replay.name, Replay)
+    monkeypatch.setattr(Replay, "layers", pruned.exit_layers[0])
+    replayed = generator.generate(ids, mask, ExitPolicy("replay", min_exit_layer=1), MAX_NEW)
+    assert replayed.tokens == pruned.tokens
+
+
+@pytest.mark.parametrize("measure, threshold, first", [("softmax", 0.3, 1), ("monotonic_heuristic", 0.2, 3)])
+def test_keeping_the_whole_vocabulary_changes_nothing(measure, threshold, first):
+    generator = EarlyExitGenerator(tiny_model(seed=1, vocab_size=512))
+    ids, mask = padded_batch([9, 5, 7, 3], vocab=512)
+    plain = generator.generate(ids, mask, ExitPolicy(measure, threshold, first), MAX_NEW)
+    whole = generator.generate(ids, mask, ExitPolicy(measure, threshold, first, vocab_top_k=512), MAX_NEW)
+    assert whole.tokens == plain.tokens and whole.exit_layers == plain.exit_layers
+    assert any(layer < 4 for row in plain.exit_layers for layer in row)
+
+
+def test_pruned_confidence_is_the_softmax_over_the_kept_tokens():
+    """Over a subset holding the top two, top-1 minus top-2 can only grow: pruned checks exit no later
+    on the first token, whose context is the same with and without pruning."""
+    generator = EarlyExitGenerator(tiny_model(seed=1))
+    ids, mask = padded_batch([9, 5, 7, 3])
+    plain = generator.generate(ids, mask, ExitPolicy("softmax", 0.4, 1), 1)
+    pruned = generator.generate(ids, mask, ExitPolicy("softmax", 0.4, 1, vocab_top_k=8), 1)
+    assert all(p[0] <= u[0] for p, u in zip(pruned.exit_layers, plain.exit_layers))
+    assert any(p[0] < u[0] for p, u in zip(pruned.exit_layers, plain.exit_layers))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(measure="lstm", vocab_top_k=64), "does not apply to measure 'lstm'; use vocab_top_k=0 or one of monotonic_heuristic, softmax"),
+        (dict(measure="softmax", vocab_top_k=1), "must be 0 .* or an integer >= 2"),
+        (dict(measure="softmax", vocab_top_k=-3), "must be 0 .* or an integer >= 2"),
+    ],
+)
+def test_bad_pruning_says_what_to_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ExitPolicy(**kwargs)
