@@ -264,6 +264,11 @@ def check_task_names(config: SweepConfig) -> None:
             raise ConfigError(f"unknown task {name!r} in `tasks`; did you mean {closest(name, sorted(known))!r}?")
 
 
+def sweep_identity(config: SweepConfig, settings: dict) -> dict:
+    """What a resume must match: the config and the provenance of its results."""
+    return {**config_dict(config), "provenance": provenance(settings)}
+
+
 def run_sweep(
     config: SweepConfig,
     force: bool = False,
@@ -279,8 +284,7 @@ def run_sweep(
     settings = result_settings(config)
     ids = {trial: trial_id(trial, settings) for trial in trials}
     store = ResultStore(config.results_dir)
-    identity = {**config_dict(config), "provenance": provenance(settings)}  # a resume must match all of it
-    store.open(sweep_fingerprint(config, settings), identity, ids.values(), force)
+    store.open(sweep_fingerprint(config, settings), sweep_identity(config, settings), ids.values(), force)
     try:
         finished = store.finished()
         pending = collections.deque((t, 1) for t in trials if ids[t] not in finished)
@@ -445,6 +449,9 @@ def _run_cli(args: argparse.Namespace) -> int:
             check_model(resolved)
             check_task_names(resolved)
             check_task_data(resolved)
+            settings = result_settings(resolved)  # a resume the real run would refuse is refused here too
+            ResultStore(resolved.results_dir).check(sweep_fingerprint(resolved, settings),
+                                                    sweep_identity(resolved, settings), args.force)
             print(_describe(expand_grid(resolved)))
             return 0
         result = run_sweep(config, force=args.force, progress=not args.no_progress)

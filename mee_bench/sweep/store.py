@@ -196,11 +196,9 @@ class ResultStore:
             self.close()
             raise
 
-    def _claim(self, fingerprint: str, config: dict, trial_ids: set[str], force: bool) -> None:
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise SweepError(f"another sweep is writing to {self.root}; wait for it or use another output_dir") from None
+    def check(self, fingerprint: str, config: dict, force: bool) -> tuple[dict | None, bool, list[Path]]:
+        """Whether a run may write here, without writing anything (what `--dry-run` asks): raises the
+        refusal a real run would; returns (previous manifest, same sweep, existing records)."""
         manifest_path = self.root / MANIFEST
         existing = sorted(self.records.glob("*.json")) if self.records.is_dir() else []
         try:
@@ -212,6 +210,15 @@ class ResultStore:
         same = previous is not None and previous.get("fingerprint") == fingerprint
         if existing and not same and not force:  # a manifest without records has nothing to protect
             raise SweepError(self._difference(previous, config, len(existing)))
+        return previous, same, existing
+
+    def _claim(self, fingerprint: str, config: dict, trial_ids: set[str], force: bool) -> None:
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SweepError(f"another sweep is writing to {self.root}; wait for it or use another output_dir") from None
+        manifest_path = self.root / MANIFEST
+        _, same, existing = self.check(fingerprint, config, force)
         self.records.mkdir(exist_ok=True)
         for stale in [*self.root.glob(".*.tmp"), *self.records.glob(".*.tmp")]:  # a write cut short by a kill
             stale.unlink()

@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+from omegaconf import OmegaConf
 
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.sweep.store import ResultStore, SweepError, load_records, result_settings, trial_id
@@ -285,7 +286,7 @@ def flip_middle_byte(path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_resume_refuses_when_the_model_or_the_task_data_changed_in_the_middle(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_resume_refuses_when_the_model_or_the_task_data_changed_in_the_middle(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Provenance decides resume: the same config over changed files is a different sweep."""
     import shutil
 
@@ -315,6 +316,10 @@ def test_a_resume_refuses_when_the_model_or_the_task_data_changed_in_the_middle(
     data.write_bytes(original.replace(b"Salut 25.", b"Salut 25!"))  # one reference in the middle of the file
     with pytest.raises(SweepError, match=r"differs in: provenance\.tasks\.tatoeba_enfr_mee\.data\).*content of the model"):
         run_sweep(make_config(model, tmp_path), progress=False)
+    config_file = tmp_path / "sweep.yaml"
+    OmegaConf.save(OmegaConf.structured(make_config(model, tmp_path)), config_file)
+    assert cli([str(config_file), "--dry-run"]) == 2  # the dry run refuses what the real run refuses
+    assert "provenance.tasks.tatoeba_enfr_mee.data" in capsys.readouterr().err
     data.write_bytes(original)
     flip_middle_byte(model / "model.safetensors")
     with pytest.raises(SweepError, match=r"differs in: provenance\.model_fingerprint\)"):
