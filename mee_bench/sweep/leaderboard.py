@@ -131,11 +131,9 @@ def _row(task: str, record: dict, metric: str | None, full: dict | None, board: 
     analysis_only = measure_facts(record)["analysis_only"]
     speedup, paired = None, "paired_speedup" in efficiency
     ms = efficiency.get("decode_ms_per_token")
-    if analysis_only:
-        pass
-    elif paired:
+    if paired and not analysis_only:
         speedup = Speedup.from_dict(efficiency["paired_speedup"])
-    elif full is not None and ms:
+    elif full is not None and ms and not analysis_only:
         if _hardware_key(full) == _hardware_key(record):
             ratio = full["efficiency"]["decode_ms_per_token"] / ms
             speedup = Speedup(ratio, ratio, ratio, 1)
