@@ -25,17 +25,10 @@ from mee_bench.engine.loading import DTYPES
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.policy import KV_STRATEGIES, THRESHOLD_SCHEDULES, ExitPolicy
 from mee_bench.config_errors import ConfigError, closest, load_typed, to_typed
+from mee_bench.sweep.config import ModelConfig  # the same model section as a sweep's
 
 CONSISTENCY_KINDS = ("textual", "risk")
 CONSISTENCY_METRICS = ("rougeL", "bleu", "chrf")
-
-
-@dataclass
-class ModelConfig:
-    pretrained: Optional[str] = None  # None = the embedded default model (mee_bench/models/mee-t5-default)
-    dtype: str = "float32"
-    device: str = "cpu"
-    heads: Optional[str] = None  # None = the exit heads saved beside the model
 
 
 @dataclass

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from mee_bench.engine.runner import PlacedByHead
+
 
 @dataclass
 class SlotCache:
@@ -99,7 +101,7 @@ def left_align(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tenso
     return input_ids.gather(1, index), attention_mask.gather(1, index)
 
 
-class CausalLayerRunner(ABC):
+class CausalLayerRunner(PlacedByHead, ABC):
     """The decoder-only half of a `LayerRunner`; a family subclass names its modules (the abstract
     methods) and, when its layers take more than the mask and positions, overrides `layer_inputs`."""
 
@@ -127,14 +129,6 @@ class CausalLayerRunner(ABC):
     def sliding_window(self, index: int) -> int | None:
         """Layer `index`'s attention window, or None for full causal attention."""
         return None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor) -> None:
         return None

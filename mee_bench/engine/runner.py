@@ -94,6 +94,20 @@ class LayerRunner(Protocol):
 RUNNERS: dict[str, type] = {}
 
 
+class PlacedByHead:
+    """A runner's dtype and device: those of its model's LM head, which every family has."""
+
+    model: Any
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+
 def register_runner(*model_types: str) -> Callable[[type], type]:
     """Class decorator: `cls` runs models whose `config.model_type` is one of `model_types`."""
 

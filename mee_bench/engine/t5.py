@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mee_bench.engine.runner import register_runner
+from mee_bench.engine.runner import PlacedByHead, register_runner
 
 
 @dataclass
@@ -35,7 +35,7 @@ class DecoderCache:
 
 
 @register_runner("t5", "mt5")
-class T5LayerRunner:
+class T5LayerRunner(PlacedByHead):
     """Runs an unmodified Hugging Face T5 decoder one layer at a time (a `LayerRunner`).
 
     `rows` selects the batch rows being computed (None = all rows, no copies); queries sit
@@ -59,14 +59,6 @@ class T5LayerRunner:
         self.output_scale = self.hidden_size**-0.5 if getattr(config, "scale_decoder_outputs", False) else 1.0
         self.position_bias_module = self.blocks[0].layer[0].SelfAttention
         self._kv_weights: Tensor | None = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
 
     @classmethod
     def config_dims(cls, config) -> tuple[int, int]:

@@ -50,8 +50,8 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
     return (row for _, row in numbered_jsonl(path))
 
 
-def numbered_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, row) of a JSON Lines file, blank lines skipped; a malformed line raises with its number."""
+def numbered_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a JSON Lines file, blank lines skipped; a malformed line raises `error` with its number."""
     path = Path(path)
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -60,9 +60,9 @@ def numbered_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from err
+                raise error(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from err
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: a JSON {type(row).__name__}, not a record (an object); fix or remove that line")
+                raise error(f"{path}:{number}: a JSON {type(row).__name__}, not a record (an object); fix or remove that line")
             yield number, row
 
 

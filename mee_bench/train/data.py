@@ -7,7 +7,6 @@ rebuilds it and continues at the saved position: same data order, no data state 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from mee_bench.engine.causal import continuation_ids
 from mee_bench.harness.catalogue import SQUAD, TATOEBA_ENFR, TaskSpec
+from mee_bench.harness.data import numbered_jsonl
 from mee_bench.paths import data_root
 
 # A training source's `task` names the catalogue task whose prompt and reference it is read
@@ -56,20 +56,14 @@ def read_examples(path: str | Path, task: str, limit: int | None = None, causal:
     if not path.is_file():
         raise DataError(f"training data {path} does not exist")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt = TASKS[task].causal_prompt(row) if causal else TASKS[task].prompt(row)
-                examples.append(TrainExample(prompt, TASKS[task].target(row)))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            except (KeyError, TypeError, IndexError) as err:
-                raise DataError(f"{path}:{number}: not a {task} example (missing or wrong field {err})") from err
-            if limit is not None and len(examples) >= limit:
-                break
+    for number, row in numbered_jsonl(path, DataError):
+        try:
+            prompt = TASKS[task].causal_prompt(row) if causal else TASKS[task].prompt(row)
+            examples.append(TrainExample(prompt, TASKS[task].target(row)))
+        except (KeyError, TypeError, IndexError) as err:
+            raise DataError(f"{path}:{number}: not a {task} example (missing or wrong field {err})") from err
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise DataError(f"training data {path} holds no examples")
     return examples
