@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from mee_bench.engine.measures import ExitMeasure
 from mee_bench.harness.lm_eval_hook import DISABLE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,3 +124,22 @@ def tiny_train_config(corpus: Path, output: Path, model: dict | None = None, **o
     config_file = output.parent / f"{output.name}.yaml"
     OmegaConf.save(values, config_file)
     return load_config(config_file, [f"{k}={v}" for k, v in overrides.items()])
+
+
+class StepSchedule(ExitMeasure):
+    """Test measure: token number s exits at layer SCHEDULE[s % len] (0 = full depth)."""
+
+    name = "step_schedule"
+    schedule = (2, 0, 1, 3, 0, 2, 2, 0)
+
+    def __init__(self):
+        super().__init__()
+        self.step_index = -1
+
+    def start(self, embedding, first_check_layer):
+        super().start(embedding, first_check_layer)
+        self.step_index += 1
+
+    def step(self, layer, hidden, logits):
+        target = self.schedule[self.step_index % len(self.schedule)]
+        return torch.full((hidden.shape[0],), float(layer == target), device=hidden.device)

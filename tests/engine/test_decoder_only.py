@@ -7,10 +7,11 @@ import torch
 
 from mee_bench.engine.causal import left_align
 from mee_bench.engine.decoding import EarlyExitGenerator
-from mee_bench.engine.measures import MEASURES, ExitMeasure
+from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import build_runner
 from tests.helpers import CAUSAL_FAMILIES, tiny_causal_model
+from tests.helpers import StepSchedule as HelperStepSchedule
 
 MAX_NEW = 12
 VOCAB = 512
@@ -68,23 +69,11 @@ def test_a_one_token_prompt_needs_no_prefill():
     assert out.tokens == hf_greedy(model, ids, torch.ones_like(ids))
 
 
-class StepSchedule(ExitMeasure):
+class StepSchedule(HelperStepSchedule):
     """Test measure: token number s exits at layer SCHEDULE[s % len] (0 = full depth)."""
 
     name = "causal_step_schedule"
     schedule = (2, 0, 1, 3, 0, 2, 2, 0, 1, 1)
-
-    def __init__(self):
-        super().__init__()
-        self.step_index = -1
-
-    def start(self, embedding, first_check_layer):
-        super().start(embedding, first_check_layer)
-        self.step_index += 1
-
-    def step(self, layer, hidden, logits):
-        target = self.schedule[self.step_index % len(self.schedule)]
-        return torch.full((hidden.shape[0],), float(layer == target))
 
 
 @pytest.fixture

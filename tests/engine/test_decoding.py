@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import tiny_model
+from tests.helpers import StepSchedule, tiny_model
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.heads import ExitHeads
-from mee_bench.engine.measures import MEASURES, ExitMeasure
+from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import load_model
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.t5 import growing_generate_cache
@@ -78,25 +78,6 @@ def test_different_encoder_and_decoder_depths_match_slow_greedy():
             if prefix[0, -1] == 1:
                 break
         assert out.tokens[row] == prefix[0, 1:].tolist()
-
-
-class StepSchedule(ExitMeasure):
-    """Test measure: token number s exits at layer SCHEDULE[s % len] (0 = full depth)."""
-
-    name = "step_schedule"
-    schedule = (2, 0, 1, 3, 0, 2, 2, 0)
-
-    def __init__(self):
-        super().__init__()
-        self.step_index = -1
-
-    def start(self, embedding, first_check_layer):
-        super().start(embedding, first_check_layer)
-        self.step_index += 1
-
-    def step(self, layer, hidden, logits):
-        target = self.schedule[self.step_index % len(self.schedule)]
-        return torch.full((hidden.shape[0],), float(layer == target), device=hidden.device)
 
 
 @pytest.fixture
