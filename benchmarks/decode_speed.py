@@ -127,9 +127,9 @@ def interleaved_medians(variants: dict, repeats: int, device: str, summary=stati
 
 
 def paired_ratio(samples: dict[str, list[float]], baseline: str, candidate: str) -> tuple[float, list[float]]:
-    """baseline/candidate time: the median of the per-round ratios and its 95% bootstrap interval."""
+    """baseline/candidate time over the rounds (the same work each round) and its 95% timing-noise interval."""
     ratio = speedup_interval(samples[baseline], samples[candidate])
-    return ratio.median, [round(ratio.low, 4), round(ratio.high, 4)]
+    return ratio.ratio, [round(ratio.low, 4), round(ratio.high, 4)]
 
 
 def forced_exit_layers(layers: int) -> list[int]:

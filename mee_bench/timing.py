@@ -2,9 +2,10 @@
 
 A speedup read from two runs taken minutes apart carries whatever changed on the machine
 in between. Here the baseline (`full`) and the candidate decode the same block of work
-back to back, in alternating order, and each block gives one ratio; the speedup is the
-median of the block ratios with a percentile bootstrap interval over blocks. Timing
-stops as soon as the interval is as narrow as asked, or when the time allowance is
+back to back, in alternating order. The speedup is the ratio of total times (what a run
+of that work gains); its interval is how far timing noise could move that ratio, estimated
+from pieces of work timed more than once. After one pass over the work, timing-only
+rounds re-time it until the interval is as narrow as asked, or the time allowance is
 spent, in which case the result says it is imprecise instead of pretending.
 """
 
@@ -27,17 +28,18 @@ Result = TypeVar("Result")
 class Speedup:
     """Baseline time / candidate time: above 1 the candidate is faster."""
 
-    median: float
+    ratio: float
     low: float
     high: float
     blocks: int
     confidence: float = 0.95
     target_half_width: float | None = None  # relative; None = no precision was asked for
+    across_work: tuple[float, float] | None = None  # interval over which examples were drawn, not timing noise
 
     @property
     def half_width(self) -> float:
-        """Relative half-width of the interval around the median."""
-        return (self.high - self.low) / (2 * self.median) if self.median > 0 else math.inf
+        """Relative half-width of the interval around the ratio."""
+        return (self.high - self.low) / (2 * self.ratio) if self.ratio > 0 else math.inf
 
     @property
     def precise(self) -> bool:
@@ -54,39 +56,82 @@ class Speedup:
         return "no measurable difference"
 
     def format(self) -> str:
-        return f"{self.median:.2f}x [{self.low:.2f}, {self.high:.2f}]"
+        return f"{self.ratio:.2f}x [{self.low:.2f}, {self.high:.2f}]"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "half_width": self.half_width, "precise": self.precise, "verdict": self.verdict}
 
     @classmethod
     def from_dict(cls, figures: dict) -> "Speedup":
-        """Back from `as_dict` (a record read from disk); the derived fields are recomputed."""
+        """Back from `as_dict` (a record read from disk); the derived fields are recomputed. Records
+        written before the ratio of totals call their point estimate `median`."""
+        figures = {"ratio": figures.get("median"), **{k: v for k, v in figures.items() if k != "median"}}
+        if figures.get("across_work") is not None:
+            figures["across_work"] = tuple(figures["across_work"])
         return cls(**{name: figures[name] for name in cls.__dataclass_fields__ if name in figures})
 
 
 def speedup_interval(
     baseline_s: Sequence[float],
     candidate_s: Sequence[float],
+    groups: Sequence[int] | None = None,
     confidence: float = 0.95,
+    target_half_width: float | None = None,
     resamples: int = 2000,
     seed: int = 0,
-    target_half_width: float | None = None,
 ) -> Speedup:
-    """Median of the paired ratios baseline/candidate with a percentile bootstrap interval over blocks."""
+    """Total baseline time / total candidate time over paired blocks, with its timing-noise interval.
+
+    `groups[i]` names the piece of work block i timed (None: every block timed the same work,
+    as a benchmark's rounds do). Each piece's times are averaged, so every piece counts once,
+    however often it was re-timed; a long example saves more time than a short one and counts
+    for more. The interval is how far timing noise alone could move the ratio on this same work:
+    the spread of re-timed pieces around their own means (log times, baseline and candidate
+    jointly, so the pairing's shared noise cancels), propagated to the totals by the delta
+    method, with Student's t for the few degrees of freedom. With no piece timed twice there is
+    no noise estimate and the interval is unbounded. How the gain varies *between* pieces is
+    another question, answered by `Speedup.across_work` (a bootstrap over pieces).
+    """
+    from scipy import stats
+
     if len(baseline_s) != len(candidate_s):
         raise ValueError(f"paired timings need as many baseline as candidate blocks ({len(baseline_s)} vs {len(candidate_s)})")
     if len(baseline_s) == 0:
         raise ValueError("no timed blocks: time at least one block of the baseline and the candidate")
-    ratios = np.asarray(baseline_s, dtype=float) / np.asarray(candidate_s, dtype=float)
-    median = float(np.median(ratios))
-    if len(ratios) < 2:
-        return Speedup(median, 0.0, math.inf, 1, confidence, target_half_width)
+    if groups is not None and len(groups) != len(baseline_s):
+        raise ValueError(f"one group per timed block is needed ({len(groups)} groups for {len(baseline_s)} blocks)")
+    base, cand = np.asarray(baseline_s, dtype=float), np.asarray(candidate_s, dtype=float)
+    _, inverse = np.unique(np.zeros(len(base)) if groups is None else np.asarray(groups), return_inverse=True)
+    counts = np.bincount(inverse)
+    base_mean, cand_mean = (np.bincount(inverse, weights=times) / counts for times in (base, cand))
+    ratio = float(base_mean.sum() / cand_mean.sum())
+    across = _across_work(base_mean, cand_mean, confidence, resamples, seed)
+    freedom = len(base) - len(counts)
+    if freedom < 1:
+        return Speedup(ratio, 0.0, math.inf, len(base), confidence, target_half_width, across)
+    log_base, log_cand = np.log(base), np.log(cand)
+    residual_base = log_base - (np.bincount(inverse, weights=log_base) / counts)[inverse]
+    residual_cand = log_cand - (np.bincount(inverse, weights=log_cand) / counts)[inverse]
+    var_base, var_cand = residual_base @ residual_base / freedom, residual_cand @ residual_cand / freedom
+    covariance = residual_base @ residual_cand / freedom
+    share_base, share_cand = base_mean / base_mean.sum(), cand_mean / cand_mean.sum()
+    variance = np.sum((share_base**2 * var_base + share_cand**2 * var_cand - 2 * share_base * share_cand * covariance) / counts)
+    spread = float(stats.t.ppf(1 - (1 - confidence) / 2, freedom)) * math.sqrt(max(float(variance), 0.0))
+    return Speedup(ratio, ratio * math.exp(-spread), ratio * math.exp(spread), len(base), confidence, target_half_width, across)
+
+
+def _across_work(
+    base_mean: np.ndarray, cand_mean: np.ndarray, confidence: float, resamples: int, seed: int
+) -> tuple[float, float] | None:
+    """Percentile bootstrap of the ratio of totals over the pieces of work: how much the gain
+    depends on which examples were drawn. None with fewer than two pieces."""
+    if len(base_mean) < 2:
+        return None
     rng = np.random.default_rng(seed)
-    medians = np.median(rng.choice(ratios, size=(resamples, len(ratios)), replace=True), axis=1)
+    weights = rng.multinomial(len(base_mean), np.full(len(base_mean), 1 / len(base_mean)), size=resamples)
     tail = (1 - confidence) / 2
-    low, high = np.quantile(medians, [tail, 1 - tail])
-    return Speedup(median, float(low), float(high), len(ratios), confidence, target_half_width)
+    low, high = np.quantile((weights @ base_mean) / (weights @ cand_mean), [tail, 1 - tail])
+    return float(low), float(high)
 
 
 @dataclass
@@ -100,6 +145,7 @@ class PairedTimer:
     sync: Callable[[], None] = lambda: None
     baseline_s: list[float] = field(default_factory=list)
     candidate_s: list[float] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)  # which piece of work each block timed
 
     def _timed(self, run: Callable[[], object]) -> tuple[float, object]:
         self.sync()
@@ -108,8 +154,11 @@ class PairedTimer:
         self.sync()
         return time.perf_counter() - started, result
 
-    def block(self, run_baseline: Callable[[], object], run_candidate: Callable[[], object]) -> tuple[object, object]:
-        """Time one block of each; returns (baseline result, candidate result)."""
+    def block(
+        self, run_baseline: Callable[[], object], run_candidate: Callable[[], object], group: int | None = None
+    ) -> tuple[object, object]:
+        """Time one block of each (`group`: which piece of work, default a new one); returns
+        (baseline result, candidate result)."""
         if len(self.baseline_s) % 2 == 0:
             base_s, base = self._timed(run_baseline)
             cand_s, cand = self._timed(run_candidate)
@@ -118,21 +167,27 @@ class PairedTimer:
             base_s, base = self._timed(run_baseline)
         self.baseline_s.append(base_s)
         self.candidate_s.append(cand_s)
+        self.groups.append(len(self.groups) if group is None else group)
         return base, cand
 
     def speedup(self, target_half_width: float | None = None, confidence: float = 0.95) -> Speedup:
-        return speedup_interval(self.baseline_s, self.candidate_s, confidence, target_half_width=target_half_width)
+        return speedup_interval(self.baseline_s, self.candidate_s, self.groups, confidence, target_half_width=target_half_width)
+
+    def samples(self) -> dict:
+        """The raw paired timings, for records that let anyone recompute the figure."""
+        return {"baseline_s": self.baseline_s, "candidate_s": self.candidate_s, "groups": self.groups}
 
 
 class PairedBlocks(Generic[Work, Result]):
     """The candidate's real work, each block paired with a timed baseline run of the same work.
 
     `run(work)` times one block of each (alternating order) and returns the candidate's
-    result, so quality comes from that one decode; `speedup()` then adds timing-only
-    rounds over the same blocks until the interval's relative half-width is at most
-    `target_half_width` or `allowance_s` (counted from the first block) is spent. At least
-    `min_blocks` blocks are timed even past the allowance, so that a slow trial still
-    reports an interval, only a wide one.
+    result, so quality comes from that one decode; `speedup()` then re-times the same blocks
+    in a seeded shuffled order (so the noise estimate samples short and long work alike,
+    whatever order the work came in), cycling, until the interval's relative half-width is at most
+    `target_half_width` or `allowance_s` of re-timing is spent. At least `min_repeats`
+    blocks are re-timed even past the allowance: the noise estimate needs them (and is only
+    as good as their number), so a slow trial still reports an interval, only a wide one.
     """
 
     def __init__(
@@ -141,33 +196,31 @@ class PairedBlocks(Generic[Work, Result]):
         candidate: Callable[[Work], Result],
         target_half_width: float = 0.05,
         allowance_s: float = 60.0,
-        min_blocks: int = 6,
+        min_repeats: int = 10,
         sync: Callable[[], None] = lambda: None,
     ) -> None:
         self.baseline, self.candidate = baseline, candidate
-        self.target_half_width, self.allowance_s, self.min_blocks = target_half_width, allowance_s, min_blocks
+        self.target_half_width, self.allowance_s, self.min_repeats = target_half_width, allowance_s, min_repeats
         self.timer = PairedTimer(sync=sync)
         self.work: list[Work] = []
-        self.started: float | None = None
 
     def run(self, work: Work) -> Result:
-        if self.started is None:
-            self.started = time.perf_counter()
         self.work.append(work)
-        return self.timer.block(lambda: self.baseline(work), lambda: self.candidate(work))[1]
+        return self.timer.block(lambda: self.baseline(work), lambda: self.candidate(work), len(self.work) - 1)[1]
 
     def speedup(self) -> Speedup:
         if not self.work:
             raise ValueError("no timed blocks: run at least one block of work first")
-        index = 0
+        order = np.random.default_rng(0).permutation(len(self.work)).tolist()
+        started, index = time.perf_counter(), 0
         while True:
-            timed = len(self.timer.baseline_s)
-            if timed >= self.min_blocks:
+            if len(self.timer.baseline_s) - len(self.work) >= self.min_repeats:
                 current = self.timer.speedup(self.target_half_width)
-                if current.precise or time.perf_counter() - self.started >= self.allowance_s:
+                if current.precise or time.perf_counter() - started >= self.allowance_s:
                     return current
-            work = self.work[index % len(self.work)]
-            self.timer.block(lambda: self.baseline(work), lambda: self.candidate(work))
+            piece = order[index % len(order)]
+            work = self.work[piece]
+            self.timer.block(lambda: self.baseline(work), lambda: self.candidate(work), piece)
             index += 1
 
 
@@ -175,13 +228,13 @@ def time_paired(
     blocks: Sequence[tuple[Callable[[], object], Callable[[], object]]],
     target_half_width: float = 0.05,
     allowance_s: float = 60.0,
-    min_blocks: int = 6,
+    min_repeats: int = 10,
     sync: Callable[[], None] = lambda: None,
 ) -> Speedup:
     """Time every (baseline, candidate) pair of callables once, then more rounds as `PairedBlocks` does."""
     if not blocks:
         raise ValueError("no blocks to time")
-    paired = PairedBlocks(lambda pair: pair[0](), lambda pair: pair[1](), target_half_width, allowance_s, min_blocks, sync)
+    paired = PairedBlocks(lambda pair: pair[0](), lambda pair: pair[1](), target_half_width, allowance_s, min_repeats, sync)
     for pair in blocks:
         paired.run(pair)
     return paired.speedup()

@@ -77,6 +77,7 @@ class TaskEfficiency:
     requests: int = 0
     wall_s: float = 0.0
     paired: Speedup | None = None  # the policy against `full` on the same batches (paired_timing=true)
+    paired_timings: dict | None = None  # the raw block times behind `paired`, to recompute it from the record
     load: dict | None = None  # the machine's load while this task's requests ran
 
     def add(self, stats: GenerationStats, requests: int, wall_s: float) -> None:
@@ -93,6 +94,7 @@ class TaskEfficiency:
         )
         if self.paired is not None:
             figures["paired_speedup"] = self.paired.as_dict()
+            figures["paired_timings"] = self.paired_timings
         if self.load is not None:
             figures["load"] = self.load
         return figures
@@ -109,9 +111,9 @@ class MEELM(TemplateLM):
     generated tokens together, as lm-eval's `hf` model counts them), heads (exit heads
     file; default: beside the model), max_gen_toks (when a task sets none), trust_remote_code;
     paired_timing (time every batch against `full` on the same inputs, interleaved, and report
-    the speedup with its 95% interval), timing_precision (the interval's relative half-width
-    to reach, default 0.05) and timing_allowance_s (extra timing rounds per task stop after
-    this, default 60).
+    the ratio of total times with its 95% timing-noise interval), timing_precision (the
+    interval's relative half-width to reach, default 0.05) and timing_allowance_s (re-timing
+    per task stops after this, once 10 batches were re-timed; default 60).
 
     With no measure and no calibration, the policy is the one the model ships beside its
     weights (`exit_policy.json`) if any, else `full`; the other policy args adjust it. Which
@@ -384,6 +386,7 @@ class MEELM(TemplateLM):
         progress.close()
         for task, paired in timers.items():
             self._efficiency[task].paired = paired.speedup()
+            self._efficiency[task].paired_timings = paired.timer.samples()
         for task, monitor in monitors.items():
             self._efficiency[task].load = monitor.stop()
         return collator.get_original(texts)

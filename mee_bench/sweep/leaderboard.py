@@ -182,7 +182,7 @@ def _speedup(row: Row) -> str:
         return "analysis only"
     if row.speedup is None:
         return MISSING
-    text = row.speedup.format() if row.paired else f"{row.speedup.median:.2f}x (unpaired)"
+    text = row.speedup.format() if row.paired else f"{row.speedup.ratio:.2f}x (unpaired)"
     if row.paired and not row.speedup.precise:
         text += " (imprecise)"
     return text + (" (busy machine)" if row.busy else "")
@@ -236,7 +236,7 @@ def summary(boards: list[TaskBoard], tolerance: float = 1.0) -> list[SummaryRow]
                 r for r in board.rows
                 if r.measure == measure and r.speedup is not None and r.delta is not None and r.delta >= -tolerance
             ]
-            best = max(candidates, key=lambda r: r.speedup.median) if candidates else None
+            best = max(candidates, key=lambda r: r.speedup.ratio) if candidates else None
             reason = "" if best else f"none within {tolerance:g} point(s) of full"
             result.append(SummaryRow(board.task, measure, best, reason))
     return result
@@ -276,11 +276,11 @@ def plot_quality_vs_speedup(board: TaskBoard, path: Path, tolerance: float) -> N
     figure = Figure(figsize=(6.4, 4.4))
     axes = figure.subplots()
     shown = [r for r in board.rows if r.speedup is not None and r.quality is not None and not r.analysis_only]
-    points = [(r.speedup.median, r.quality) for r in shown]
+    points = [(r.speedup.ratio, r.quality) for r in shown]
     for measure in dict.fromkeys(r.measure for r in shown):
         mine = [r for r in shown if r.measure == measure]
-        x = [r.speedup.median for r in mine]
-        spread = [[r.speedup.median - r.speedup.low for r in mine], [r.speedup.high - r.speedup.median for r in mine]]
+        x = [r.speedup.ratio for r in mine]
+        spread = [[r.speedup.ratio - r.speedup.low for r in mine], [r.speedup.high - r.speedup.ratio for r in mine]]
         axes.errorbar(x, [r.quality for r in mine], xerr=spread, fmt="*" if measure == "full" else "o",
                       markersize=9 if measure == "full" else 5, capsize=3, label=measure)
     if points:
@@ -289,7 +289,7 @@ def plot_quality_vs_speedup(board: TaskBoard, path: Path, tolerance: float) -> N
     if full is not None:
         axes.axhline(full.quality - tolerance, color="grey", linestyle=":", label=f"full - {tolerance:g} point(s)")
     axes.axvline(1.0, color="grey", linewidth=0.8)
-    axes.set_xlabel("speedup vs full (paired, median and 95% interval)")
+    axes.set_xlabel("speedup vs full (paired ratio of total times, 95% interval)")
     axes.set_ylabel(board.metric)
     axes.set_title(f"{board.task}: quality vs speedup")
     axes.legend(fontsize="small")
@@ -323,14 +323,16 @@ def plot_exit_layers(boards: list[TaskBoard], path: Path) -> None:
 def _csv_rows(boards: list[TaskBoard]) -> tuple[list[str], list[list]]:
     metric_names = sorted({n for b in boards for n in b.metric_names})
     header = ["task", "measure", "threshold", "min_exit_layer", "primary_metric", "quality", "delta_vs_full",
-              *metric_names, "avg_exit_layer", "speedup_vs_full", "speedup_low", "speedup_high", "speedup_paired",
+              *metric_names, "avg_exit_layer", "speedup_vs_full", "speedup_low", "speedup_high", "speedup_across_examples_low",
+              "speedup_across_examples_high", "speedup_paired",
               "speedup_verdict", "busy_machine", "decode_ms_per_token", "energy_wh", "co2_g", "power_source", "analysis_only"]
     rows = []
     for board in boards:
         for r in board.rows:
             rows.append([r.task, r.measure, r.threshold, r.min_exit_layer, board.metric, r.quality, r.delta,
                          *(r.metrics.get(n) for n in metric_names), r.avg_exit_layer,
-                         *((r.speedup.median, r.speedup.low, r.speedup.high) if r.speedup else (None,) * 3),
+                         *((r.speedup.ratio, r.speedup.low, r.speedup.high) if r.speedup else (None,) * 3),
+                         *((r.speedup.across_work if r.speedup and r.speedup.across_work else None) or (None, None)),
                          r.paired, _verdict(r) if r.speedup and r.paired else None, r.busy, r.ms_per_token,
                          r.energy_wh, r.co2_g, r.power, r.analysis_only])
     return header, rows
@@ -362,8 +364,10 @@ def _context(records: list[dict]) -> list[str]:
         lines.append(f"Energy and CO2: CodeCarbon, grid of {energy.get('country_iso_code')}; power was "
                      f"**{' / '.join(sources)}** ({energy.get('power_detail', 'no detail')}).")
     lines.append("Speedup: each trial decoded its examples in blocks and `full` decoded the same blocks in the "
-                 "same worker, interleaved in alternating order; the speedup is the median of the block ratios with a "
-                 "95% bootstrap interval over blocks (it includes the spread between examples). A measure is called "
+                 "same worker, interleaved in alternating order, then some blocks again; the speedup is the ratio of "
+                 "total times, and its 95% interval is how far timing noise could move it on these examples "
+                 "(estimated from the blocks timed twice or more). How much the gain depends on which examples "
+                 "were drawn is a separate interval, in the CSV (`speedup_across_examples_*`). A measure is called "
                  "faster or slower than `full` only when its whole interval lies above or below 1; \"(imprecise)\" "
                  "marks a trial that ran out of its timing allowance before its interval reached the asked precision, "
                  "\"(busy machine)\" one during which other processes took CPU it was meant to have. The oracle "

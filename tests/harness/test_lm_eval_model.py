@@ -13,6 +13,7 @@ from lm_eval.api.instance import Instance
 from mee_bench.harness.lm_eval_model import MEELM, TRAIN_DEFAULT_COMMAND, ModelArgsError, attach_efficiency, efficiency_table, task_manager
 from mee_bench.engine.loading import ModelLoadError
 from mee_bench.engine.policy import ExitPolicy
+from mee_bench.timing import speedup_interval
 
 FULL = ExitPolicy(measure="full")
 PROMPTS = [
@@ -268,13 +269,17 @@ def test_paired_timing_keeps_the_outputs_and_times_every_batch_against_full(pair
     assert paired.generate_until(requests, disable_tqdm=True) == unpaired
     figures = paired.efficiency_report()["task_a"]
     speedup = figures["paired_speedup"]
-    assert speedup["blocks"] == 6  # 3 batches, then timing-only rounds up to the minimum (allowance 0 s)
-    assert speedup["low"] <= speedup["median"] <= speedup["high"] and speedup["target_half_width"] == 0.05
+    assert speedup["blocks"] == 13  # 3 batches, then the 10 re-timed blocks the noise estimate needs (allowance 0 s)
+    assert speedup["low"] <= speedup["ratio"] <= speedup["high"] and speedup["target_half_width"] == 0.05
+    timings = figures["paired_timings"]
+    assert timings["groups"][:3] == [0, 1, 2] and set(timings["groups"][3:]) == {0, 1, 2}  # the same batches again
+    recomputed = speedup_interval(timings["baseline_s"], timings["candidate_s"], timings["groups"], target_half_width=0.05)
+    assert recomputed.as_dict() == speedup  # the record holds what it takes to check its figure
     assert speedup["verdict"] in {"faster", "slower", "no measurable difference"}
     assert figures["requests"] == 5 and figures["avg_exit_layer"] == 1.0  # quality and exits from one decode
     assert policies[:2] == ["full", "softmax"]  # the untimed warm-up of both
     timed = policies[2:]
-    assert timed.count("full") == timed.count("softmax") == 6
+    assert timed.count("full") == timed.count("softmax") == 13
     assert timed[:4] == ["full", "softmax", "softmax", "full"]  # alternating order
     assert set(figures["load"]) == {"load_avg_1m", "cpus", "cpu_mhz", "other_processes_cpu_cores", "busy"}
     assert "[" in efficiency_table(paired.efficiency_report())

@@ -21,7 +21,7 @@ HARDWARE = {"cpu_model": "Test CPU", "cpu_count": 2, "torch_threads": 1, "gpu": 
 def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardware=HARDWARE, metric="bleu", runs="softmax",
            paired=None, load=None):
     """A trial record as the sweep writes it; `runs` is the measure a `calibrated` trial runs;
-    `paired` a paired speedup (median, low, high[, target half-width]), else the record is unpaired."""
+    `paired` a paired speedup (ratio, low, high[, target half-width]), else the record is unpaired."""
     rec = {
         "trial_id": f"{task}-{measure}-{threshold}-{layer}",
         "status": status,
@@ -38,8 +38,10 @@ def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardw
                     "power_detail": "CPU estimated (TDP x CPU load, TDP 8 W)", "country_iso_code": "FRA"},
         )
     if paired is not None:
-        median, low, high, *target = paired
-        rec["efficiency"]["paired_speedup"] = Speedup(median, low, high, 12, target_half_width=(target or [0.1])[0]).as_dict()
+        ratio, low, high, *target = paired
+        rec["efficiency"]["paired_speedup"] = Speedup(
+            ratio, low, high, 12, target_half_width=(target or [0.1])[0], across_work=(low - 0.5, high + 0.5)
+        ).as_dict()
     if load is not None:
         rec["efficiency"]["load"] = load
     return rec
@@ -72,10 +74,10 @@ def test_delta_and_speedup_are_against_full_and_oracle_gets_none():
     [board] = task_boards(RECORDS)
     assert board.metric == "bleu" and board.failed == 1
     rows = rows_by_policy(board)
-    assert rows[("full", None)].speedup.median == pytest.approx(1.0) and rows[("full", None)].delta == 0
-    assert rows[("softmax", 0.9)].speedup.median == pytest.approx(2.0) and not rows[("softmax", 0.9)].paired
+    assert rows[("full", None)].speedup.ratio == pytest.approx(1.0) and rows[("full", None)].delta == 0
+    assert rows[("softmax", 0.9)].speedup.ratio == pytest.approx(2.0) and not rows[("softmax", 0.9)].paired
     assert rows[("softmax", 0.9)].delta == pytest.approx(-0.5)
-    assert rows[("softmax", 0.5)].speedup.median == pytest.approx(4.0)
+    assert rows[("softmax", 0.5)].speedup.ratio == pytest.approx(4.0)
     assert rows[("oracle", None)].speedup is None and rows[("oracle", None)].analysis_only
     assert board.rows[0].measure == "full"
 
@@ -230,6 +232,7 @@ def test_csv_and_latex_carry_both_ends_of_the_interval(tmp_path):
         rows = {(r["measure"], r["threshold"]): r for r in csv.DictReader(handle)}
     softmax = rows[("softmax", "0.9")]
     assert (float(softmax["speedup_low"]), float(softmax["speedup_vs_full"]), float(softmax["speedup_high"])) == (1.9, 2.0, 2.1)
+    assert (float(softmax["speedup_across_examples_low"]), float(softmax["speedup_across_examples_high"])) == (1.4, 2.6)
     assert softmax["speedup_paired"] == "True" and softmax["speedup_verdict"] == "faster"
     assert rows[("saturation", "0.99")]["busy_machine"] == "True"
     latex = (sweep / "leaderboard.tex").read_text()
