@@ -1,10 +1,12 @@
 """What every decoder-only layer runner shares: a slot cache, the causal mask, prefill, teacher forcing.
 
 A decoder-only model has no encoder: its prompt goes through the same layers as the tokens
-it generates. `start` left-aligns the prompt, runs every layer over all of its tokens but
-the last, and hands the last one back as generation step 0's input (as T5's step 0 input
-is its decoder start token), so the decoding loop needs no special case and the first
-generated token can exit early too.
+it generates. `start` left-aligns the prompt and runs every layer over all of its tokens in
+one parallel prefill, as the model's own `generate` does, keeping each layer's output at the
+last prompt token. That token is generation step 0's input (as T5's step 0 input is its
+decoder start token), and `layer` at step 0 hands back the stored state: the decoding loop
+still checks the measure after every layer, so the first generated token can exit early too,
+without a separate single-token pass and without touching the prompt's real K/V.
 
 Each family's runner (`llama.py`, `gpt2.py`) calls its model's own decoder layer modules
 whole. Their attention asks the cache passed to them for the keys and values to attend
@@ -39,6 +41,7 @@ class SlotCache:
     pads: Tensor  # [B] left padding of each row
     padded: bool  # any row has padding (else a query at the last slot, or the prefill, needs no mask)
     offset: int  # slot of generation step 0 (the prompt's last token)
+    first_states: Tensor  # [layers, B, 1, d] each layer's prefill output at the prompt's last token: step 0
     memo: dict = field(default_factory=dict)  # per attention window: the mask and positions of the latest call shape
 
 
@@ -106,6 +109,7 @@ class CausalLayerRunner(PlacedByHead, ABC):
     methods) and, when its layers take more than the mask and positions, overrides `layer_inputs`."""
 
     is_encoder_decoder = False
+    prefills_first_step = True
 
     def __init__(self, model) -> None:
         config = model.config
@@ -180,8 +184,9 @@ class CausalLayerRunner(PlacedByHead, ABC):
     # The protocol.
 
     def start(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> tuple[SlotCache, Tensor]:
-        """Left-align the prompt, preallocate its slots and `max_new_tokens` more, run every layer over all
-        prompt tokens but the last; the last one is each row's step 0 input."""
+        """Left-align the prompt, preallocate its slots and `max_new_tokens` - 1 more, run every layer over
+        all prompt tokens and keep each layer's output at the last one; that token is each row's step 0
+        input, already computed."""
         input_ids, attention_mask = left_align(input_ids, attention_mask)
         batch, width = input_ids.shape
         shape = (self.num_layers, batch, self.num_kv_heads, width - 1 + max_new_tokens, self.head_dim)
@@ -191,13 +196,14 @@ class CausalLayerRunner(PlacedByHead, ABC):
             pads=(attention_mask == 0).sum(1),
             padded=not bool(attention_mask.all()),
             offset=width - 1,
+            first_states=torch.empty(self.num_layers, batch, 1, self.hidden_size, dtype=self.dtype, device=self.device),
         )
-        if width > 1:
-            slots = torch.arange(width - 1, device=self.device).expand(batch, -1)
-            hidden = self.embed(input_ids[:, :-1])
-            for index in range(self.num_layers):
-                hidden = self._run(index, hidden, cache, None, slots, width - 1, prefix=True)
-            cache.memo.clear()
+        slots = torch.arange(width, device=self.device).expand(batch, -1)
+        hidden = self.embed(input_ids)
+        for index in range(self.num_layers):
+            hidden = self._run(index, hidden, cache, None, slots, width, prefix=True)
+            cache.first_states[index] = hidden[:, -1:]
+        cache.memo.clear()
         return cache, input_ids[:, -1].clone()
 
     def layer(
@@ -209,6 +215,8 @@ class CausalLayerRunner(PlacedByHead, ABC):
         positions: Tensor | int,
         last_position: int,
     ) -> Tensor:
+        if isinstance(positions, int) and positions == last_position == 0:  # the prefill ran step 0
+            return cache.first_states[index] if rows is None else cache.first_states[index, rows]
         return self._run(index, hidden, cache, rows, self._slots(cache, positions), last_position + cache.offset + 1)
 
     def copy_skipped_kv(

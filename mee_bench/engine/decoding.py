@@ -49,7 +49,7 @@ class GenerationStats:
     encoder_s: float = 0.0
     decoder_s: float = 0.0
     measure_s: float = 0.0
-    layer_positions: int = 0  # decoder layers run x positions (catch-up and verification included)
+    layer_positions: int = 0  # decoder layers run x positions (catch-up and verification included, prefill not)
     speculation: SpeculationCounts = field(default_factory=SpeculationCounts)
 
     @property
@@ -58,7 +58,8 @@ class GenerationStats:
 
     @property
     def layers_per_token(self) -> float:
-        """Decoder layers computed per generated token, whatever the policy (full: the depth)."""
+        """Decoder layers computed per generated token, whatever the policy (full: the depth; for a
+        decoder-only model (N - 1) / N of it over N tokens, as the prefill computed the first)."""
         return self.layer_positions / max(self.tokens, 1)
 
     @property
@@ -286,6 +287,8 @@ class EarlyExitGenerator:
             checks.new_token()
             last_score = None  # the measure's latest values for the rows still running
             catching_up = deferred and step > 0 and bool((done_layers[rows, :step] < num_layers).any())
+            # the prefill ran this step through every layer: its states are read back, its K/V are real
+            prefilled = step == 0 and runner.prefills_first_step
             for index in range(num_layers):
                 row_arg = None if rows.numel() == batch else rows
                 if catching_up:
@@ -295,7 +298,8 @@ class EarlyExitGenerator:
                     stats.layer_positions += caught_up
                 else:
                     hidden = runner.layer(index, hidden, cache, row_arg, step, step)
-                stats.layer_positions += rows.numel()
+                if not prefilled:
+                    stats.layer_positions += rows.numel()
                 layer = index + 1
                 if layer == num_layers:
                     break
@@ -318,12 +322,13 @@ class EarlyExitGenerator:
                 token[exit_slot] = exit_logits[:, -1].argmax(-1)
                 exit_layer[exit_slot] = layer
                 confidence[exit_slot] = (score if everyone else score[leaving]).float()
-                leaving_rows = rows if everyone else rows[leaving]
-                if deferred:
-                    done_layers[leaving_rows, step] = layer
-                    pending_states[leaving_rows, step] = exit_hidden[:, 0]
-                else:
-                    runner.copy_skipped_kv(layer, exit_hidden, cache, leaving_rows, step)
+                if not prefilled:  # a prefilled step skipped no layer: nothing to copy or defer
+                    leaving_rows = rows if everyone else rows[leaving]
+                    if deferred:
+                        done_layers[leaving_rows, step] = layer
+                        pending_states[leaving_rows, step] = exit_hidden[:, 0]
+                    else:
+                        runner.copy_skipped_kv(layer, exit_hidden, cache, leaving_rows, step)
                 if everyone:
                     rows = rows[:0]
                     break

@@ -8,6 +8,7 @@ the generation position is known.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from mee_bench.engine.causal import CausalLayerRunner
@@ -33,8 +34,13 @@ class GPT2LayerRunner(CausalLayerRunner):
         return hidden, {}
 
     def project_kv(self, index: int, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Only the K and V columns of the block's fused `c_attn` (a `Conv1D`, weight [d, 3d]): the
+        query third would be thrown away."""
         block = self.layers[index]
-        _, key, value = block.attn.c_attn(block.ln_1(hidden)).split(self.hidden_size, dim=2)
+        c_attn, width = block.attn.c_attn, self.hidden_size
+        normed = block.ln_1(hidden)
+        kv = torch.addmm(c_attn.bias[width:], normed.reshape(-1, width), c_attn.weight[:, width:])
+        key, value = kv.view(*hidden.shape[:-1], 2 * width).split(width, dim=-1)
         shape = (*hidden.shape[:-1], -1, self.head_dim)
         return key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
 

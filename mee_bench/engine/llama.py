@@ -63,8 +63,10 @@ class LlamaLayerRunner(CausalLayerRunner):
             key = attention.k_norm(key)
         key = key.transpose(1, 2)
         value = attention.v_proj(normed).view(shape).transpose(1, 2)
-        cos, sin = self.model.model.rotary_emb(hidden, position_ids)
-        _, key = self.apply_rotary(key, key, cos, sin)
+        # one rotary table for all the layers a copy fills (the same `position_ids`); an empty query
+        # (no heads) so that only the key is rotated
+        cos, sin = self.rotary(hidden, position_ids)
+        _, key = self.apply_rotary(key[:, :0], key, cos, sin)
         return key, value
 
     def final_norm(self, hidden: Tensor) -> Tensor:

@@ -12,7 +12,9 @@ and one import line in `mee_bench/engine/__init__.py`, which loads every family.
 
 Positions are generation steps: 0 is the first decoder input of `start`, whatever prompt
 came before it (an encoder-decoder's prompt lives in the encoder; a decoder-only runner
-offsets each row by its prompt length inside its own cache).
+offsets each row by its prompt length inside its own cache). A decoder-only runner's step 0
+input is the prompt's last token, which its prefill already ran through every layer
+(`prefills_first_step`): step 0 then reads those states back instead of computing them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class LayerRunner(Protocol):
     is_encoder_decoder: bool
     start_token_id: int  # a generation's first decoder input when `start` has no prompt token to feed
     eos_token_id: int
+    # `start` ran step 0 through every layer: `layer(..., 0, 0)` returns its stored states and its
+    # K/V are real in every layer, so an exit at step 0 has nothing to copy or defer
+    prefills_first_step: bool
 
     @property
     def device(self) -> torch.device: ...
@@ -61,7 +66,9 @@ class LayerRunner(Protocol):
         self, index: int, hidden: Tensor, cache: Any, rows: Tensor | None, positions: Tensor | int, last_position: int
     ) -> Tensor:
         """Run layer `index` (0-based) on `hidden` [A, Q, d] of batch `rows` (None = all) at generation
-        `positions` (an int, or [A, Q]) against keys 0..`last_position`, writing its K/V; the raw output."""
+        `positions` (an int, or [A, Q]) against keys 0..`last_position`, writing its K/V; the raw output.
+        With `prefills_first_step`, step 0 (`positions` == `last_position` == 0) is the prefill's
+        stored output of layer `index` for `rows`, whatever `hidden` is: nothing runs or is written."""
         ...
 
     def copy_skipped_kv(self, first_skipped: int, hidden: Tensor, cache: Any, rows: Tensor, position: int) -> None:

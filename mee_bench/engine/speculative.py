@@ -8,6 +8,9 @@ the full model agrees with plus the full model's own next token. Every emitted t
 the full model's, so the output is `full`'s token for token (LayerSkip's self-speculation,
 Elhoushi et al. 2024, over the runner protocol).
 
+A runner whose prefill ran step 0 (`prefills_first_step`) emits step 0's token from its stored
+last-layer state, and drafting starts at step 1.
+
 The cache is preallocated by position: a rejected position's shallow and deep K/V stay in
 place until the next round drafts that position again and overwrites them, before any query
 can see them (the causal mask hides the positions ahead of each query).
@@ -68,6 +71,12 @@ def self_speculative_generate(
     tokens, counts = output.tokens, output.counts
     next_input = first_tokens.clone()
     alive = list(range(batch))
+    if runner.prefills_first_step:  # the prefill ran step 0 through every layer: its token is the full model's
+        state = runner.layer(num_layers - 1, runner.embed(first_tokens)[:, None], cache, None, 0, 0)
+        next_input = runner.logits(state)[:, -1].argmax(-1)
+        for row, token in enumerate(next_input.tolist()):
+            tokens[row].append(token)
+        alive = [row for row in alive if not is_finished(tokens[row]) and max_new_tokens > 1]
 
     while alive:
         lengths = [len(tokens[row]) for row in alive]  # the position of each row's next input

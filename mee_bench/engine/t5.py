@@ -44,6 +44,7 @@ class T5LayerRunner(PlacedByHead):
     """
 
     is_encoder_decoder = True
+    prefills_first_step = False  # step 0 is the decoder start token, run like any other step
 
     def __init__(self, model) -> None:
         config = model.config

@@ -62,11 +62,76 @@ def test_right_padded_prompts_decode_as_left_padded_ones():
     assert right.tokens == hf_greedy(model, *left_align(ids, mask))
 
 
-def test_a_one_token_prompt_needs_no_prefill():
+def test_a_one_token_prompt_is_a_one_token_prefill():
     model = tiny_causal_model("qwen2", seed=2)
     ids = torch.tensor([[17]])
-    out = EarlyExitGenerator(model).generate(ids, None, ExitPolicy("full"), MAX_NEW)
+    generator = EarlyExitGenerator(model)
+    out = generator.generate(ids, None, ExitPolicy("full"), MAX_NEW)
     assert out.tokens == hf_greedy(model, ids, torch.ones_like(ids))
+    # an exit at step 0 reads the prefill's layer-2 state of the prompt's last (and only) token
+    fixed = generator.generate(ids, None, ExitPolicy("fixed", min_exit_layer=2), MAX_NEW)
+    with torch.no_grad():
+        state = model(ids, output_hidden_states=True).hidden_states[2][0, -1]
+    assert fixed.tokens[0][0] == int(model.lm_head(model.model.norm(state)).argmax())
+    assert fixed.exit_layers[0] == [2] * len(fixed.tokens[0])
+
+
+def recorded_caches(generator: EarlyExitGenerator) -> list:
+    """The caches `generator`'s runner starts, in order."""
+    caches = []
+    start = generator.runner.start
+
+    def recording_start(*args):
+        cache, first = start(*args)
+        caches.append(cache)
+        return cache, first
+
+    generator.runner.start = recording_start
+    return caches
+
+
+@pytest.mark.parametrize("strategy", ["copy", "deferred"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_an_exit_at_step_0_leaves_the_prompts_kv_as_the_model_computes_it(family, strategy):
+    """Step 0's input is the prompt's last token, which the prefill ran through every layer: an exit
+    there reads its token from a shallow layer but copies nothing over the prompt's real K/V."""
+    model = tiny_causal_model(family, seed=3)
+    generator = EarlyExitGenerator(model)
+    caches = recorded_caches(generator)
+    ids, mask = padded_batch([9, 5, 7])
+    out = generator.generate(ids, mask, ExitPolicy("fixed", min_exit_layer=1, kv_strategy=strategy), 4)
+    assert all(row[0] == 1 for row in out.exit_layers)
+    cache = caches[0]
+    with torch.no_grad():
+        for row in range(3):
+            prompt = ids[row, mask[row].bool()][None]
+            own = model(prompt, use_cache=True).cache
+            for index, layer in enumerate(own.layers):
+                slots = slice(int(cache.pads[row]), cache.offset + 1)
+                torch.testing.assert_close(cache.keys[index, row, :, slots], layer.keys[0], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(cache.values[index, row, :, slots], layer.values[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_full_runs_one_prefill_and_no_single_token_pass_for_step_0(family):
+    """N new tokens cost the prefill (one call per layer over the whole prompt) and N - 1 single-token
+    passes, as in the model's own generate: step 0 is read from the prefill."""
+    model = tiny_causal_model(family, seed=1)
+    generator = EarlyExitGenerator(model)
+    calls: list[int] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda _m, args, kwargs: calls.append(args[0].shape[1]), with_kwargs=True)
+        for layer in generator.runner.layers
+    ]
+    ids, mask = padded_batch([9, 6])
+    try:
+        out = generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    steps = max(len(row) for row in out.tokens)
+    assert calls == [9] * 4 + [1] * ((steps - 1) * 4)
+    assert out.stats.layer_positions == sum(len(row) - 1 for row in out.tokens) * 4
 
 
 class StepSchedule(HelperStepSchedule):
@@ -131,19 +196,22 @@ def layer_states(hf: HFLayers, tokens: list[int], exits: list[int]) -> list[torc
 
 
 def reference_decode(model, prompt: list[int], max_new_tokens: int, strategy: str) -> list[int]:
-    """Slow reference, one row. copy: skipped layers of an exited position see its exit state.
-    deferred: every earlier position's deep states are the full model's (the catch-up ran them
-    before anything attends to them), so token t is layer e_t's state in a full forward."""
+    """Slow reference, one row. Every prompt token runs every layer (step 0's input, the prompt's
+    last token, included: an exit at step 0 only picks the layer its token is read from).
+    copy: skipped layers of a later exited position see its exit state. deferred: every earlier
+    position's deep states are the full model's (the catch-up ran them before anything attends
+    to them), so token t is layer e_t's state in a full forward."""
     hf = HFLayers(model)
     num_layers = len(hf.layers)
     generated: list[int] = []
     for step in range(max_new_tokens):
         scheduled = [scheduled_layer(s, num_layers) for s in range(step + 1)]
-        if strategy == "deferred":
-            scheduled = [num_layers] * step + scheduled[-1:]
-        exits = [num_layers] * (len(prompt) - 1) + scheduled
+        # the last position's own exit only matters to later positions: it runs fully, its token is layer e_t's
+        exits = [num_layers] * (len(prompt) + step)
+        if strategy == "copy":
+            exits[len(prompt) : -1] = scheduled[1:step]
         states = layer_states(hf, prompt + generated, exits)
-        generated.append(hf.token(states[exits[-1]][-1]))
+        generated.append(hf.token(states[scheduled[-1]][-1]))
         if generated[-1] == EOS:
             break
     return generated
@@ -152,7 +220,7 @@ def reference_decode(model, prompt: list[int], max_new_tokens: int, strategy: st
 @pytest.mark.parametrize("strategy", ["copy", "deferred"])
 @pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 def test_scheduled_exits_match_slow_reference(step_schedule, family, strategy):
-    model = tiny_causal_model(family, seed=4)
+    model = tiny_causal_model(family, seed=7)
     ids, _ = padded_batch([8], seed=5)
     policy = ExitPolicy(StepSchedule.name, threshold=0.5, min_exit_layer=1, kv_strategy=strategy)
     out = EarlyExitGenerator(model).generate(ids, None, policy, MAX_NEW)
@@ -162,14 +230,14 @@ def test_scheduled_exits_match_slow_reference(step_schedule, family, strategy):
     assert out.exit_layers[0] == [scheduled_layer(s, 4) for s in range(len(expected))]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 def test_copy_and_deferred_differ_when_deep_tokens_follow_exits(step_schedule, family):
-    """Guards the references above: the two strategies really take different paths."""
-    model = tiny_causal_model(family, seed=4)
+    """Guards the references above: on their models and prompt the two strategies really take different paths."""
+    model = tiny_causal_model(family, seed=7)
     ids, _ = padded_batch([8], seed=5)
     runs = {
         strategy: EarlyExitGenerator(model).generate(
-            ids, None, ExitPolicy(StepSchedule.name, threshold=0.5, min_exit_layer=1, kv_strategy=strategy), 24
+            ids, None, ExitPolicy(StepSchedule.name, threshold=0.5, min_exit_layer=1, kv_strategy=strategy), MAX_NEW
         ).tokens[0]
         for strategy in ("copy", "deferred")
     }
@@ -187,8 +255,10 @@ def test_catch_up_block_equals_sequential_layers(family):
     with torch.no_grad():
         (sequential, _), (parallel, _) = runner.start(ids, mask, 8), runner.start(ids, mask, 8)
         hidden = torch.randn(2, 5, 32)
-        one_by_one = torch.cat([runner.layer(1, hidden[:, p : p + 1], sequential, None, p, p) for p in range(5)], dim=1)
-        block = runner.layer(1, hidden, parallel, None, torch.arange(5).expand(2, 5), 4)
+        one_by_one = torch.cat(
+            [runner.layer(1, hidden[:, p - 1 : p], sequential, None, p, p) for p in range(1, 6)], dim=1
+        )  # from step 1: the prefill ran step 0
+        block = runner.layer(1, hidden, parallel, None, torch.arange(1, 6).expand(2, 5), 5)
     torch.testing.assert_close(block, one_by_one, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(parallel.keys[1], sequential.keys[1])
 
@@ -248,3 +318,18 @@ def test_self_speculation_is_lossless_on_decoder_only_models(family, lengths):
     full = generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW)
     policy = ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative", max_draft=3)
     assert generator.generate(ids, mask, policy, MAX_NEW).tokens == full.tokens
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, MAX_NEW])
+def test_self_speculation_takes_step_0_from_the_prefill(max_new_tokens):
+    """Step 0's token is the full model's already (the prefill ran it): no draft or verification for it,
+    a one-token prompt and a single new token included."""
+    generator = EarlyExitGenerator(tiny_causal_model("llama"))
+    policy = ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative", max_draft=3)
+    for ids, mask in (padded_batch([9, 5]), (torch.tensor([[17]]), None)):
+        full = generator.generate(ids, mask, ExitPolicy("full"), max_new_tokens)
+        out = generator.generate(ids, mask, policy, max_new_tokens)
+        assert out.tokens == full.tokens
+        assert out.stats.layer_positions >= full.stats.layer_positions
+        if max_new_tokens == 1:
+            assert out.stats.layer_positions == 0 and out.stats.speculation.rounds == 0

@@ -32,6 +32,7 @@ class FakeRunner:
     CONFIDENT_LAYER has run and is flat (every logit 0) before it."""
 
     is_encoder_decoder = False
+    prefills_first_step = False
 
     def __init__(self, model) -> None:
         self.model = model
