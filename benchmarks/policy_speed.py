@@ -37,7 +37,7 @@ from tabulate import tabulate
 from mee_bench.engine.decoding import EarlyExitGenerator, GenerationOutput
 from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.timing import LoadMonitor, PairedBlocks, speedup_interval
+from mee_bench.timing import LoadMonitor, PairedBlocks
 from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.harness.data import local_split_path, read_jsonl
 from mee_bench.paths import DATA_DIR_ENV, DEFAULT_MODEL_DIR
@@ -92,15 +92,6 @@ def batches_of(generator: EarlyExitGenerator, prompts: list[str], batch: int) ->
     return blocks
 
 
-def block_tokens(outputs: list[GenerationOutput], blocks: list) -> list[int]:
-    """Tokens generated in each block, from the block's outputs in order."""
-    counts, index = [], 0
-    for block in blocks:
-        counts.append(sum(out.stats.tokens for out in outputs[index : index + len(block)]))
-        index += len(block)
-    return counts
-
-
 def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blocks: list, full_outputs: list,
                target_half_width: float, allowance_s: float, min_repeats: int) -> dict:
     paired = PairedBlocks(
@@ -108,15 +99,10 @@ def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blo
         lambda block: decode_block(generator, block, policy),
         target_half_width=target_half_width, allowance_s=allowance_s, min_repeats=min_repeats,
         sync=torch.cuda.synchronize if generator.runner.device.type == "cuda" else lambda: None,
+        units=lambda outputs: sum(out.stats.tokens for out in outputs),
     )
     outputs = [out for block in blocks for out in paired.run(block)]
-    paired.speedup()  # more rounds over the same blocks (in order) until precise or out of time
-    full_tokens, tokens_per_block = block_tokens(full_outputs, blocks), block_tokens(outputs, blocks)
-    per_token = [
-        [seconds / counts[i % len(blocks)] for i, seconds in enumerate(times)]
-        for times, counts in ((paired.timer.baseline_s, full_tokens), (paired.timer.candidate_s, tokens_per_block))
-    ]
-    speedup = speedup_interval(*per_token, paired.timer.groups, target_half_width=target_half_width)
+    speedup = paired.speedup()  # more rounds over the same blocks until precise or out of time
     stats = reduce(lambda a, b: a.merge(b), (out.stats for out in outputs))
     tokens = [row for out in outputs for row in out.tokens]
     timed = len(blocks)

@@ -2,8 +2,8 @@
 
 A speedup read from two runs taken minutes apart carries whatever changed on the machine
 in between. Here the baseline (`full`) and the candidate decode the same block of work
-back to back, in alternating order. The speedup is the ratio of total times (what a run
-of that work gains); its interval is how far timing noise could move that ratio, estimated
+back to back, in alternating order. The speedup is the ratio of total times, or of time per
+unit of work (generated tokens) when the caller counts units; its interval is how far timing noise could move that ratio, estimated
 from pieces of work timed more than once. After one pass over the work, timing-only
 rounds re-time it until the interval is as narrow as asked, or the time allowance is
 spent, in which case the result says it is imprecise instead of pretending.
@@ -77,10 +77,15 @@ def speedup_interval(
     groups: Sequence[int] | None = None,
     confidence: float = 0.95,
     target_half_width: float | None = None,
+    units: tuple[Sequence[float], Sequence[float]] | None = None,
     resamples: int = 2000,
     seed: int = 0,
 ) -> Speedup:
     """Total baseline time / total candidate time over paired blocks, with its timing-noise interval.
+
+    With `units` (what each block of the baseline and of the candidate produced, e.g. generated
+    tokens) the ratio is of time per unit over all the work: a policy that changes how much it
+    generates is not credited or blamed for that in its speed.
 
     `groups[i]` names the piece of work block i timed (None: every block timed the same work,
     as a benchmark's rounds do). Each piece's times are averaged, so every piece counts once,
@@ -104,8 +109,15 @@ def speedup_interval(
     _, inverse = np.unique(np.zeros(len(base)) if groups is None else np.asarray(groups), return_inverse=True)
     counts = np.bincount(inverse)
     base_mean, cand_mean = (np.bincount(inverse, weights=times) / counts for times in (base, cand))
-    ratio = float(base_mean.sum() / cand_mean.sum())
-    across = _across_work(base_mean, cand_mean, confidence, resamples, seed)
+    if units is None:
+        base_units = cand_units = np.ones(len(counts))
+    else:
+        if not len(units[0]) == len(units[1]) == len(base):
+            raise ValueError(f"one count of units per timed block and side is needed ({len(base)} blocks)")
+        base_units, cand_units = (np.bincount(inverse, weights=np.asarray(u, dtype=float)) / counts for u in units)
+    scale = cand_units.sum() / base_units.sum()  # exact counts: they rescale the ratio, not its noise
+    ratio = float(base_mean.sum() / cand_mean.sum() * scale)
+    across = _across_work(base_mean, cand_mean, base_units, cand_units, confidence, resamples, seed)
     freedom = len(base) - len(counts)
     if freedom < 1:
         return Speedup(ratio, 0.0, math.inf, len(base), confidence, target_half_width, across)
@@ -121,16 +133,18 @@ def speedup_interval(
 
 
 def _across_work(
-    base_mean: np.ndarray, cand_mean: np.ndarray, confidence: float, resamples: int, seed: int
+    base_mean: np.ndarray, cand_mean: np.ndarray, base_units: np.ndarray, cand_units: np.ndarray,
+    confidence: float, resamples: int, seed: int,
 ) -> tuple[float, float] | None:
-    """Percentile bootstrap of the ratio of totals over the pieces of work: how much the gain
-    depends on which examples were drawn. None with fewer than two pieces."""
+    """Percentile bootstrap of the ratio (of time per unit) over the pieces of work: how much the
+    gain depends on which examples were drawn. None with fewer than two pieces."""
     if len(base_mean) < 2:
         return None
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(len(base_mean), np.full(len(base_mean), 1 / len(base_mean)), size=resamples)
     tail = (1 - confidence) / 2
-    low, high = np.quantile((weights @ base_mean) / (weights @ cand_mean), [tail, 1 - tail])
+    per_unit = (weights @ base_mean) / (weights @ base_units), (weights @ cand_mean) / (weights @ cand_units)
+    low, high = np.quantile(per_unit[0] / per_unit[1], [tail, 1 - tail])
     return float(low), float(high)
 
 
@@ -143,9 +157,12 @@ class PairedTimer:
     """
 
     sync: Callable[[], None] = lambda: None
+    units: Callable[[object], float] | None = None  # what a block's result produced (e.g. tokens), per side
     baseline_s: list[float] = field(default_factory=list)
     candidate_s: list[float] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)  # which piece of work each block timed
+    baseline_units: list[float] = field(default_factory=list)
+    candidate_units: list[float] = field(default_factory=list)
 
     def _timed(self, run: Callable[[], object]) -> tuple[float, object]:
         self.sync()
@@ -168,21 +185,29 @@ class PairedTimer:
         self.baseline_s.append(base_s)
         self.candidate_s.append(cand_s)
         self.groups.append(len(self.groups) if group is None else group)
+        if self.units is not None:
+            self.baseline_units.append(self.units(base))
+            self.candidate_units.append(self.units(cand))
         return base, cand
 
     def speedup(self, target_half_width: float | None = None, confidence: float = 0.95) -> Speedup:
-        return speedup_interval(self.baseline_s, self.candidate_s, self.groups, confidence, target_half_width=target_half_width)
+        units = (self.baseline_units, self.candidate_units) if self.units is not None else None
+        return speedup_interval(self.baseline_s, self.candidate_s, self.groups, confidence, target_half_width, units)
 
     def samples(self) -> dict:
-        """The raw paired timings, for records that let anyone recompute the figure."""
-        return {"baseline_s": self.baseline_s, "candidate_s": self.candidate_s, "groups": self.groups}
+        """The raw paired timings (and units), for records that let anyone recompute the figure."""
+        samples = {"baseline_s": self.baseline_s, "candidate_s": self.candidate_s, "groups": self.groups}
+        if self.units is not None:
+            samples.update(baseline_units=self.baseline_units, candidate_units=self.candidate_units)
+        return samples
 
 
 class PairedBlocks(Generic[Work, Result]):
     """The candidate's real work, each block paired with a timed baseline run of the same work.
 
     `run(work)` times one block of each (alternating order) and returns the candidate's
-    result, so quality comes from that one decode; `speedup()` then re-times the same blocks
+    result, so quality comes from that one decode (`units(result)`, if given, says how much a
+    block produced: the speedup is then of time per unit); `speedup()` then re-times the same blocks
     in a seeded shuffled order (so the noise estimate samples short and long work alike,
     whatever order the work came in), cycling, until the interval's relative half-width is at most
     `target_half_width` or `allowance_s` of re-timing is spent. At least `min_repeats`
@@ -198,10 +223,11 @@ class PairedBlocks(Generic[Work, Result]):
         allowance_s: float = 60.0,
         min_repeats: int = 10,
         sync: Callable[[], None] = lambda: None,
+        units: Callable[[object], float] | None = None,
     ) -> None:
         self.baseline, self.candidate = baseline, candidate
         self.target_half_width, self.allowance_s, self.min_repeats = target_half_width, allowance_s, min_repeats
-        self.timer = PairedTimer(sync=sync)
+        self.timer = PairedTimer(sync=sync, units=units)
         self.work: list[Work] = []
 
     def run(self, work: Work) -> Result:

@@ -193,3 +193,32 @@ def test_a_speedup_survives_a_round_trip_through_its_record():
 def test_a_record_written_before_the_ratio_of_totals_still_reads():
     legacy = {"median": 1.2, "low": 1.1, "high": 1.3, "blocks": 40, "confidence": 0.95, "target_half_width": 0.05}
     assert Speedup.from_dict(legacy) == Speedup(1.2, 1.1, 1.3, 40, 0.95, 0.05)
+
+
+def test_with_units_the_speedup_is_of_time_per_unit():
+    """A candidate that takes as long but writes twice the tokens is twice as fast per token."""
+    base, cand, groups = [1.0, 2.0, 1.0, 2.0], [1.0, 2.0, 1.0, 2.0], [0, 1, 0, 1]
+    speedup = speedup_interval(base, cand, groups, units=([10, 20, 10, 20], [20, 40, 20, 40]))
+    assert speedup.ratio == pytest.approx(2.0) and speedup.low == pytest.approx(2.0) == speedup.high
+    assert speedup.across_work == pytest.approx((2.0, 2.0))
+    with pytest.raises(ValueError, match="one count of units per timed block"):
+        speedup_interval(base, cand, groups, units=([10], [20]))
+
+
+def test_paired_blocks_count_the_units_each_side_produced(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+
+    def decode(seconds: float, tokens: int):
+        def run(work: int) -> int:
+            clock.now += seconds * work
+            return tokens * work
+        return run
+
+    paired = PairedBlocks(decode(0.2, 10), decode(0.2, 5), target_half_width=0.05, allowance_s=1e6, min_repeats=2,
+                          units=lambda tokens: tokens)
+    for work in (1, 2):
+        paired.run(work)
+    assert paired.speedup().ratio == pytest.approx(0.5)  # as fast per block, half the tokens: half the speed per token
+    samples = paired.timer.samples()
+    assert samples["baseline_units"][:2] == [10, 20] and samples["candidate_units"][:2] == [5, 10]

@@ -111,7 +111,7 @@ class MEELM(TemplateLM):
     generated tokens together, as lm-eval's `hf` model counts them), heads (exit heads
     file; default: beside the model), max_gen_toks (when a task sets none), trust_remote_code;
     paired_timing (time every batch against `full` on the same inputs, interleaved, and report
-    the ratio of total times with its 95% timing-noise interval), timing_precision (the
+    the ratio of ms per generated token with its 95% timing-noise interval), timing_precision (the
     interval's relative half-width to reach, default 0.05) and timing_allowance_s (re-timing
     per task stops after this, once 10 batches were re-timed; default 60).
 
@@ -404,6 +404,7 @@ class MEELM(TemplateLM):
             target_half_width=self.timing_precision,
             allowance_s=self.timing_allowance_s,
             sync=sync,
+            units=lambda result: result[1].tokens,  # ms per generated token: a policy that writes more is not slower for it
         )
 
     def _generate_batch(

@@ -289,7 +289,7 @@ def plot_quality_vs_speedup(board: TaskBoard, path: Path, tolerance: float) -> N
     if full is not None:
         axes.axhline(full.quality - tolerance, color="grey", linestyle=":", label=f"full - {tolerance:g} point(s)")
     axes.axvline(1.0, color="grey", linewidth=0.8)
-    axes.set_xlabel("speedup vs full (paired ratio of total times, 95% interval)")
+    axes.set_xlabel("speedup vs full (paired, ms/token ratio, 95% interval)")
     axes.set_ylabel(board.metric)
     axes.set_title(f"{board.task}: quality vs speedup")
     axes.legend(fontsize="small")
@@ -320,12 +320,14 @@ def plot_exit_layers(boards: list[TaskBoard], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def _csv_rows(boards: list[TaskBoard]) -> tuple[list[str], list[list]]:
+def _csv_rows(boards: list[TaskBoard], absent: dict[str, str]) -> tuple[list[str], list[list]]:
+    """One row per trial with a result, then one per trial without (its grid point and why, under `problem`)."""
     metric_names = sorted({n for b in boards for n in b.metric_names})
     header = ["task", "measure", "threshold", "min_exit_layer", "primary_metric", "quality", "delta_vs_full",
               *metric_names, "avg_exit_layer", "speedup_vs_full", "speedup_low", "speedup_high", "speedup_across_examples_low",
               "speedup_across_examples_high", "speedup_paired",
-              "speedup_verdict", "busy_machine", "decode_ms_per_token", "energy_wh", "co2_g", "power_source", "analysis_only"]
+              "speedup_verdict", "busy_machine", "decode_ms_per_token", "energy_wh", "co2_g", "power_source", "analysis_only",
+              "problem"]
     rows = []
     for board in boards:
         for r in board.rows:
@@ -334,7 +336,10 @@ def _csv_rows(boards: list[TaskBoard]) -> tuple[list[str], list[list]]:
                          *((r.speedup.ratio, r.speedup.low, r.speedup.high) if r.speedup else (None,) * 3),
                          *((r.speedup.across_work if r.speedup and r.speedup.across_work else None) or (None, None)),
                          r.paired, _verdict(r) if r.speedup and r.paired else None, r.busy, r.ms_per_token,
-                         r.energy_wh, r.co2_g, r.power, r.analysis_only])
+                         r.energy_wh, r.co2_g, r.power, r.analysis_only, None])
+    for trial, problem in absent.items():
+        task, measure, threshold, layer = _grid_point(trial)
+        rows.append([task, measure, threshold, layer, *[None] * (len(header) - 5), problem])
     return header, rows
 
 
@@ -364,8 +369,8 @@ def _context(records: list[dict]) -> list[str]:
         lines.append(f"Energy and CO2: CodeCarbon, grid of {energy.get('country_iso_code')}; power was "
                      f"**{' / '.join(sources)}** ({energy.get('power_detail', 'no detail')}).")
     lines.append("Speedup: each trial decoded its examples in blocks and `full` decoded the same blocks in the "
-                 "same worker, interleaved in alternating order, then some blocks again; the speedup is the ratio of "
-                 "total times, and its 95% interval is how far timing noise could move it on these examples "
+                 "same worker, interleaved in alternating order, then some blocks again; the speedup is `full`'s time per "
+                 "generated token over all examples divided by the trial's, and its 95% interval is how far timing noise could move it on these examples "
                  "(estimated from the blocks timed twice or more). How much the gain depends on which examples "
                  "were drawn is a separate interval, in the CSV (`speedup_across_examples_*`). A measure is called "
                  "faster or slower than `full` only when its whole interval lies above or below 1; \"(imprecise)\" "
@@ -392,13 +397,18 @@ def absent_trials(output_dir: Path, records: list[dict], unreadable: dict[Path, 
     return absent
 
 
+def _grid_point(trial: str) -> tuple[str, str, str | None, str | None]:
+    """(task, measure, threshold, min exit layer) read from a trial id; None where the trial has none."""
+    parts = trial.split("__")  # task__measure__t<threshold>__m<layer>__hash (`store.trial_id`)
+    task, measure, threshold, layer = parts[:4] if len(parts) == 5 else (parts[0], trial, "t?", "m?")
+    threshold, layer = threshold.removeprefix("t"), layer.removeprefix("m")
+    return task, measure, None if threshold == "na" else threshold, None if layer == "na" else layer
+
+
 def absent_row(trial: str, problem: str, width: int) -> list[str]:
     """A task table row for a trial without a result, its grid point read from the trial id."""
-    parts = trial.split("__")  # task__measure__t<threshold>__m<layer>__hash (`store.trial_id`)
-    measure, threshold, layer = parts[1:4] if len(parts) == 5 else (trial, "t?", "m?")
-    threshold, layer = threshold.removeprefix("t"), layer.removeprefix("m")
-    return [measure, MISSING if threshold == "na" else threshold, MISSING if layer == "na" else layer,
-            f"**{problem}**", *[MISSING] * (width - 4)]
+    _, measure, threshold, layer = _grid_point(trial)
+    return [measure, threshold or MISSING, layer or MISSING, f"**{problem}**", *[MISSING] * (width - 4)]
 
 
 def build_leaderboard(output_dir: str | Path, tolerance: float = 1.0) -> list[Path]:
@@ -447,7 +457,7 @@ def build_leaderboard(output_dir: str | Path, tolerance: float = 1.0) -> list[Pa
     for filename, text in files.items():
         (output_dir / filename).write_text(text)
         written.append(output_dir / filename)
-    _write_csv(output_dir / "leaderboard.csv", *_csv_rows(boards))
+    _write_csv(output_dir / "leaderboard.csv", *_csv_rows(boards, absent))
     _write_csv(output_dir / "summary.csv", header, rows)
     written += [output_dir / "leaderboard.csv", output_dir / "summary.csv", exit_plot]
     return written

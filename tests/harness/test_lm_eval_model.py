@@ -273,7 +273,10 @@ def test_paired_timing_keeps_the_outputs_and_times_every_batch_against_full(pair
     assert speedup["low"] <= speedup["ratio"] <= speedup["high"] and speedup["target_half_width"] == 0.05
     timings = figures["paired_timings"]
     assert timings["groups"][:3] == [0, 1, 2] and set(timings["groups"][3:]) == {0, 1, 2}  # the same batches again
-    recomputed = speedup_interval(timings["baseline_s"], timings["candidate_s"], timings["groups"], target_half_width=0.05)
+    units = timings["baseline_units"], timings["candidate_units"]  # generated tokens: the ratio is of ms/token
+    assert sum(units[1][:3]) == figures["tokens"]  # the first pass is the decode that was scored
+    recomputed = speedup_interval(timings["baseline_s"], timings["candidate_s"], timings["groups"], target_half_width=0.05,
+                                  units=units)
     assert recomputed.as_dict() == speedup  # the record holds what it takes to check its figure
     assert speedup["verdict"] in {"faster", "slower", "no measurable difference"}
     assert figures["requests"] == 5 and figures["avg_exit_layer"] == 1.0  # quality and exits from one decode

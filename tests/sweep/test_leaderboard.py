@@ -259,6 +259,14 @@ def test_a_record_cut_short_and_a_trial_without_record_are_listed_in_the_task_ta
     assert len(missing) == 2 and any("| 0.5 " in row and "| 3 " in row for row in missing)
     assert "## squad_mee" in board  # a task with no readable record still gets its table
     assert "3 trial(s) of this sweep have no result" in board
+    with (tmp_path / "leaderboard.csv").open() as handle:
+        problems = {(r["task"], r["measure"], r["threshold"], r["min_exit_layer"]): r["problem"] for r in csv.DictReader(handle)}
+    assert problems[("tatoeba_enfr_mee", "full", "", "")] == ""  # a trial with a result has no problem
+    assert problems[("tatoeba_enfr_mee", "softmax", "0.5", "3")].startswith("no record")
+    assert problems[("tatoeba_enfr_mee", "softmax", "0.9", "2")].startswith("unreadable record")
+    assert problems[("squad_mee", "full", "", "")].startswith("no record")
+    latex = (tmp_path / "leaderboard.tex").read_text()
+    assert latex.count("no record: the sweep did not finish it") == 2 and "unreadable record" in latex
 
 
 def test_a_damaged_manifest_is_named_with_the_fix(tmp_path, capsys):
