@@ -83,10 +83,6 @@ def speedup_interval(
 ) -> Speedup:
     """Total baseline time / total candidate time over paired blocks, with its timing-noise interval.
 
-    With `units` (what each block of the baseline and of the candidate produced, e.g. generated
-    tokens) the ratio is of time per unit over all the work: a policy that changes how much it
-    generates is not credited or blamed for that in its speed.
-
     `groups[i]` names the piece of work block i timed (None: every block timed the same work,
     as a benchmark's rounds do). Each piece's times are averaged, so every piece counts once,
     however often it was re-timed; a long example saves more time than a short one and counts
@@ -96,6 +92,10 @@ def speedup_interval(
     method, with Student's t for the few degrees of freedom. With no piece timed twice there is
     no noise estimate and the interval is unbounded. How the gain varies *between* pieces is
     another question, answered by `Speedup.across_work` (a bootstrap over pieces).
+
+    With `units` (what each block of the baseline and of the candidate produced, e.g. generated
+    tokens) the ratio is of time per unit over all the work: a policy that changes how much it
+    generates is not credited or blamed for that in its speed.
     """
     from scipy import stats
 
