@@ -41,12 +41,14 @@ def compare(first: Path, second: Path) -> tuple[str, dict]:
     shared = sorted(set(one) & set(two), key=str)
     if not shared:
         raise ValueError(f"{first} and {second} share no trial with paired timing; run both with timing.paired=true")
-    rows, agree, never_exit, never_exit_at_one = [], 0, 0, 0
+    rows, agree, never_exit, never_exit_at_one, full_at_one = [], 0, 0, 0, 0
     for key in shared:
         (a, _), (b, eff_b) = one[key], two[key]
         same = overlap(a, b)
         agree += same
         idle = eff_b.get("avg_exit_layer") == eff_b.get("num_layers") and key[1] != "full"
+        if key[1] == "full":  # `full` timed against itself: the null check of the timing
+            full_at_one += (a.low <= 1 <= a.high) + (b.low <= 1 <= b.high)
         if idle:
             never_exit += 1
             never_exit_at_one += b.low <= 1 <= b.high
@@ -59,6 +61,7 @@ def compare(first: Path, second: Path) -> tuple[str, dict]:
         "overlap_fraction": agree / len(shared),
         "never_exiting_rows": never_exit,
         "never_exiting_rows_at_one": never_exit_at_one,
+        "full_against_itself_at_one": full_at_one,
         "max_half_width": max(max(one[k][0].half_width, two[k][0].half_width) for k in shared),
     }
     header = ["task", "measure", "threshold", "min exit layer", first.name, second.name, f"{second.name} busy",
@@ -66,7 +69,9 @@ def compare(first: Path, second: Path) -> tuple[str, dict]:
     text = "\n".join([
         f"# Paired speedups: {first} vs {second}", "",
         f"{agree} of {len(shared)} rows overlap ({100 * agree / len(shared):.0f}%); {never_exit_at_one} of "
-        f"{never_exit} never-exiting rows of {second.name} read 1.00x within their interval; widest interval "
+        f"{never_exit} never-exiting rows of {second.name} read 1.00x within their interval; `full` timed "
+        f"against itself reads 1.00x within its interval in {full_at_one} of {2 * sum(k[1] == 'full' for k in shared)} "
+        f"cases (both runs); widest interval "
         f"+-{100 * summary['max_half_width']:.1f}%.", "",
         tabulate(rows, header, tablefmt="github", disable_numparse=True), "",
     ])

@@ -29,6 +29,7 @@ def test_overlapping_intervals_agree_and_never_exiting_rows_are_checked_at_one(t
     assert summary["rows"] == 3 and summary["intervals_overlap"] == 3
     assert summary["never_exiting_rows"] == 1 and summary["never_exiting_rows_at_one"] == 0
     assert "1.00x within: NO" in text
+    assert summary["full_against_itself_at_one"] == 2  # `full` against itself, in both runs
     apart = sweep(tmp_path, "apart", (1.5, 1.4, 1.6), (1.0, 0.98, 1.02))
     assert compare_speedups.compare(idle, apart)[1]["intervals_overlap"] == 2
 
