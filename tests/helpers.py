@@ -143,3 +143,17 @@ class StepSchedule(ExitMeasure):
     def step(self, layer, hidden, logits):
         target = self.schedule[self.step_index % len(self.schedule)]
         return torch.full((hidden.shape[0],), float(layer == target), device=hidden.device)
+
+
+def recorded_caches(generator) -> list:
+    """The caches `generator`'s runner starts, in order."""
+    caches = []
+    start = generator.runner.start
+
+    def recording_start(*args):
+        cache, first = start(*args)
+        caches.append(cache)
+        return cache, first
+
+    generator.runner.start = recording_start
+    return caches

@@ -10,7 +10,7 @@ from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import build_runner
-from tests.helpers import CAUSAL_FAMILIES, tiny_causal_model
+from tests.helpers import CAUSAL_FAMILIES, recorded_caches, tiny_causal_model
 from tests.helpers import StepSchedule as HelperStepSchedule
 
 MAX_NEW = 12
@@ -74,20 +74,6 @@ def test_a_one_token_prompt_is_a_one_token_prefill():
         state = model(ids, output_hidden_states=True).hidden_states[2][0, -1]
     assert fixed.tokens[0][0] == int(model.lm_head(model.model.norm(state)).argmax())
     assert fixed.exit_layers[0] == [2] * len(fixed.tokens[0])
-
-
-def recorded_caches(generator: EarlyExitGenerator) -> list:
-    """The caches `generator`'s runner starts, in order."""
-    caches = []
-    start = generator.runner.start
-
-    def recording_start(*args):
-        cache, first = start(*args)
-        caches.append(cache)
-        return cache, first
-
-    generator.runner.start = recording_start
-    return caches
 
 
 @pytest.mark.parametrize("strategy", ["copy", "deferred"])

@@ -9,7 +9,7 @@ from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.loading import load_model
 from mee_bench.engine.policy import ExitPolicy
 from tests.engine.test_decoding import SENTENCES, padded_batch
-from tests.helpers import tiny_model
+from tests.helpers import recorded_caches, tiny_model
 
 MAX_NEW = 16
 
@@ -73,15 +73,7 @@ def test_drafts_the_full_model_agrees_with_are_all_accepted():
 def test_cache_after_rollbacks_equals_the_full_policys_cache():
     """Rejected positions were recomputed: every position a row fed in holds the full model's K/V."""
     generator = EarlyExitGenerator(tiny_model(seed=0))
-    caches = []
-    start = generator.runner.start
-
-    def recording_start(*args):
-        cache, first = start(*args)
-        caches.append(cache)
-        return cache, first
-
-    generator.runner.start = recording_start
+    caches = recorded_caches(generator)
     ids, mask = padded_batch([9, 5, 7])
     full = generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW)
     out = generator.generate(ids, mask, speculative(2, 4), MAX_NEW)
