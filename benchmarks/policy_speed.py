@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": torch.get_num_threads(),
                     **({"gpu": torch.cuda.get_device_name()} if args.device == "cuda" else {})},
         "settings": {"model": args.model.name, "device": args.device, "task": TATOEBA_ENFR.name, "sentences": sentences,
-                     "timing": "paired blocks with full, ratio of summed ms/token, 95% timing-noise interval",
+                     "timing": "paired blocks with full, ratio of ms/token over all blocks, 95% timing-noise interval",
                      "target_half_width": args.target_half_width, "allowance_s": allowance,
                      "max_new_tokens": MAX_NEW_TOKENS, "dtype": args.dtype},
     }
