@@ -15,7 +15,7 @@ from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import RUNNERS, LayerRunner, build_runner, register_runner
 from mee_bench.engine.t5 import T5LayerRunner
-from tests.helpers import tiny_model
+from tests.helpers import recorded_caches, tiny_model
 
 FAKE_TYPE = "fake-test-lm"
 LAYERS, VOCAB, CONFIDENT_LAYER, START, EOS = 4, 8, 2, 1, 5
@@ -99,15 +99,7 @@ def fake_family():
 
 def generate(model, policy: ExitPolicy):
     generator = EarlyExitGenerator(model)
-    cache_writes: list[FakeCache] = []
-    start = generator.runner.start
-
-    def recording_start(*args):
-        cache, first = start(*args)
-        cache_writes.append(cache)
-        return cache, first
-
-    generator.runner.start = recording_start
+    cache_writes: list[FakeCache] = recorded_caches(generator)
     out = generator.generate(torch.ones(2, 3, dtype=torch.long), None, policy, max_new_tokens=8)
     return out, cache_writes[0].written
 
