@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from mee_bench.engine.decoding import CheckLogits, EarlyExitGenerator
-from mee_bench.engine.measures import MEASURES, ExitMeasure
+from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import build_runner
 from tests.engine.test_decoding import padded_batch
-from tests.helpers import tiny_model
+from tests.helpers import StepSchedule, tiny_model
 
 MAX_NEW = 12
 
@@ -44,22 +44,10 @@ def test_check_logits_reads_the_full_head_once_per_token_then_the_kept_rows():
     torch.testing.assert_close(exit_logits, runner.logits(second[[0, 2]]))  # an exit reads the whole vocabulary
 
 
-class Replay(ExitMeasure):
-    """Test measure: the s-th token exits at the layer `layers[s]` of a recorded run (batch 1)."""
+class Replay(StepSchedule):
+    """Test measure: the s-th token exits at the layer a recorded run (batch 1) exited it at."""
 
     name = "replay"
-    layers: list[int] = []
-
-    def __init__(self):
-        super().__init__()
-        self.token = -1
-
-    def start(self, embedding, first_check_layer):
-        super().start(embedding, first_check_layer)
-        self.token += 1
-
-    def step(self, layer, hidden, logits):
-        return torch.full((hidden.shape[0],), float(layer == self.layers[self.token]))
 
 
 @pytest.mark.parametrize("measure, threshold, first", [("softmax", 0.3, 1), ("monotonic_heuristic", 0.2, 3)])
@@ -72,7 +60,7 @@ def test_pruned_exits_emit_the_full_vocabulary_argmax_at_their_exit_layer(monkey
     early = [layer for layer in pruned.exit_layers[0] if layer < 4]
     assert len(early) >= 3, "the test needs tokens that exit after a pruned check"
     monkeypatch.setitem(MEASURES, Replay.name, Replay)
-    monkeypatch.setattr(Replay, "layers", pruned.exit_layers[0])
+    monkeypatch.setattr(Replay, "schedule", tuple(pruned.exit_layers[0]))
     replayed = generator.generate(ids, mask, ExitPolicy("replay", min_exit_layer=1), MAX_NEW)
     assert replayed.tokens == pruned.tokens
 
