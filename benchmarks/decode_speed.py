@@ -14,7 +14,8 @@ of every measure: the measure runs at every layer with a threshold it never reac
 extra time per check (fastest of the repetitions, as the difference is small) is divided by
 the fastest time of one decoder layer measured in the same run. The softmax-family measures
 also run with vocabulary-pruned checks (`vocab_top_k`): `MEASURE@topK` is their mean cost per
-check (the token's first check reads the full head, the later ones k rows of it),
+check (the token's first check ranks the vocabulary through a half-precision copy of the head,
+every check reads k rows of it),
 `MEASURE@topK_pruned_check` the cost of one pruned check alone (every layer checked, minus
 only the last layer checked).
 
@@ -212,7 +213,8 @@ def overhead_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_to
     for measure in PRUNED:
         every, last_only = fastest[f"{measure}@top{PRUNED_TOP_K}/1"], fastest[f"{measure}@top{PRUNED_TOP_K}/{layers - 1}"]
         row[f"{measure}@top{PRUNED_TOP_K}"] = (every - fastest["full"]) / checks / one_layer
-        # the heuristic reads two layers before its first check, so "last layer only" still reads three
+        # below its threshold the heuristic reads only layers that could still start an exit's three:
+        # 1..L-3 when checking from layer 1, one layer when checking from the last
         later_reads = layers - 2 if measure == "softmax" else layers - 4
         row[f"{measure}@top{PRUNED_TOP_K}_pruned_check"] = (every - last_only) / (new_tokens * later_reads) / one_layer
     return row

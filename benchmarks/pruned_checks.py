@@ -1,8 +1,9 @@
 """What vocabulary-pruned checks cost in decisions and quality, on the held-out Tatoeba slice.
 
 Each softmax-family policy decodes the same distinct English sentences with full-vocabulary
-checks and with `vocab_top_k` = k (the token's first check reads the whole head and keeps its
-k best ids, later checks of that token read those k rows only). Reported per policy and k:
+checks and with `vocab_top_k` = k (the token's first check ranks the vocabulary through a
+half-precision copy of the head and keeps its k best ids; every check of that token reads those
+k rows only). Reported per policy and k:
 
 - decisions: the share of exit decisions (the exit layer of a token) that differ from the
   unpruned policy's, counted over each sentence's tokens up to the first token where the two

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mee_bench.engine.runner import PlacedByHead
+from mee_bench.engine.runner import HeadReads
 
 
 @dataclass
@@ -104,7 +104,7 @@ def left_align(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tenso
     return input_ids.gather(1, index), attention_mask.gather(1, index)
 
 
-class CausalLayerRunner(PlacedByHead, ABC):
+class CausalLayerRunner(HeadReads, ABC):
     """The decoder-only half of a `LayerRunner`; a family subclass names its modules (the abstract
     methods) and, when its layers take more than the mask and positions, overrides `layer_inputs`."""
 
@@ -168,18 +168,8 @@ class CausalLayerRunner(PlacedByHead, ABC):
         """The layer's input state and extra keyword arguments at `position_ids` [A, Q]."""
         return hidden, {}
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """Vocabulary logits of any layer's raw output: the model's own final norm and LM head."""
-        return self.model.lm_head(self.final_norm(hidden))
-
-    def logits_for(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
-        """Logits of `token_ids` [A, k] for `hidden` [A, Q, d]: the final norm, then only those k rows
-        of the LM head (plus their bias where the head has one)."""
-        head = self.model.lm_head
-        logits = self.final_norm(hidden) @ torch.nn.functional.embedding(token_ids, head.weight).transpose(1, 2)
-        if head.bias is not None:
-            logits = logits + head.bias[token_ids][:, None, :]
-        return logits
+    def head_input(self, hidden: Tensor) -> Tensor:
+        return self.final_norm(hidden)
 
     # The protocol.
 

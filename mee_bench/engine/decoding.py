@@ -120,10 +120,12 @@ def _sync(device: torch.device) -> None:
 class CheckLogits:
     """The logits a measure reads for the current token at the current layer, memoised.
 
-    With `top_k` (the policy's `vocab_top_k`), a token's first read computes the full head and
-    keeps its k best token ids per row; later layers' reads compute those k rows of the head
-    only (CALM's vocabulary-pruned softmax). Only the exit decision is approximated: an exit's
-    token comes from `full_logits`, the full-vocabulary head at the exit layer.
+    With `top_k` (the policy's `vocab_top_k`), a token's first read ranks the vocabulary through
+    a half-precision copy of the head and keeps its k best token ids per row; every read, the
+    first included, computes those k rows of the head only (CALM's vocabulary-pruned softmax).
+    On a CPU the full head is a memory-bound read as long as a decoder layer; the half-precision
+    ranking moves half the bytes. Only the exit decision is approximated: an exit's token comes
+    from `full_logits`, the full-vocabulary head at the exit layer.
     """
 
     def __init__(self, runner: LayerRunner, top_k: int) -> None:
@@ -131,7 +133,6 @@ class CheckLogits:
         self.token_ids: Tensor | None = None  # [A, k] per running row, after the token's first read
         self.hidden: Tensor | None = None
         self.memo: Tensor | None = None
-        self.memo_is_full = False
 
     def new_token(self) -> None:
         self.token_ids = None
@@ -141,18 +142,17 @@ class CheckLogits:
 
     def __call__(self) -> Tensor:
         if self.memo is None:
-            self.memo_is_full = self.token_ids is None
-            if self.memo_is_full:
+            if not self.top_k:
                 self.memo = self.runner.logits(self.hidden)
-                if self.top_k:
-                    self.token_ids = self.memo[:, -1].topk(min(self.top_k, self.memo.shape[-1]), dim=-1).indices
             else:
+                if self.token_ids is None:
+                    self.token_ids = self.runner.candidate_ids(self.hidden, self.top_k)
                 self.memo = self.runner.logits_for(self.hidden, self.token_ids)
         return self.memo
 
     def full_logits(self, leaving: slice | Tensor, exit_hidden: Tensor) -> Tensor:
         """Full-vocabulary logits of the exiting rows `leaving` of this layer's state `exit_hidden`."""
-        if self.memo is not None and self.memo_is_full:
+        if self.memo is not None and not self.top_k:
             return self.memo[leaving]
         return self.runner.logits(exit_hidden)
 
@@ -241,6 +241,7 @@ class EarlyExitGenerator:
             raise ValueError("stop strings need a tokenizer: build EarlyExitGenerator(model, tokenizer)")
         policy.check_model(num_layers)
         measure = policy.build_measure(self.heads if policy.needs_heads else None)
+        measure.last_check_layer = num_layers - 1
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         batch, device = input_ids.shape[0], runner.device
@@ -283,6 +284,7 @@ class EarlyExitGenerator:
             token = torch.zeros(rows.numel(), dtype=torch.long, device=device)
             exit_layer = torch.full_like(token, num_layers)
             confidence = torch.full(token.shape, float("nan"), device=device)
+            measure.threshold = threshold
             measure.start(hidden, policy.min_exit_layer)
             checks.new_token()
             last_score = None  # the measure's latest values for the rows still running

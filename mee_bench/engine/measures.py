@@ -60,6 +60,10 @@ class ExitMeasure:
     def __init__(self, heads: ExitHeads | None = None) -> None:
         self.heads = heads
         self.first_check_layer = 1
+        # Set by the decoding loop, so that a measure may skip work whose result cannot reach the
+        # threshold: this token's threshold (-inf: unknown) and the deepest layer it can exit at.
+        self.threshold = float("-inf")
+        self.last_check_layer: int | None = None
 
     def start(self, embedding: Tensor, first_check_layer: int) -> None:
         """A new token: `embedding` [A, 1, d] is the decoder input, i.e. "layer 0"."""
@@ -223,7 +227,12 @@ class LastThreeMLP(LearnedMeasure):
 class MonotonicHeuristic(ExitMeasure):
     """MEE: exit iff the top-1 probabilities of the last three layers strictly increase
     and all reach the threshold. The confidence is the smallest of the three when they
-    rise, else 0, so `confidence >= threshold` is exactly that rule."""
+    rise, else 0, so `confidence >= threshold` is exactly that rule.
+
+    A layer's probability below the threshold rules out the exits at that layer and the two
+    after it, so a layer's probability is computed only while some exit it takes part in is
+    still possible: a token that is never confident reads the head at two layers, not at every
+    one. The decisions are those of reading every layer; a skipped probability counts as 0."""
 
     name = "monotonic_heuristic"
     vocab_prunable = True
@@ -235,12 +244,30 @@ class MonotonicHeuristic(ExitMeasure):
     def step(self, layer, hidden, logits):
         if layer < self.first_check_layer - 2:
             return None
-        self.scores = [*self.scores[-2:], top1_probability(logits()[:, -1])]
+        if self._may_decide(layer):
+            score = top1_probability(logits()[:, -1])
+        else:
+            score = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        self.scores = [*self.scores[-2:], score]
         if layer < self.first_check_layer or len(self.scores) < 3:
             return None
         first, second, third = self.scores
         rising = (first < second) & (second < third)
         return torch.where(rising, first, torch.zeros_like(first))
+
+    def _may_decide(self, layer: int) -> bool:
+        """Whether some row may still exit at `layer`, `layer` + 1 or `layer` + 2 given the
+        probabilities read so far (each exit needs its three to reach the threshold)."""
+        last, first = self.last_check_layer, self.first_check_layer
+        if last is None or first <= layer + 2 <= last:
+            return True
+        reached = [score >= self.threshold for score in self.scores[-2:]]
+        possible = torch.zeros_like(reached[-1]) if reached else None
+        if reached and first <= layer + 1 <= last:
+            possible |= reached[-1]
+        if len(reached) == 2 and first <= layer <= last:
+            possible |= reached[-1] & reached[-2]
+        return possible is not None and bool(possible.any())
 
     def select(self, keep):
         self.scores = [score[keep] for score in self.scores]

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -84,6 +85,12 @@ class LayerRunner(Protocol):
         `logits(hidden)` gathered at those ids, through k rows of the head (cheap pruned checks)."""
         ...
 
+    def candidate_ids(self, hidden: Tensor, k: int) -> Tensor:
+        """The k likeliest token ids [A, k] at `hidden`'s last position [A, Q, d], ranked through a
+        half-precision copy of the head: which rows pruned checks read, chosen for a fraction of
+        the memory traffic of `logits` (the head is the largest matrix a check touches)."""
+        ...
+
     def final_norm(self, hidden: Tensor) -> Tensor:
         """The model's own final norm: what the head reads (distillation compares these states)."""
         ...
@@ -101,10 +108,16 @@ class LayerRunner(Protocol):
 RUNNERS: dict[str, type] = {}
 
 
-class PlacedByHead:
-    """A runner's dtype and device: those of its model's LM head, which every family has."""
+class HeadReads:
+    """What every family shares through its LM head: the runner's dtype and device, and the three
+    reads of the head (full, k rows, and a cheap ranking) from the family's `head_input`."""
 
     model: Any
+    _ranking_head: tuple[tuple[int, int], Tensor] | None = None
+
+    def head_input(self, hidden: Tensor) -> Tensor:
+        """What the LM head multiplies: the model's final norm of a raw layer output (and any scaling)."""
+        raise NotImplementedError
 
     @property
     def dtype(self) -> torch.dtype:
@@ -113,6 +126,32 @@ class PlacedByHead:
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.model.lm_head(self.head_input(hidden))
+
+    def logits_for(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
+        head = self.model.lm_head
+        logits = self.head_input(hidden) @ F.embedding(token_ids, head.weight).transpose(1, 2)
+        if head.bias is not None:
+            logits = logits + head.bias[token_ids][:, None, :]
+        return logits
+
+    def candidate_ids(self, hidden: Tensor, k: int) -> Tensor:
+        head = self.model.lm_head
+        ranking = self._half_head(head.weight)
+        scores = self.head_input(hidden[:, -1]).to(ranking.dtype) @ ranking.T
+        if head.bias is not None:
+            scores = scores + head.bias.to(ranking.dtype)
+        return scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+
+    def _half_head(self, weight: Tensor) -> Tensor:
+        """`weight` in float16 (as is when already 16-bit), rebuilt whenever the weight changes."""
+        version = (weight.data_ptr(), weight._version)
+        if self._ranking_head is None or self._ranking_head[0] != version:
+            half = weight.detach() if weight.element_size() <= 2 else weight.detach().to(torch.float16)
+            self._ranking_head = (version, half)
+        return self._ranking_head[1]
 
 
 def register_runner(*model_types: str) -> Callable[[type], type]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mee_bench.engine.runner import PlacedByHead, register_runner
+from mee_bench.engine.runner import HeadReads, register_runner
 
 
 @dataclass
@@ -35,7 +35,7 @@ class DecoderCache:
 
 
 @register_runner("t5", "mt5")
-class T5LayerRunner(PlacedByHead):
+class T5LayerRunner(HeadReads):
     """Runs an unmodified Hugging Face T5 decoder one layer at a time (a `LayerRunner`).
 
     `rows` selects the batch rows being computed (None = all rows, no copies); queries sit
@@ -191,15 +191,9 @@ class T5LayerRunner(PlacedByHead):
             self._kv_weights = torch.cat(parts).detach()
         return self._kv_weights
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """Logits of any layer's raw output: the model's final norm, output scaling and LM head."""
-        return self.model.lm_head(self.final_norm(hidden) * self.output_scale)
-
-    def logits_for(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
-        """Logits of `token_ids` [A, k] for `hidden` [A, Q, d]: the same final norm and scaling, then
-        only those k rows of the LM head (T5's head has no bias)."""
-        head_rows = F.embedding(token_ids, self.model.lm_head.weight)  # [A, k, d]: a row gather, the cheapest kernel
-        return (self.final_norm(hidden) * self.output_scale) @ head_rows.transpose(1, 2)
+    def head_input(self, hidden: Tensor) -> Tensor:
+        """The model's final norm and output scaling (T5's head has no bias)."""
+        return self.final_norm(hidden) * self.output_scale
 
     def final_norm(self, hidden: Tensor) -> Tensor:
         return self.model.decoder.final_layer_norm(hidden)

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRAIN_DEFAULT_COMMAND = "mee-bench train configs/train/default.yaml"
-TIMING_ARGS = ("paired_timing", "timing_precision", "timing_allowance_s")
+TIMING_ARGS = ("paired_timing", "timing_precision", "timing_allowance_s", "timing_min_repeats")
 POLICY_ARGS = (
     "measure", "threshold", "min_exit_layer", "threshold_schedule", "tau", "kv_strategy", "vocab_top_k", "decoding",
     "max_draft",
@@ -112,8 +112,9 @@ class MEELM(TemplateLM):
     file; default: beside the model), max_gen_toks (when a task sets none), trust_remote_code;
     paired_timing (time every batch against `full` on the same inputs, interleaved, and report
     the ratio of ms per generated token with its 95% timing-noise interval), timing_precision (the
-    interval's relative half-width to reach, default 0.05) and timing_allowance_s (re-timing
-    per task stops after this, once 10 batches were re-timed; default 60).
+    interval's relative half-width to reach, default 0.05), timing_allowance_s (re-timing
+    per task stops after this, once timing_min_repeats batches were re-timed; default 60) and
+    timing_min_repeats (batches re-timed at least, for the noise estimate; default 10, at least 2).
 
     With no measure and no calibration, the policy is the one the model ships beside its
     weights (`exit_policy.json`) if any, else `full`; the other policy args adjust it. Which
@@ -143,6 +144,7 @@ class MEELM(TemplateLM):
         paired_timing: bool | str = False,
         timing_precision: float = 0.05,
         timing_allowance_s: float = 60.0,
+        timing_min_repeats: int = 10,
         **unknown: Any,
     ) -> None:
         super().__init__()
@@ -160,6 +162,9 @@ class MEELM(TemplateLM):
         self.paired_timing = _flag("paired_timing", paired_timing)
         self.timing_precision = _positive_float("timing_precision", timing_precision)
         self.timing_allowance_s = _positive_float("timing_allowance_s", timing_allowance_s)
+        self.timing_min_repeats = _positive_int("timing_min_repeats", timing_min_repeats)
+        if self.timing_min_repeats < 2:
+            raise ValueError(f"timing_min_repeats={timing_min_repeats} must be at least 2: the noise estimate needs repeats")
         resolve_dtype(dtype)
         self._device = resolve_device(device, cpu_fallback=True)
         if pretrained is None and not DEFAULT_MODEL_DIR.is_dir():
@@ -403,6 +408,7 @@ class MEELM(TemplateLM):
             candidate=lambda work: self._generate_batch(*work),
             target_half_width=self.timing_precision,
             allowance_s=self.timing_allowance_s,
+            min_repeats=self.timing_min_repeats,
             sync=sync,
             units=lambda result: result[1].tokens,  # ms per generated token: a policy that writes more is not slower for it
         )

@@ -82,6 +82,7 @@ class LMEvalBackend:
             paired_timing=config.timing.paired,
             timing_precision=config.timing.precision,
             timing_allowance_s=config.timing.allowance_s,
+            timing_min_repeats=config.timing.min_repeats,
             **extra,
         )
         # Decided from the config, so every worker (replacements too) indexes the same tasks.

@@ -53,6 +53,7 @@ class TimingConfig:
     paired: bool = True
     precision: float = 0.05  # relative half-width of the 95% interval to reach
     allowance_s: float = 20.0  # timing-only rounds per trial stop after this (the interval then says how wide)
+    min_repeats: int = 10  # blocks re-timed at least, even past the allowance: what the noise estimate rests on
 
 
 @dataclass
@@ -196,6 +197,8 @@ def validate(config: SweepConfig) -> None:
         raise ConfigError(f"timing.precision={config.timing.precision} must be in (0, 1), e.g. 0.05 for +-5%")
     if config.timing.allowance_s <= 0:
         raise ConfigError(f"timing.allowance_s={config.timing.allowance_s} must be > 0 seconds")
+    if config.timing.min_repeats < 2:
+        raise ConfigError(f"timing.min_repeats={config.timing.min_repeats} must be at least 2: the noise estimate needs repeats")
     _check_ray(config.ray)
     if config.model.device.startswith("cuda") and config.ray.gpus_per_trial <= 0:
         raise ConfigError(

@@ -78,6 +78,45 @@ def test_monotonic_heuristic_keeps_rows_in_step_with_selection():
     assert out.tolist() == [pytest.approx(0.5)]  # row 2's scores: 0.5 < 0.6 < 0.7
 
 
+@pytest.mark.parametrize("first_check", [2, 3, 4])
+def test_monotonic_heuristic_reads_only_layers_that_can_decide_and_decides_the_same(first_check):
+    """Against reading every layer (no known threshold or depth): the same exit layer on random
+    probability profiles at 6 layers, with fewer head reads."""
+    generator = torch.Generator().manual_seed(first_check)
+    threshold, last = 0.6, 5
+    reads = {"eager": 0, "lazy": 0}
+
+    def exit_layer(profile: torch.Tensor, lazy: bool) -> int:
+        measure = build_measure("monotonic_heuristic")
+        if lazy:
+            measure.threshold, measure.last_check_layer = threshold, last
+        measure.start(states([0.0]), first_check_layer=first_check)
+        for layer in range(1, last + 1):
+            def logits(top=float(profile[layer - 1])):
+                reads["lazy" if lazy else "eager"] += 1
+                return logits_from_probs([top, 1 - top])()
+            score = measure.step(layer, states([0.0]), logits)
+            if score is not None and bool(score >= threshold):
+                return layer
+        return last + 1
+
+    profiles = torch.rand(400, last, generator=generator).sort(dim=1).values * 0.5 + 0.45  # many rise
+    profiles[::2] = torch.rand(200, last, generator=generator)  # half of them at random
+    for profile in profiles:
+        assert exit_layer(profile, lazy=True) == exit_layer(profile, lazy=False)
+    assert reads["lazy"] < reads["eager"]
+
+
+def test_monotonic_heuristic_reads_two_layers_for_a_token_never_near_the_threshold():
+    measure = build_measure("monotonic_heuristic")
+    measure.threshold, measure.last_check_layer = 0.9, 5
+    measure.start(states([0.0]), first_check_layer=4)
+    read_at = []
+    for layer in range(1, 6):
+        measure.step(layer, states([0.0]), lambda layer=layer: read_at.append(layer) or logits_from_probs([0.5, 0.5])())
+    assert read_at == [2, 3]
+
+
 def make_heads(seed: int = 0) -> ExitHeads:
     torch.manual_seed(seed)
     return ExitHeads(D, classifier_hidden=4, lstm_hidden=4).eval()

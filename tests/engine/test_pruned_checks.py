@@ -11,7 +11,7 @@ from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import build_runner
 from tests.engine.test_decoding import padded_batch
-from tests.helpers import StepSchedule, tiny_model
+from tests.helpers import StepSchedule, tiny_causal_model, tiny_model
 
 MAX_NEW = 12
 
@@ -24,21 +24,46 @@ def test_t5_logits_for_equals_the_full_logits_at_those_ids():
     torch.testing.assert_close(runner.logits_for(hidden, ids), expected)
 
 
-def test_check_logits_reads_the_full_head_once_per_token_then_the_kept_rows():
+@pytest.mark.parametrize("family", ["t5", "llama", "gpt2"])
+def test_candidates_are_the_top_k_of_the_full_head_up_to_half_precision_ties(family):
+    runner = build_runner(tiny_model(seed=0) if family == "t5" else tiny_causal_model(family, seed=0))
+    hidden = torch.randn(6, 1, runner.hidden_size, generator=torch.Generator().manual_seed(3))
+    logits = runner.logits(hidden)[:, -1]
+    candidates = runner.candidate_ids(hidden, 16)
+    assert candidates.shape == (6, 16)
+    exact = logits.topk(16, dim=-1)
+    assert (candidates == exact.indices[:, :1]).any(-1).all()  # the argmax is always kept
+    kth = exact.values[:, -1:]
+    spread = logits.max(-1, keepdim=True).values - logits.min(-1, keepdim=True).values
+    # what ranks differently from the exact top k lies within half precision of its k-th logit
+    assert (logits.gather(-1, candidates) >= kth - 1e-2 * spread).all()
+    assert sum(len(set(c.tolist()) & set(e.tolist())) for c, e in zip(candidates, exact.indices)) >= 6 * 15
+
+
+def test_candidates_follow_a_changed_head():
+    runner = build_runner(tiny_model(seed=0))
+    hidden = torch.randn(2, 1, runner.hidden_size, generator=torch.Generator().manual_seed(4))
+    before = runner.candidate_ids(hidden, 4)
+    with torch.no_grad():
+        runner.model.lm_head.weight[before[0, 0]] *= -10.0  # its logit, the largest, turns the smallest
+    assert before[0, 0] not in runner.candidate_ids(hidden, 4)[0]
+
+
+def test_check_logits_reads_k_rows_of_the_head_and_the_full_head_at_an_exit():
     runner = build_runner(tiny_model(seed=0))
     generator = torch.Generator().manual_seed(2)
     first, second = (torch.randn(3, 1, runner.hidden_size, generator=generator) for _ in range(2))
     checks = CheckLogits(runner, top_k=4)
     checks.new_token()
     checks.at_layer(first)
-    full_first = checks()
-    torch.testing.assert_close(full_first, runner.logits(first))
-    kept = full_first[:, -1].topk(4).indices
-    assert checks() is full_first  # memoised within a layer
+    kept = runner.candidate_ids(first, 4)
+    first_read = checks()
+    assert first_read.shape == (3, 1, 4)
+    torch.testing.assert_close(first_read[:, 0], runner.logits(first)[:, 0].gather(-1, kept))
+    assert checks() is first_read  # memoised within a layer
     checks.select(torch.tensor([True, False, True]))
     checks.at_layer(second[[0, 2]])
     pruned = checks()
-    assert pruned.shape == (2, 1, 4)
     torch.testing.assert_close(pruned[:, 0], runner.logits(second[[0, 2]])[:, 0].gather(-1, kept[[0, 2]]))
     exit_logits = checks.full_logits(slice(None), second[[0, 2]])
     torch.testing.assert_close(exit_logits, runner.logits(second[[0, 2]]))  # an exit reads the whole vocabulary

@@ -178,6 +178,7 @@ def test_set_policy_switches_exits_on_the_same_loaded_model(lm):
         ({"paired_timing": "maybe"}, "paired_timing='maybe' is not a boolean"),
         ({"timing_precision": 0}, "timing_precision=0 must be a number > 0"),
         ({"timing_allowance_s": "soon"}, "timing_allowance_s='soon' must be a number > 0"),
+        ({"timing_min_repeats": 1}, "timing_min_repeats=1 must be at least 2"),
     ],
 )
 def test_bad_model_args_fail_before_the_model_loads(tmp_path, model_args, message):
@@ -289,6 +290,13 @@ def test_paired_timing_keeps_the_outputs_and_times_every_batch_against_full(pair
     assert timed[:4] == ["full", "softmax", "softmax", "full"]  # alternating order
     assert set(figures["load"]) == {"load_avg_1m", "cpus", "cpu_mhz", "other_processes_cpu_cores", "busy"}
     assert "[" in efficiency_table(paired.efficiency_report())
+
+
+def test_fewer_repeats_when_asked(paired):
+    paired.set_policy(ExitPolicy(measure="softmax", threshold=0.0, min_exit_layer=1))
+    paired.timing_min_repeats = 4
+    paired.generate_until([generation_request(p, index=i) for i, p in enumerate(PROMPTS)], disable_tqdm=True)
+    assert paired.efficiency_report()["task_a"]["paired_speedup"]["blocks"] == 3 + 4
 
 
 def test_model_args_reach_self_speculation_and_pruned_checks(tiny_model_dir, lm):

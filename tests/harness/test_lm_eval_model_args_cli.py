@@ -50,7 +50,7 @@ def runs(tiny_model_dir, tmp_path_factory):
         "threshold_schedule": "decaying", "tau": 2.0, "kv_strategy": "deferred", "dtype": "float32",
         "device": "cpu", "batch_size": 2, "max_length": 128, "heads": heads, "max_gen_toks": 4,
         "trust_remote_code": False, "paired_timing": True, "timing_precision": 0.2, "timing_allowance_s": 1,
-        "vocab_top_k": 0, "decoding": "early_exit", "max_draft": 2,
+        "timing_min_repeats": 3, "vocab_top_k": 0, "decoding": "early_exit", "max_draft": 2,
     }
     calibrated = {"pretrained": tiny_model_dir, "calibration": policy_file}
     assert set(every_arg) | set(calibrated) == set(MODEL_ARGS), "a model arg the adapter lists is not exercised here"

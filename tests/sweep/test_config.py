@@ -96,6 +96,7 @@ def test_empty_grid_is_refused(tmp_path, override, message):
         ("vocab_top_k=1", "vocab_top_k=1 must be 0 .off. or an integer >= 2"),
         ("model.dtype=fp16", "model.dtype='fp16' is not valid"),
         ("ray.cpus_per_trial=0", "must be > 0"),
+        ("timing.min_repeats=1", "timing.min_repeats=1 must be at least 2"),
         ("model.device=cuda", "needs ray.gpus_per_trial > 0"),
         ("carbon.country_iso_code=FRX", "not a country CodeCarbon knows"),
         ("carbon.country_iso_code=null", "country_iso_code is required"),
