@@ -120,12 +120,12 @@ def _sync(device: torch.device) -> None:
 class CheckLogits:
     """The logits a measure reads for the current token at the current layer, memoised.
 
-    With `top_k` (the policy's `vocab_top_k`), a token's first read ranks the vocabulary through
-    a half-precision copy of the head and keeps its k best token ids per row; every read, the
-    first included, computes those k rows of the head only (CALM's vocabulary-pruned softmax).
-    On a CPU the full head is a memory-bound read as long as a decoder layer; the half-precision
-    ranking moves half the bytes. Only the exit decision is approximated: an exit's token comes
-    from `full_logits`, the full-vocabulary head at the exit layer.
+    With `top_k` (the policy's `vocab_top_k`), a token's first read is the whole vocabulary
+    through a half-precision copy of the head, and keeps each row's k best token ids; the later
+    reads of that token compute those k rows of the head only (CALM's vocabulary-pruned softmax).
+    On a CPU the full head is a memory-bound read that costs about as much as a decoder layer; the
+    half-precision copy moves half the bytes. Only the exit decision is approximated: an exit's
+    token comes from `full_logits`, the full-precision, full-vocabulary head at the exit layer.
     """
 
     def __init__(self, runner: LayerRunner, top_k: int) -> None:
@@ -144,9 +144,10 @@ class CheckLogits:
         if self.memo is None:
             if not self.top_k:
                 self.memo = self.runner.logits(self.hidden)
+            elif self.token_ids is None:
+                self.memo = self.runner.approximate_logits(self.hidden).float()
+                self.token_ids = self.memo[:, -1].topk(min(self.top_k, self.memo.shape[-1]), dim=-1).indices
             else:
-                if self.token_ids is None:
-                    self.token_ids = self.runner.candidate_ids(self.hidden, self.top_k)
                 self.memo = self.runner.logits_for(self.hidden, self.token_ids)
         return self.memo
 

@@ -85,10 +85,10 @@ class LayerRunner(Protocol):
         `logits(hidden)` gathered at those ids, through k rows of the head (cheap pruned checks)."""
         ...
 
-    def candidate_ids(self, hidden: Tensor, k: int) -> Tensor:
-        """The k likeliest token ids [A, k] at `hidden`'s last position [A, Q, d], ranked through a
-        half-precision copy of the head: which rows pruned checks read, chosen for a fraction of
-        the memory traffic of `logits` (the head is the largest matrix a check touches)."""
+    def approximate_logits(self, hidden: Tensor) -> Tensor:
+        """`logits(hidden)` through a half-precision copy of the head (float16 values): for exit
+        decisions and choosing which rows of the head pruned checks read, at half the memory
+        traffic of `logits` (the head is the largest matrix a check touches); never for a token."""
         ...
 
     def final_norm(self, hidden: Tensor) -> Tensor:
@@ -110,10 +110,10 @@ RUNNERS: dict[str, type] = {}
 
 class HeadReads:
     """What every family shares through its LM head: the runner's dtype and device, and the three
-    reads of the head (full, k rows, and a cheap ranking) from the family's `head_input`."""
+    reads of the head (full, k rows, half precision) from the family's `head_input`."""
 
     model: Any
-    _ranking_head: tuple[tuple[int, int], Tensor] | None = None
+    _half_head_memo: tuple[tuple[int, int], Tensor] | None = None
 
     def head_input(self, hidden: Tensor) -> Tensor:
         """What the LM head multiplies: the model's final norm of a raw layer output (and any scaling)."""
@@ -137,21 +137,19 @@ class HeadReads:
             logits = logits + head.bias[token_ids][:, None, :]
         return logits
 
-    def candidate_ids(self, hidden: Tensor, k: int) -> Tensor:
+    def approximate_logits(self, hidden: Tensor) -> Tensor:
         head = self.model.lm_head
-        ranking = self._half_head(head.weight)
-        scores = self.head_input(hidden[:, -1]).to(ranking.dtype) @ ranking.T
-        if head.bias is not None:
-            scores = scores + head.bias.to(ranking.dtype)
-        return scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+        half = self._half_head(head.weight)
+        logits = self.head_input(hidden).to(half.dtype) @ half.T
+        return logits if head.bias is None else logits + head.bias.to(half.dtype)
 
     def _half_head(self, weight: Tensor) -> Tensor:
         """`weight` in float16 (as is when already 16-bit), rebuilt whenever the weight changes."""
         version = (weight.data_ptr(), weight._version)
-        if self._ranking_head is None or self._ranking_head[0] != version:
+        if self._half_head_memo is None or self._half_head_memo[0] != version:
             half = weight.detach() if weight.element_size() <= 2 else weight.detach().to(torch.float16)
-            self._ranking_head = (version, half)
-        return self._ranking_head[1]
+            self._half_head_memo = (version, half)
+        return self._half_head_memo[1]
 
 
 def register_runner(*model_types: str) -> Callable[[type], type]:
