@@ -1,7 +1,8 @@
 """Where a generated token's time goes, per policy, measured with torch.profiler.
 
 The runner's calls are wrapped in `record_function` ranges (the engine itself carries no
-profiling code): decoder layers, the LM head read by a check (full or vocabulary-pruned), the
+profiling code): decoder layers, the LM head read by a check (full, half precision or
+vocabulary-pruned), the
 head that picks a token (at an exit, the last layer, a draft or a verification), the measure's own work (its step minus
 any head it read), and the K/V copy of skipped layers. What is left of the decoder time is
 Python and glue (embedding, indexing, bookkeeping, the profiler's own cost). Batch 1, the
@@ -39,17 +40,23 @@ POLICIES = {
     "full": ExitPolicy("full"),
     "softmax 0.5, from 2": ExitPolicy("softmax", threshold=0.5, min_exit_layer=2),
     "softmax 0.5, from 2, top-64": ExitPolicy("softmax", threshold=0.5, min_exit_layer=2, vocab_top_k=64),
+    "monotonic_heuristic 0.9, from 4, top-64": ExitPolicy(
+        "monotonic_heuristic", threshold=0.9, min_exit_layer=4, vocab_top_k=64
+    ),
     "lstm 0.5, from 2": ExitPolicy("lstm", threshold=0.5, min_exit_layer=2),
     "self_speculative, draft 2 layers x 1": ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative", max_draft=1),
 }
-CATEGORIES = ("layers", "head: check, full", "head: check, pruned", "head: token choice", "measure", "K/V copy")
+CHECK_HEADS = ("head: check, full", "head: check, half", "head: check, pruned")
+CATEGORIES = ("layers", *CHECK_HEADS, "head: token choice", "measure", "K/V copy")
 
 
 @contextmanager
 def instrumented(generator: EarlyExitGenerator):
     """Wrap the runner's calls and every measure's step in named profiler ranges, then restore them."""
     runner, inside_measure = generator.runner, [False]
-    originals = {name: getattr(runner, name) for name in ("layer", "logits", "logits_for", "copy_skipped_kv")}
+    originals = {
+        name: getattr(runner, name) for name in ("layer", "logits", "approximate_logits", "logits_for", "copy_skipped_kv")
+    }
 
     def ranged(label, fn):
         def call(*args, **kwargs):
@@ -59,6 +66,7 @@ def instrumented(generator: EarlyExitGenerator):
 
     runner.layer = ranged("layers", originals["layer"])
     runner.logits = ranged(lambda: "head: check, full" if inside_measure[0] else "head: token choice", originals["logits"])
+    runner.approximate_logits = ranged("head: check, half", originals["approximate_logits"])
     runner.logits_for = ranged("head: check, pruned", originals["logits_for"])
     runner.copy_skipped_kv = ranged("K/V copy", originals["copy_skipped_kv"])
     measure_classes = [cls for cls in _subclasses(ExitMeasure) if "step" in vars(cls)]
@@ -102,7 +110,7 @@ def profile_policy(generator: EarlyExitGenerator, inputs: list[torch.Tensor], po
     for event in prof.key_averages():
         inclusive[event.key] += event.cpu_time_total  # microseconds
     per_token = {name: inclusive[name] / 1e3 / tokens for name in CATEGORIES}
-    nested_heads = per_token["head: check, full"] + per_token["head: check, pruned"]
+    nested_heads = sum(per_token[name] for name in CHECK_HEADS)
     per_token["measure"] = max(inclusive["measure+"] / 1e3 / tokens - nested_heads, 0.0)
     total = 1e3 * decoder_s / tokens
     per_token["python and glue"] = total - sum(per_token.values())

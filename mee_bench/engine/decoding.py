@@ -10,6 +10,7 @@ the lossless draft-and-verify path of `speculative.py` instead.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -110,6 +111,12 @@ class GenerationOutput:
     exit_layers: list[list[int]]  # 1-based layer each token left the decoder at
     confidences: list[list[float]]  # the measure's value at the exit (or last check) layer; nan if never checked
     stats: GenerationStats
+
+
+@functools.lru_cache(maxsize=256)
+def rounded_to(value: float, dtype: torch.dtype) -> float:
+    """`value` as a tensor of `dtype` holds it: what `tensor >= value` compares against."""
+    return torch.tensor(value, dtype=dtype).item()
 
 
 def _sync(device: torch.device) -> None:
@@ -313,11 +320,14 @@ class EarlyExitGenerator:
                 if score is None:
                     continue
                 last_score = score
-                exits = score >= threshold
-                exiting = int(exits.sum())
+                if rows.numel() == 1:  # batch size 1: one comparison on the host, no tensor ops
+                    exits, exiting = None, int(float(score) >= rounded_to(threshold, score.dtype))
+                else:
+                    exits = score >= threshold
+                    exiting = int(exits.sum())
                 if exiting == 0:
                     continue
-                everyone = exiting == rows.numel()  # the common case at batch size 1: no indexing
+                everyone = exiting == rows.numel()  # always so at batch size 1: no indexing
                 leaving = slice(None) if everyone else exits.nonzero().squeeze(1)
                 exit_hidden = hidden if everyone else hidden[leaving]
                 exit_logits = checks.full_logits(leaving, exit_hidden)

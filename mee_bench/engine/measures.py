@@ -143,7 +143,7 @@ class Saturation(ExitMeasure):
         previous, self.previous = self.previous, hidden
         if layer < self.first_check_layer:
             return None
-        return F.cosine_similarity(hidden[:, -1].float(), previous[:, -1].float(), dim=-1)
+        return F.cosine_similarity(hidden.float(), previous.float(), dim=-1)[:, -1]
 
     def select(self, keep):
         self.previous = self.previous[keep]

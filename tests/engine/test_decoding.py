@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import StepSchedule, tiny_model
-from mee_bench.engine.decoding import EarlyExitGenerator
+from mee_bench.engine.decoding import EarlyExitGenerator, rounded_to
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import load_model
@@ -315,3 +315,17 @@ def test_confidence_is_the_value_at_the_exit_or_the_last_check():
     assert all(0.0 <= conf < 0.95 for layer, conf in pairs if layer == 4)
     full = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("full"), MAX_NEW)
     assert all(conf != conf for row in full.confidences for conf in row)  # never checked: nan
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.95, 0.99, 0.123456789])
+def test_a_host_comparison_with_the_rounded_threshold_decides_as_the_tensor_comparison(dtype, threshold):
+    """Batch size 1 compares a score with the threshold on the host; scores at, just above and just
+    below the threshold as `dtype` holds it exit exactly when `score >= threshold` on tensors says so."""
+    at = torch.tensor(threshold, dtype=dtype).float()
+    for score in (at, torch.nextafter(at, torch.tensor(2.0)), torch.nextafter(at, torch.tensor(-2.0))):
+        score = score.to(dtype)
+        assert (float(score) >= rounded_to(threshold, dtype)) == bool(score.reshape(1) >= threshold)
+    if threshold == 0.9:
+        assert float(at) != threshold  # a host comparison with 0.9 itself would decide differently at the threshold
+

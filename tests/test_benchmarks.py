@@ -1,0 +1,50 @@
+"""The benchmarks no other test runs, end to end at a few sentences on the embedded default model:
+they finish, and their figures land where the benchmark says they do."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+@pytest.fixture
+def benchmark(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    yield importlib.import_module
+    for name in ("pruned_checks", "token_profile", "policy_speed"):
+        sys.modules.pop(name, None)
+
+
+def test_pruned_checks_compares_every_policy_with_its_unpruned_run(benchmark, tmp_path):
+    out = tmp_path / "pruned.json"
+    assert benchmark("pruned_checks").main(["--sentences", "6", "--batch", "3", "--top-k", "2", "64", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["policies"]
+    assert {(row["policy"], row["vocab_top_k"]) for row in rows} == {
+        (policy, k) for policy in ("softmax 0.5, from 2", "softmax 0.9, from 2", "monotonic_heuristic 0.9, from 4")
+        for k in (2, 64)
+    }
+    for row in rows:
+        assert row["decisions_compared"] > 0 and 0 <= row["decisions_differing"] <= 1
+        assert 1 <= row["avg_exit_layer"] <= 6 and 1 <= row["avg_exit_layer_unpruned"] <= 6
+    softmax = {row["vocab_top_k"]: row for row in rows if row["policy"] == "softmax 0.5, from 2"}
+    # over two tokens, top-1 minus top-2 is inflated most: pruning to 2 exits earliest
+    assert softmax[2]["avg_exit_layer"] <= softmax[64]["avg_exit_layer"] <= softmax[64]["avg_exit_layer_unpruned"]
+
+
+def test_token_profile_puts_each_head_read_where_it_happened(benchmark, tmp_path):
+    out = tmp_path / "profile.json"
+    assert benchmark("token_profile").main(["--sentences", "2", "--out", str(out)]) == 0
+    policies = {name: result["ms_per_token"] for name, result in json.loads(out.read_text())["policies"].items()}
+    half, full, pruned = "head: check, half", "head: check, full", "head: check, pruned"
+    assert policies["softmax 0.5, from 2"][full] > 0 and policies["softmax 0.5, from 2"][half] == 0
+    for name in ("softmax 0.5, from 2, top-64", "monotonic_heuristic 0.9, from 4, top-64"):
+        assert policies[name][half] > 0 and policies[name][full] == 0
+    assert policies["softmax 0.5, from 2, top-64"][pruned] > 0
+    for name in ("full", "lstm 0.5, from 2"):
+        assert policies[name][full] == policies[name][half] == policies[name][pruned] == 0
+    assert all(parts["layers"] > parts["head: token choice"] > 0 for parts in policies.values())
