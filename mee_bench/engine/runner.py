@@ -86,9 +86,10 @@ class LayerRunner(Protocol):
         ...
 
     def approximate_logits(self, hidden: Tensor) -> Tensor:
-        """`logits(hidden)` through a half-precision copy of the head (float16 values): for exit
-        decisions and choosing which rows of the head pruned checks read, at half the memory
-        traffic of `logits` (the head is the largest matrix a check touches); never for a token."""
+        """`logits(hidden)` through a 16-bit copy of the head (float16 unless the model is already
+        16-bit): for exit decisions and choosing which rows of the head pruned checks read, at half
+        the memory traffic of a 32-bit `logits` (the head is the largest matrix a check touches);
+        never for choosing a token."""
         ...
 
     def final_norm(self, hidden: Tensor) -> Tensor:
