@@ -2,9 +2,9 @@
 
 The runner's calls are wrapped in `record_function` ranges (the engine itself carries no
 profiling code): decoder layers, the LM head read by a check (full, half precision or
-vocabulary-pruned), the
-head that picks a token (at an exit, the last layer, a draft or a verification), the measure's own work (its step minus
-any head it read), and the K/V copy of skipped layers. What is left of the decoder time is
+vocabulary-pruned), the head that picks a token (at an exit, the last layer, a draft or a
+verification), the measure's own work (its step minus any head it read), and the K/V copy of
+skipped layers. What is left of the decoder time is
 Python and glue (embedding, indexing, bookkeeping, the profiler's own cost). Batch 1, the
 embedded default model, held-out Tatoeba sentences.
 

@@ -328,4 +328,3 @@ def test_a_host_comparison_with_the_rounded_threshold_decides_as_the_tensor_comp
         assert (float(score) >= rounded_to(threshold, dtype)) == bool(score.reshape(1) >= threshold)
     if threshold == 0.9:
         assert float(at) != threshold  # a host comparison with 0.9 itself would decide differently at the threshold
-
