@@ -160,7 +160,7 @@ def fill_readme(path: Path, table: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="16 sentences, batch 1 and 4, loose intervals (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="8 sentences, batch 1 and 4, loose intervals (a smoke run)")
     parser.add_argument("--sentences", type=int, default=48)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--target-half-width", type=float, default=0.05, help="relative; timing stops when reached")
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         fill_readme(args.readme, readme_table(json.loads(args.out.read_text())))
         print(f"-> {args.readme}")
         return 0
-    sentences, batches, allowance = (16, [1, 4], 0.0) if args.quick else (args.sentences, args.batches, args.allowance)
+    sentences, batches, allowance = (8, [1, 4], 0.0) if args.quick else (args.sentences, args.batches, args.allowance)
     torch.set_num_threads(args.threads)
 
     generator = load_generator(args.model, args.dtype, args.device, require_heads=True)
