@@ -11,7 +11,9 @@ twice or more. Reported per policy and batch size: the speedup interval, the
 candidate's decoder ms/token in its first timed pass (for scale only: `full`'s comes from an
 untimed reference pass, so compare policies by the paired speedup), the average exit layer, decoder layers computed per token,
 whether its output equals `full`'s on every sentence (`identical_to_full`), and for
-self-speculative policies the acceptance rate and mean accepted draft length.
+self-speculative policies the acceptance rate and mean accepted draft length. Last, what one
+pass through every layer and the head costs over 1, 2, 3, 4 and 8 positions (`width_cost`):
+the price of verifying drafts in one pass, or of decoding several rows at once.
 
     python benchmarks/policy_speed.py [--quick] [--sentences 48] [--batches 1 4 16] [--threads 1] [--readme README.md]
     python benchmarks/policy_speed.py --from-json --readme README.md   # refill the README table only
@@ -26,7 +28,9 @@ import argparse
 import json
 import platform
 import re
+import statistics
 import sys
+import time
 from functools import reduce
 from itertools import islice
 from pathlib import Path
@@ -44,6 +48,7 @@ from mee_bench.paths import DATA_DIR_ENV, DEFAULT_MODEL_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_NEW_TOKENS = 64
+WIDTHS = (1, 2, 3, 4, 8)  # positions per pass whose cost `width_costs` measures
 README_START, README_END = "<!-- policy-speed:start -->", "<!-- policy-speed:end -->"
 POLICIES = {
     "fixed, layer 2": ExitPolicy("fixed", min_exit_layer=2),
@@ -122,6 +127,47 @@ def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blo
     }
 
 
+def width_costs(generator: EarlyExitGenerator, prompt: str, repeats: int) -> dict[str, dict[str, float]]:
+    """Median ms of one pass through every decoder layer, and of the LM head, over w positions of one
+    sentence, w in WIDTHS, interleaved so that drift hits every width alike. w = 1 is a decoding
+    step; w > 1 is what verifying w - 1 drafts in one pass costs (and, to within attention, w rows
+    of a batch): the arithmetic behind self-speculation and batches."""
+    runner = generator.runner
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else lambda: None
+    ids, mask = generator.tokenize([prompt])
+    cache, _ = runner.start(ids, mask, MAX_NEW_TOKENS)
+    states = torch.randn(1, max(WIDTHS), runner.hidden_size, generator=torch.Generator().manual_seed(0))
+    states = states.to(runner.device, runner.dtype)
+    layers_s: dict[int, list[float]] = {w: [] for w in WIDTHS}
+    head_s: dict[int, list[float]] = {w: [] for w in WIDTHS}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for w in WIDTHS:  # positions 1..w, as a round verifying drafts from step 1 would write
+                positions = torch.arange(1, w + 1, device=runner.device)[None] if w > 1 else 1
+                hidden = states[:, :w]
+                sync()
+                started = time.perf_counter()
+                for index in range(runner.num_layers):
+                    hidden = runner.layer(index, hidden, cache, None, positions, w)
+                sync()
+                between = time.perf_counter()
+                runner.logits(hidden).argmax(-1)
+                sync()
+                layers_s[w].append(between - started)
+                head_s[w].append(time.perf_counter() - between)
+    return {str(w): {"layers_ms": 1e3 * statistics.median(layers_s[w]), "head_ms": 1e3 * statistics.median(head_s[w])}
+            for w in WIDTHS}
+
+
+def width_line(costs: dict[str, dict[str, float]]) -> str:
+    """One sentence: what a pass over w positions costs relative to one."""
+    one = costs["1"]["layers_ms"] + costs["1"]["head_ms"]
+    relative = ", ".join(f"{w}: {(c['layers_ms'] + c['head_ms']) / one:.2f}x" for w, c in costs.items() if w != "1")
+    return (f"One pass through every layer and the head costs {one:.2f} ms over 1 position "
+            f"(layers {costs['1']['layers_ms']:.2f}, head {costs['1']['head_ms']:.2f}); over w positions, "
+            f"relative to 1 ({relative}).")
+
+
 def readme_table(result: dict) -> str:
     """The README's speed table: one row per policy, one speedup column per batch size."""
     batches = [entry["batch"] for entry in result["batches"]]
@@ -146,7 +192,8 @@ def readme_table(result: dict) -> str:
             f"results/bench/policy_speed.json; do not edit by hand -->\n\n"
             f"{settings['sentences']} Tatoeba sentences, `{settings['model']}`, {settings['dtype']}, "
             f"{result['machine']['threads']} torch thread; speedup = ratio of paired ms/token against `full` "
-            f"[95% interval]; layers/token and the speculation figures at batch {batches[0]}.\n\n")
+            f"[95% interval]; layers/token and the speculation figures at batch {batches[0]}."
+            + (f" {width_line(result['width_cost'])}" if "width_cost" in result else "") + "\n\n")
     return note + tabulate(rows, headers=header, tablefmt="github")
 
 
@@ -204,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
                      "acceptance_rate", "mean_accepted_draft")
             print(tabulate([[row[k] for k in shown] for row in rows], headers=shown, floatfmt=".2f"))
             results.append({"batch": batch, "policies": rows})
+        width_cost = width_costs(generator, prompts[0], 10 if args.quick else 100)
+        print(width_line(width_cost))
 
     result = {
         "batches": results,
+        "width_cost": width_cost,
         "load": load.report(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(),

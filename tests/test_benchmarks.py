@@ -48,3 +48,21 @@ def test_token_profile_puts_each_head_read_where_it_happened(benchmark, tmp_path
     for name in ("full", "lstm 0.5, from 2"):
         assert policies[name][full] == policies[name][half] == policies[name][pruned] == 0
     assert all(parts["layers"] > parts["head: token choice"] > 0 for parts in policies.values())
+
+
+def test_policy_speed_prices_each_verification_width_and_prints_it_with_the_table(benchmark):
+    from mee_bench.engine.loading import load_generator
+    from mee_bench.paths import DEFAULT_MODEL_DIR
+
+    policy_speed = benchmark("policy_speed")
+    generator = load_generator(DEFAULT_MODEL_DIR, "float32", "cpu")
+    costs = policy_speed.width_costs(generator, "translate English to French: The cat sleeps.", repeats=2)
+    assert list(costs) == [str(w) for w in policy_speed.WIDTHS]
+    assert all(cost["layers_ms"] > 0 and cost["head_ms"] > 0 for cost in costs.values())
+    row = {"policy": "full", "speedup_vs_full": "1 (baseline)", "layers_per_token": 6.0, "identical_to_full": True,
+           "acceptance_rate": None, "mean_accepted_draft": None}
+    result = {"batches": [{"batch": 1, "policies": [row]}], "machine": {"threads": 1},
+              "settings": {"sentences": 1, "model": "m", "dtype": "float32"}}
+    assert "over w positions" not in policy_speed.readme_table(result)  # a record from before widths were priced
+    with_widths = policy_speed.readme_table({**result, "width_cost": costs})
+    assert policy_speed.width_line(costs) in with_widths and "8: " in policy_speed.width_line(costs)

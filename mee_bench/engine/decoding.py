@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.engine.runner import LayerRunner, build_runner
+from mee_bench.engine.runner import HeadRows, LayerRunner, build_runner
 from mee_bench.engine.speculative import SpeculationCounts, self_speculative_generate
 
 log = logging.getLogger(__name__)
@@ -137,12 +137,12 @@ class CheckLogits:
 
     def __init__(self, runner: LayerRunner, top_k: int) -> None:
         self.runner, self.top_k = runner, top_k
-        self.token_ids: Tensor | None = None  # [A, k] per running row, after the token's first read
+        self.rows: HeadRows | None = None  # the k head rows per running row, after the token's first read
         self.hidden: Tensor | None = None
         self.memo: Tensor | None = None
 
     def new_token(self) -> None:
-        self.token_ids = None
+        self.rows = None
 
     def at_layer(self, hidden: Tensor) -> None:
         self.hidden, self.memo = hidden, None
@@ -151,11 +151,12 @@ class CheckLogits:
         if self.memo is None:
             if not self.top_k:
                 self.memo = self.runner.logits(self.hidden)
-            elif self.token_ids is None:
+            elif self.rows is None:
                 self.memo = self.runner.approximate_logits(self.hidden).float()
-                self.token_ids = self.memo[:, -1].topk(min(self.top_k, self.memo.shape[-1]), dim=-1).indices
+                kept = self.memo[:, -1].topk(min(self.top_k, self.memo.shape[-1]), dim=-1).indices
+                self.rows = self.runner.head_rows(kept)
             else:
-                self.memo = self.runner.logits_for(self.hidden, self.token_ids)
+                self.memo = self.runner.logits_for(self.hidden, self.rows)
         return self.memo
 
     def full_logits(self, leaving: slice | Tensor, exit_hidden: Tensor) -> Tensor:
@@ -165,8 +166,8 @@ class CheckLogits:
         return self.runner.logits(exit_hidden)
 
     def select(self, keep: Tensor) -> None:
-        if self.token_ids is not None:
-            self.token_ids = self.token_ids[keep]
+        if self.rows is not None:
+            self.rows = self.rows.select(keep)
 
 
 class EarlyExitGenerator:

@@ -72,6 +72,9 @@ class LlamaLayerRunner(CausalLayerRunner):
     def final_norm(self, hidden: Tensor) -> Tensor:
         return self.model.model.norm(hidden)
 
+    def rms_head_gain(self) -> tuple[Tensor, float]:
+        return self.model.model.norm.weight, self.model.model.norm.variance_epsilon
+
     def head_parameters(self) -> list[Tensor]:
         return [self.model.model.norm.weight, self.model.lm_head.weight]
 

@@ -85,8 +85,7 @@ class ExitMeasure:
 
 
 def top1_probability(logits: Tensor) -> Tensor:
-    logits = logits.float()
-    return torch.exp(logits.max(-1).values - torch.logsumexp(logits, -1))
+    return logits.float().softmax(-1).max(-1).values
 
 
 @register
@@ -121,11 +120,8 @@ class Softmax(ExitMeasure):
     def step(self, layer, hidden, logits):
         if layer < self.first_check_layer:
             return None
-        scores = logits().float()[:, -1]
-        top2 = scores.topk(2, dim=-1).values
-        log_z = torch.logsumexp(scores, -1, keepdim=True)
-        probs = torch.exp(top2 - log_z)
-        return probs[:, 0] - probs[:, 1]
+        top2 = logits()[:, -1].float().softmax(-1).topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
 
 
 @register

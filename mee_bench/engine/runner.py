@@ -19,6 +19,7 @@ input is the prompt's last token, which its prefill already ran through every la
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
@@ -80,9 +81,13 @@ class LayerRunner(Protocol):
         """Vocabulary logits of any layer's raw output: the model's own final norm and head."""
         ...
 
-    def logits_for(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
-        """The logits of `token_ids` [A, k] only, for `hidden` [A, Q, d]: [A, Q, k], the same values as
-        `logits(hidden)` gathered at those ids, through k rows of the head (cheap pruned checks)."""
+    def head_rows(self, token_ids: Tensor) -> HeadRows:
+        """The head's rows for `token_ids` [A, k], gathered once per token for `logits_for`."""
+        ...
+
+    def logits_for(self, hidden: Tensor, rows: HeadRows) -> Tensor:
+        """The logits of `rows.token_ids` only, for `hidden` [A, Q, d]: [A, Q, k], the values of
+        `logits(hidden)` at those ids (to rounding), through k rows of the head (cheap pruned checks)."""
         ...
 
     def approximate_logits(self, hidden: Tensor) -> Tensor:
@@ -109,6 +114,25 @@ class LayerRunner(Protocol):
 RUNNERS: dict[str, type] = {}
 
 
+@dataclass(frozen=True)
+class HeadRows:
+    """k rows of the LM head per running row: a pruned check reads these instead of the whole head.
+
+    With `rms_eps` set, the family's final norm is an RMS norm whose gain (and any output scale) is
+    already multiplied into `weight`, so a check is one small matmul scaled by 1/rms of the state:
+    about a third of the tensor calls of running the norm module first."""
+
+    token_ids: Tensor  # [A, k]
+    weight: Tensor  # [A, d, k]
+    bias: Tensor | None = None  # [A, 1, k]
+    rms_eps: float | None = None
+
+    def select(self, keep: Tensor) -> HeadRows:
+        """Only the running rows `keep` (a mask or indices)."""
+        bias = None if self.bias is None else self.bias[keep]
+        return HeadRows(self.token_ids[keep], self.weight[keep], bias, self.rms_eps)
+
+
 class HeadReads:
     """What every family shares through its LM head: the runner's dtype and device, and the three
     reads of the head (full, k rows, half precision) from the family's `head_input`."""
@@ -131,12 +155,26 @@ class HeadReads:
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.lm_head(self.head_input(hidden))
 
-    def logits_for(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
+    def rms_head_gain(self) -> tuple[Tensor, float] | None:
+        """(g, eps) when `head_input(h)` is `g * h / sqrt(mean(h^2) + eps)` (an RMS final norm, any output
+        scale folded into g), so pruned checks can fold g into the head's rows; None otherwise."""
+        return None
+
+    def head_rows(self, token_ids: Tensor) -> HeadRows:
         head = self.model.lm_head
-        logits = self.head_input(hidden) @ F.embedding(token_ids, head.weight).transpose(1, 2)
-        if head.bias is not None:
-            logits = logits + head.bias[token_ids][:, None, :]
-        return logits
+        weight = F.embedding(token_ids, head.weight)
+        folded = self.rms_head_gain()
+        if folded is not None:
+            weight = weight * folded[0]
+        bias = None if head.bias is None else head.bias[token_ids][:, None, :]
+        return HeadRows(token_ids, weight.transpose(1, 2), bias, None if folded is None else folded[1])
+
+    def logits_for(self, hidden: Tensor, rows: HeadRows) -> Tensor:
+        if rows.rms_eps is None:
+            logits = self.head_input(hidden) @ rows.weight
+        else:
+            logits = (hidden @ rows.weight) * torch.rsqrt(hidden.float().pow(2).mean(-1, keepdim=True) + rows.rms_eps)
+        return logits if rows.bias is None else logits + rows.bias
 
     def approximate_logits(self, hidden: Tensor) -> Tensor:
         head = self.model.lm_head

@@ -198,6 +198,10 @@ class T5LayerRunner(HeadReads):
     def final_norm(self, hidden: Tensor) -> Tensor:
         return self.model.decoder.final_layer_norm(hidden)
 
+    def rms_head_gain(self) -> tuple[Tensor, float]:
+        norm = self.model.decoder.final_layer_norm
+        return norm.weight * self.output_scale, norm.variance_epsilon
+
     def head_parameters(self) -> list[Tensor]:
         return [self.model.decoder.final_layer_norm.weight, self.model.lm_head.weight]
 

@@ -290,10 +290,15 @@ def test_all_layer_states_are_the_models_own_hidden_states(family):
 @pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 def test_pruned_logits_are_the_full_logits_at_those_ids(family):
     runner = build_runner(tiny_causal_model(family))
-    hidden = torch.randn(3, 2, runner.hidden_size, generator=torch.Generator().manual_seed(0))
+    norm = runner.model.model.norm if family != "gpt2" else runner.model.transformer.ln_f
+    with torch.no_grad():  # a gain that is not all ones, so folding it into the rows is tested
+        norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+    hidden = 3 * torch.randn(3, 2, runner.hidden_size, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(1))
     expected = runner.logits(hidden).gather(-1, ids[:, None, :].expand(3, 2, 5))
-    assert torch.allclose(runner.logits_for(hidden, ids), expected, atol=1e-5)
+    rows = runner.head_rows(ids)
+    assert (rows.rms_eps is None) == (family == "gpt2")  # GPT-2's LayerNorm is not an RMS norm: run as is
+    assert torch.allclose(runner.logits_for(hidden, rows), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("lengths", [[9], [9, 5, 7, 3]], ids=["batch1", "batch4"])

@@ -16,12 +16,21 @@ from tests.helpers import StepSchedule, tiny_causal_model, tiny_model
 MAX_NEW = 12
 
 
-def test_t5_logits_for_equals_the_full_logits_at_those_ids():
+@pytest.mark.parametrize("fold", [True, False], ids=["rms-gain-folded", "norm-module"])
+def test_t5_logits_for_equals_the_full_logits_at_those_ids(monkeypatch, fold):
     runner = build_runner(tiny_model(seed=0))
-    hidden = torch.randn(3, 2, runner.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a gain that is not all ones, so folding it into the rows is tested
+        runner.model.decoder.final_layer_norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+    if not fold:
+        monkeypatch.setattr(runner, "rms_head_gain", lambda: None)
+    hidden = 3 * torch.randn(3, 2, runner.hidden_size, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, 32128, (3, 5), generator=torch.Generator().manual_seed(1))
     expected = runner.logits(hidden).gather(-1, ids[:, None, :].expand(-1, 2, -1))
-    torch.testing.assert_close(runner.logits_for(hidden, ids), expected)
+    rows = runner.head_rows(ids)
+    assert (rows.rms_eps is not None) == fold
+    torch.testing.assert_close(runner.logits_for(hidden, rows), expected)
+    kept = torch.tensor([True, False, True])
+    torch.testing.assert_close(runner.logits_for(hidden[kept], rows.select(kept)), expected[kept])
 
 
 @pytest.mark.parametrize("family", ["t5", "llama", "gpt2"])
@@ -61,6 +70,7 @@ def test_check_logits_reads_the_half_precision_head_once_per_token_then_the_kept
     pruned = checks()
     assert pruned.shape == (2, 1, 4)
     torch.testing.assert_close(pruned[:, 0], runner.logits(second[[0, 2]])[:, 0].gather(-1, kept[[0, 2]]))
+    assert torch.equal(checks.rows.token_ids, kept[[0, 2]])
     exit_logits = checks.full_logits(slice(None), second[[0, 2]])
     torch.testing.assert_close(exit_logits, runner.logits(second[[0, 2]]))  # an exit reads the full-precision head
 

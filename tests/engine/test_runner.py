@@ -13,7 +13,7 @@ from torch import Tensor
 
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.engine.runner import RUNNERS, LayerRunner, build_runner, register_runner
+from mee_bench.engine.runner import RUNNERS, HeadRows, LayerRunner, build_runner, register_runner
 from mee_bench.engine.t5 import T5LayerRunner
 from tests.helpers import recorded_caches, tiny_model
 
@@ -72,8 +72,11 @@ class FakeRunner:
         following = F.one_hot((hidden[..., -1].long() + 1) % VOCAB, VOCAB).float()
         return 10.0 * following * hidden[..., CONFIDENT_LAYER - 1 : CONFIDENT_LAYER]
 
-    def logits_for(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
-        return self.logits(hidden).gather(-1, token_ids[:, None, :].expand(-1, hidden.shape[1], -1))
+    def head_rows(self, token_ids: Tensor) -> HeadRows:
+        return HeadRows(token_ids, weight=token_ids[:, None, :].float())
+
+    def logits_for(self, hidden: Tensor, rows: HeadRows) -> Tensor:
+        return self.logits(hidden).gather(-1, rows.token_ids[:, None, :].expand(-1, hidden.shape[1], -1))
 
     def approximate_logits(self, hidden: Tensor) -> Tensor:
         return self.logits(hidden).half()
