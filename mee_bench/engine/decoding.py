@@ -132,7 +132,7 @@ class CheckLogits:
     reads of that token compute those k rows of the head only (CALM's vocabulary-pruned softmax).
     On a CPU the full head is a memory-bound read that costs about as much as a decoder layer; the
     half-precision copy moves half the bytes. Only the exit decision is approximated: an exit's
-    token comes from `full_logits`, the full-precision, full-vocabulary head at the exit layer.
+    token is the argmax of the full-precision, full-vocabulary head at the exit layer.
     """
 
     def __init__(self, runner: LayerRunner, top_k: int) -> None:
@@ -159,11 +159,12 @@ class CheckLogits:
                 self.memo = self.runner.logits_for(self.hidden, self.rows)
         return self.memo
 
-    def full_logits(self, leaving: slice | Tensor, exit_hidden: Tensor) -> Tensor:
-        """Full-vocabulary logits of the exiting rows `leaving` of this layer's state `exit_hidden`."""
+    def full_logits_read(self, leaving: slice | Tensor) -> Tensor | None:
+        """The full-precision, full-vocabulary logits of the exiting rows `leaving` when this layer's
+        check already read them; else None (the exit's token then needs a head read of its own)."""
         if self.memo is not None and not self.top_k:
             return self.memo[leaving]
-        return self.runner.logits(exit_hidden)
+        return None
 
     def select(self, keep: Tensor) -> None:
         if self.rows is not None:
@@ -297,6 +298,9 @@ class EarlyExitGenerator:
             measure.start(hidden, policy.min_exit_layer)
             checks.new_token()
             last_score = None  # the measure's latest values for the rows still running
+            # (slots, states) whose token is still to be read: one head call for the whole step, not one
+            # per exit layer (at batch > 1 the head, the largest matrix, is read once, not up to L times)
+            unread: list[tuple[Tensor | slice, Tensor]] = []
             catching_up = deferred and step > 0 and bool((done_layers[rows, :step] < num_layers).any())
             # the prefill ran this step through every layer: its states are read back, its K/V are real
             prefilled = step == 0 and runner.prefills_first_step
@@ -331,9 +335,12 @@ class EarlyExitGenerator:
                 everyone = exiting == rows.numel()  # always so at batch size 1: no indexing
                 leaving = slice(None) if everyone else exits.nonzero().squeeze(1)
                 exit_hidden = hidden if everyone else hidden[leaving]
-                exit_logits = checks.full_logits(leaving, exit_hidden)
+                exit_logits = checks.full_logits_read(leaving)
                 exit_slot = slot if everyone else slot[leaving]
-                token[exit_slot] = exit_logits[:, -1].argmax(-1)
+                if exit_logits is not None:
+                    token[exit_slot] = exit_logits[:, -1].argmax(-1)
+                else:
+                    unread.append((exit_slot, exit_hidden))
                 exit_layer[exit_slot] = layer
                 confidence[exit_slot] = (score if everyone else score[leaving]).float()
                 if not prefilled:  # a prefilled step skipped no layer: nothing to copy or defer
@@ -351,9 +358,14 @@ class EarlyExitGenerator:
                 measure.select(staying)
                 checks.select(staying)
             if rows.numel():
-                token[slot] = runner.logits(hidden)[:, -1].argmax(-1)
+                unread.append((slot, hidden))
                 if last_score is not None:
                     confidence[slot] = last_score.float()
+            if len(unread) == 1:
+                token[unread[0][0]] = runner.logits(unread[0][1])[:, -1].argmax(-1)
+            elif unread:
+                slots, states = zip(*unread)
+                token[torch.cat(slots)] = runner.logits(torch.cat(states))[:, -1].argmax(-1)
             exit_layer = measure.finish(token, exit_layer, num_layers)
 
             finished = self._record(alive, token, exit_layer, confidence, tokens, exit_layers, confidences, is_finished)

@@ -207,6 +207,23 @@ def test_every_measure_decodes_each_row_as_if_alone(measure, device):
         assert (batched.tokens[row], batched.exit_layers[row]) == (alone.tokens[0], alone.exit_layers[0])
 
 
+def test_a_batch_step_reads_the_head_once_however_many_layers_its_rows_exit_at():
+    """The tokens of rows exiting at different layers come from one head call at the end of the step
+    (the head is the largest matrix; at batch 4 reading it per exit layer cost more than the exits saved)."""
+    torch.manual_seed(0)
+    generator = EarlyExitGenerator(tiny_model(seed=7), heads=ExitHeads(32))
+    calls = []
+    logits = generator.runner.logits
+    generator.runner.logits = lambda hidden: calls.append(hidden.shape[0]) or logits(hidden)
+    ids, mask = padded_batch([9, 4, 7, 6], seed=8)
+    out = generator.generate(ids, mask, ExitPolicy("lstm", threshold=0.5, min_exit_layer=1), MAX_NEW)
+    steps = max(len(row) for row in out.tokens)
+    mixed = [s for s in range(steps) if len({row[s] for row in out.exit_layers if s < len(row)}) > 1]
+    assert mixed, "rows must exit at different layers within a step for the test to mean anything"
+    assert len(calls) == steps
+    assert calls == [sum(s < len(row) for row in out.tokens) for s in range(steps)]  # every running row, once
+
+
 def test_exited_rows_leave_the_active_set():
     """A row that exits costs nothing deeper: count the rows each decoder layer computes."""
     model = tiny_model(seed=7)

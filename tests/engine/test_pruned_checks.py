@@ -71,8 +71,14 @@ def test_check_logits_reads_the_half_precision_head_once_per_token_then_the_kept
     assert pruned.shape == (2, 1, 4)
     torch.testing.assert_close(pruned[:, 0], runner.logits(second[[0, 2]])[:, 0].gather(-1, kept[[0, 2]]))
     assert torch.equal(checks.rows.token_ids, kept[[0, 2]])
-    exit_logits = checks.full_logits(slice(None), second[[0, 2]])
-    torch.testing.assert_close(exit_logits, runner.logits(second[[0, 2]]))  # an exit reads the full-precision head
+    assert checks.full_logits_read(slice(None)) is None  # a pruned read cannot choose the token: the exit reads the head
+    unpruned = CheckLogits(runner, top_k=0)
+    unpruned.new_token()
+    unpruned.at_layer(second)
+    assert unpruned.full_logits_read(slice(None)) is None  # nothing read at this layer yet
+    read = unpruned()
+    assert unpruned.full_logits_read(torch.tensor([2])) is not None
+    torch.testing.assert_close(unpruned.full_logits_read(torch.tensor([2])), read[[2]])
 
 
 class Replay(StepSchedule):
