@@ -11,8 +11,9 @@ N can gain. Repetitions are interleaved so machine noise hits all variants alike
 (CUDA-synchronised on a GPU); medians are reported with paired 95% intervals
 (`speedup_exitN[_deferred]_of_L`: `full`'s time over the exit's). Then the per-check overhead
 of every measure: the measure runs at every layer with a threshold it never reaches, and its
-extra time per check (fastest of the repetitions, as the difference is small) is divided by
-the fastest time of one decoder layer measured in the same run. The softmax-family measures
+extra time per check (the median over the rounds of its time minus `full`'s in the same round,
+with a 95% bootstrap interval: the difference is small) is divided by the fastest time of one
+decoder layer measured in the same run. The softmax-family measures
 also run with vocabulary-pruned checks (`vocab_top_k`): `MEASURE@topK` is their mean cost per
 check (the token's first check ranks the vocabulary through a half-precision copy of the head,
 every check reads k rows of it),
@@ -36,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tabulate import tabulate
 from transformers import AutoModelForCausalLM, LlamaConfig, T5Config, T5ForConditionalGeneration
@@ -204,20 +206,35 @@ def overhead_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_to
             policy = ExitPolicy(measure, threshold=NEVER[measure], min_exit_layer=first, vocab_top_k=PRUNED_TOP_K)
             variants[f"{measure}@top{PRUNED_TOP_K}/{first}"] = lambda policy=policy: generator.generate(ids, mask, policy, new_tokens)
     with torch.inference_mode():
-        fastest = interleaved_medians(variants, repeats * 2, device, summary=min)  # a small difference: least noise
+        samples = {name: np.asarray(times) for name, times in interleaved_samples(variants, repeats * 2, device).items()}
     one_layer = layer_time(generator, ids, repeats * 4, device)
     checks = new_tokens * (layers - 1)
     row = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "layer_ms": 1e3 * one_layer}
+
+    def per_check(extra: np.ndarray, count: int, key: str) -> None:
+        """The median of the rounds' paired extra times per check, in layers, and its 95% interval."""
+        value, low, high = median_interval(extra / count / one_layer)
+        row[key], row[f"{key}_ci95"] = value, [round(low, 3), round(high, 3)]
+
     for measure in NEVER:
-        row[measure] = (fastest[measure] - fastest["full"]) / checks / one_layer
+        per_check(samples[measure] - samples["full"], checks, measure)
     for measure in PRUNED:
-        every, last_only = fastest[f"{measure}@top{PRUNED_TOP_K}/1"], fastest[f"{measure}@top{PRUNED_TOP_K}/{layers - 1}"]
-        row[f"{measure}@top{PRUNED_TOP_K}"] = (every - fastest["full"]) / checks / one_layer
+        every, last_only = samples[f"{measure}@top{PRUNED_TOP_K}/1"], samples[f"{measure}@top{PRUNED_TOP_K}/{layers - 1}"]
+        per_check(every - samples["full"], checks, f"{measure}@top{PRUNED_TOP_K}")
         # below its threshold the heuristic reads only layers that could still start an exit's three:
         # 1..L-3 when checking from layer 1, one layer when checking from the last
         later_reads = layers - 2 if measure == "softmax" else layers - 4
-        row[f"{measure}@top{PRUNED_TOP_K}_pruned_check"] = (every - last_only) / (new_tokens * later_reads) / one_layer
+        per_check(every - last_only, new_tokens * later_reads, f"{measure}@top{PRUNED_TOP_K}_pruned_check")
     return row
+
+
+def median_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """The median and its 95% percentile-bootstrap interval (seeded): a check's cost is a small
+    difference of two noisy times, so it is reported with how far the noise could move it."""
+    from scipy import stats
+
+    result = stats.bootstrap((values,), np.median, confidence_level=0.95, method="percentile", random_state=0)
+    return float(np.median(values)), float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def _names(text: str) -> list[str]:
@@ -293,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['dtype']}_bs{r['batch']}": {key: value for key, value in r.items() if "speedup" in key or "hf_generate" in key}
             for r in speed_rows if r["shape"] == "llama"
         },
-        "measure_overhead_layers": {m: headline_overhead[m] for m in headline_overhead if m in NEVER or "@" in m},
+        "measure_overhead_layers": {m: headline_overhead[m] for m in headline_overhead
+                                    if m.removesuffix("_ci95") in NEVER or "@" in m},
         "targets": {"full_vs_hf_generate": "<= 1.0", "speedup_exit2_of_6": ">= 2.0", "measure_overhead_layers": "<= 0.10 (saturation, classifier, lstm, last_three_mlp); "
                     f"<= 0.15 per pruned check (softmax, monotonic_heuristic @top{PRUNED_TOP_K})",
                     "llama": "full_vs_hf_generate <= 1.0 per dtype and batch; a forced exit at 1/3 of the depth >= 1.8x at batch 1 "

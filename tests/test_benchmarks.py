@@ -16,7 +16,7 @@ from tests.helpers import REPO
 def benchmark(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     yield importlib.import_module
-    for name in ("pruned_checks", "token_profile", "policy_speed"):
+    for name in ("pruned_checks", "token_profile", "policy_speed", "decode_speed"):
         sys.modules.pop(name, None)
 
 
@@ -66,3 +66,14 @@ def test_policy_speed_prices_each_verification_width_and_prints_it_with_the_tabl
     assert "over w positions" not in policy_speed.readme_table(result)  # a record from before widths were priced
     with_widths = policy_speed.readme_table({**result, "width_cost": costs})
     assert policy_speed.width_line(costs) in with_widths and "8: " in policy_speed.width_line(costs)
+
+
+def test_decode_speed_reports_a_check_cost_with_an_interval_around_its_median(benchmark):
+    import numpy as np
+
+    median_interval = benchmark("decode_speed").median_interval
+    noisy = 0.1 + np.random.default_rng(0).normal(0.0, 0.05, 28)  # 28 rounds, as 14 repeats give
+    value, low, high = median_interval(noisy)
+    assert value == np.median(noisy) and low < value < high
+    assert low < 0.1 < high and high - low < 0.1  # holds the true cost, narrower than the noise's spread
+    assert median_interval(noisy) == (value, low, high)  # seeded

