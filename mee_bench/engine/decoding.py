@@ -130,8 +130,8 @@ class CheckLogits:
     With `top_k` (the policy's `vocab_top_k`), a token's first read is the whole vocabulary
     through a half-precision copy of the head, and keeps each row's k best token ids; the later
     reads of that token compute those k rows of the head only (CALM's vocabulary-pruned softmax).
-    On a CPU the full head is a memory-bound read that costs about as much as a decoder layer; the
-    half-precision copy moves half the bytes. Only the exit decision is approximated: an exit's
+    The head is the largest matrix a check touches; the half-precision copy moves half its bytes,
+    and a pruned read k rows of it. Only the exit decision is approximated: an exit's
     token is the argmax of the full-precision, full-vocabulary head at the exit layer.
     """
 
