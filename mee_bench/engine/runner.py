@@ -138,8 +138,6 @@ class HeadReads:
     reads of the head (full, k rows, half precision) from the family's `head_input`."""
 
     model: Any
-    _half_head_memo: tuple[tuple[int, int], Tensor] | None = None
-    _columns_memo: tuple[tuple[int, int], Tensor] | None = None
 
     def head_input(self, hidden: Tensor) -> Tensor:
         """What the LM head multiplies: the model's final norm of a raw layer output (and any scaling)."""
@@ -161,7 +159,7 @@ class HeadReads:
         head = self.model.lm_head
         if torch.is_grad_enabled() or head.weight.device.type != "cpu":
             return head(self.head_input(hidden))
-        logits = self.head_input(hidden) @ self._head_columns(head.weight)
+        logits = self.head_input(hidden) @ self._head_copy("columns", lambda weight: weight.t().contiguous())
         return logits if head.bias is None else logits + head.bias
 
     def rms_head_gain(self) -> tuple[Tensor, float] | None:
@@ -187,24 +185,19 @@ class HeadReads:
 
     def approximate_logits(self, hidden: Tensor) -> Tensor:
         head = self.model.lm_head
-        half = self._half_head(head.weight)
+        half = self._head_copy("half", lambda weight: weight if weight.element_size() <= 2 else weight.to(torch.float16))
         logits = self.head_input(hidden).to(half.dtype) @ half.T
         return logits if head.bias is None else logits + head.bias.to(half.dtype)
 
-    def _head_columns(self, weight: Tensor) -> Tensor:
-        """`weight` transposed into contiguous `[d, vocab]` memory, rebuilt whenever the weight changes."""
+    def _head_copy(self, kind: str, build: Callable[[Tensor], Tensor]) -> Tensor:
+        """The head's weight as `build` remakes it (column-major, half precision), kept per `kind` until
+        the weight changes: a new storage or an in-place update."""
+        weight = self.model.lm_head.weight
         version = (weight.data_ptr(), weight._version)
-        if self._columns_memo is None or self._columns_memo[0] != version:
-            self._columns_memo = (version, weight.detach().t().contiguous())
-        return self._columns_memo[1]
-
-    def _half_head(self, weight: Tensor) -> Tensor:
-        """`weight` in float16 (as is when already 16-bit), rebuilt whenever the weight changes."""
-        version = (weight.data_ptr(), weight._version)
-        if self._half_head_memo is None or self._half_head_memo[0] != version:
-            half = weight.detach() if weight.element_size() <= 2 else weight.detach().to(torch.float16)
-            self._half_head_memo = (version, half)
-        return self._half_head_memo[1]
+        copies: dict[str, tuple[tuple[int, int], Tensor]] = self.__dict__.setdefault("_head_copies", {})
+        if kind not in copies or copies[kind][0] != version:
+            copies[kind] = (version, build(weight.detach()))
+        return copies[kind][1]
 
 
 def register_runner(*model_types: str) -> Callable[[type], type]:

@@ -52,7 +52,7 @@ def test_inference_logits_read_a_column_major_head_that_follows_the_weight(famil
     with torch.no_grad():
         expected = runner.model.lm_head(runner.head_input(hidden))
         torch.testing.assert_close(runner.logits(hidden), expected)
-        assert runner._columns_memo is not None and runner._columns_memo[1].is_contiguous()
+        assert runner._head_copies["columns"][1].is_contiguous()
         runner.model.lm_head.weight.mul_(-1.0)
     with torch.inference_mode():
         torch.testing.assert_close(runner.logits(hidden), -expected)
