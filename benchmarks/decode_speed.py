@@ -15,7 +15,7 @@ extra time per check (the median over the rounds of its time minus `full`'s in t
 with a 95% bootstrap interval: the difference is small) is divided by the fastest time of one
 decoder layer measured in the same run. The softmax-family measures
 also run with vocabulary-pruned checks (`vocab_top_k`): `MEASURE@topK` is their mean cost per
-check (the token's first check ranks the vocabulary through a half-precision copy of the head,
+check (the token's first check ranks the vocabulary through an int8 copy of the head,
 every check reads k rows of it),
 `MEASURE@topK_pruned_check` the cost of one pruned check alone (every layer checked, minus
 only the last layer checked).

@@ -2,7 +2,7 @@
 
 Each softmax-family policy decodes the same distinct English sentences with full-vocabulary
 checks and with `vocab_top_k` = k (the token's first check ranks the vocabulary through a
-half-precision copy of the head and keeps its k best ids; every check of that token reads those
+int8 copy of the head and keeps its k best ids; every check of that token reads those
 k rows only). Reported per policy and k:
 
 - decisions: the share of exit decisions (the exit layer of a token) that differ from the

@@ -1,7 +1,7 @@
 """Where a generated token's time goes, per policy, measured with torch.profiler.
 
 The runner's calls are wrapped in `record_function` ranges (the engine itself carries no
-profiling code): decoder layers, the LM head read by a check (full, half precision or
+profiling code): decoder layers, the LM head read by a check (full, int8-rounded or
 vocabulary-pruned), the head that picks a token (at an exit, the last layer, a draft or a
 verification), the measure's own work (its step minus any head it read), and the K/V copy of
 skipped layers. What is left of the decoder time is
@@ -46,7 +46,7 @@ POLICIES = {
     "lstm 0.5, from 2": ExitPolicy("lstm", threshold=0.5, min_exit_layer=2),
     "self_speculative, draft 2 layers x 1": ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative", max_draft=1),
 }
-CHECK_HEADS = ("head: check, full", "head: check, half", "head: check, pruned")
+CHECK_HEADS = ("head: check, full", "head: check, int8", "head: check, pruned")
 CATEGORIES = ("layers", *CHECK_HEADS, "head: token choice", "measure", "K/V copy")
 
 
@@ -66,7 +66,7 @@ def instrumented(generator: EarlyExitGenerator):
 
     runner.layer = ranged("layers", originals["layer"])
     runner.logits = ranged(lambda: "head: check, full" if inside_measure[0] else "head: token choice", originals["logits"])
-    runner.approximate_logits = ranged("head: check, half", originals["approximate_logits"])
+    runner.approximate_logits = ranged("head: check, int8", originals["approximate_logits"])
     runner.logits_for = ranged("head: check, pruned", originals["logits_for"])
     runner.copy_skipped_kv = ranged("K/V copy", originals["copy_skipped_kv"])
     measure_classes = [cls for cls in _subclasses(ExitMeasure) if "step" in vars(cls)]

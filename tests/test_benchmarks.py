@@ -16,7 +16,7 @@ from tests.helpers import REPO
 def benchmark(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     yield importlib.import_module
-    for name in ("pruned_checks", "token_profile", "policy_speed", "decode_speed"):
+    for name in ("pruned_checks", "token_profile", "policy_speed", "decode_speed", "first_read"):
         sys.modules.pop(name, None)
 
 
@@ -40,13 +40,13 @@ def test_token_profile_puts_each_head_read_where_it_happened(benchmark, tmp_path
     out = tmp_path / "profile.json"
     assert benchmark("token_profile").main(["--sentences", "2", "--out", str(out)]) == 0
     policies = {name: result["ms_per_token"] for name, result in json.loads(out.read_text())["policies"].items()}
-    half, full, pruned = "head: check, half", "head: check, full", "head: check, pruned"
-    assert policies["softmax 0.5, from 2"][full] > 0 and policies["softmax 0.5, from 2"][half] == 0
+    rounded, full, pruned = "head: check, int8", "head: check, full", "head: check, pruned"
+    assert policies["softmax 0.5, from 2"][full] > 0 and policies["softmax 0.5, from 2"][rounded] == 0
     for name in ("softmax 0.5, from 2, top-64", "monotonic_heuristic 0.9, from 4, top-64"):
-        assert policies[name][half] > 0 and policies[name][full] == 0
+        assert policies[name][rounded] > 0 and policies[name][full] == 0
     assert policies["softmax 0.5, from 2, top-64"][pruned] > 0
     for name in ("full", "lstm 0.5, from 2"):
-        assert policies[name][full] == policies[name][half] == policies[name][pruned] == 0
+        assert policies[name][full] == policies[name][rounded] == policies[name][pruned] == 0
     assert all(parts["layers"] > parts["head: token choice"] > 0 for parts in policies.values())
 
 
@@ -77,3 +77,13 @@ def test_decode_speed_reports_a_check_cost_with_an_interval_around_its_median(be
     assert value == np.median(noisy) and low < value < high
     assert low < 0.1 < high and high - low < 0.1  # holds the true cost, narrower than the noise's spread
     assert median_interval(noisy) == (value, low, high)  # seeded
+
+
+def test_first_read_times_both_rounded_heads_in_the_loop_on_the_same_work(benchmark, tmp_path):
+    out = tmp_path / "first_read.json"
+    assert benchmark("first_read").main(["--tiny", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["shapes"]
+    assert row["shape"] == "tiny" and row["identical_to_full"]  # never exiting: checks change no token
+    for comparison in ("int8_vs_float16", "int8_vs_full", "float16_vs_full"):
+        figures = row[comparison]
+        assert figures["low"] <= figures["ratio"] <= figures["high"] and figures["blocks"] >= 4

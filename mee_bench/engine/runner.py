@@ -19,6 +19,7 @@ input is the prompt's last token, which its prefill already ran through every la
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -91,10 +92,10 @@ class LayerRunner(Protocol):
         ...
 
     def approximate_logits(self, hidden: Tensor) -> Tensor:
-        """`logits(hidden)` through a 16-bit copy of the head (float16 unless the model is already
-        16-bit): for exit decisions and choosing which rows of the head pruned checks read, at half
-        the memory traffic of a 32-bit `logits` (the head is the largest matrix a check touches);
-        never for choosing a token."""
+        """`logits(hidden)` through a cheaper copy of the head (int8 rows on a CPU, 16-bit elsewhere):
+        for exit decisions and choosing which rows of the head pruned checks read, at a quarter or
+        half the memory traffic of a 32-bit `logits` (the head is the largest matrix a check
+        touches); never for choosing a token."""
         ...
 
     def final_norm(self, hidden: Tensor) -> Tensor:
@@ -112,6 +113,7 @@ class LayerRunner(Protocol):
 
 
 RUNNERS: dict[str, type] = {}
+INT8_ENGINES = ("x86", "fbgemm")  # quantized engines whose int8 linear kernels make `approximate_logits` cheap
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class HeadRows:
 
 class HeadReads:
     """What every family shares through its LM head: the runner's dtype and device, and the three
-    reads of the head (full, k rows, half precision) from the family's `head_input`."""
+    reads of the head (full, k rows, approximate) from the family's `head_input`."""
 
     model: Any
 
@@ -184,20 +186,39 @@ class HeadReads:
         return logits if rows.bias is None else logits + rows.bias
 
     def approximate_logits(self, hidden: Tensor) -> Tensor:
+        """On a CPU with x86 int8 kernels, through the head's rows rounded to int8 (the activations are
+        quantized per call): 0.1 against 0.25 ms for the default model's head and 0.5 against 2.4 ms
+        for t5-small's, cold, where a 16-bit copy saved nothing over the column-major float read."""
         head = self.model.lm_head
+        if head.weight.device.type == "cpu" and torch.backends.quantized.engine in INT8_ENGINES:
+            packed = self._head_copy("int8", _int8_rows)
+            logits = torch.ops.quantized.linear_dynamic(self.head_input(hidden).float(), packed, True)
+            return logits if head.bias is None else logits + head.bias.float()
         half = self._head_copy("half", lambda weight: weight if weight.element_size() <= 2 else weight.to(torch.float16))
         logits = self.head_input(hidden).to(half.dtype) @ half.T
         return logits if head.bias is None else logits + head.bias.to(half.dtype)
 
-    def _head_copy(self, kind: str, build: Callable[[Tensor], Tensor]) -> Tensor:
-        """The head's weight as `build` remakes it (column-major, half precision), kept per `kind` until
-        the weight changes: a new storage or an in-place update."""
+    def _head_copy(self, kind: str, build: Callable[[Tensor], Any]) -> Any:
+        """The head's weight as `build` remakes it (column-major, int8, half precision), kept per `kind`
+        until the weight changes: a new storage or an in-place update."""
         weight = self.model.lm_head.weight
         version = (weight.data_ptr(), weight._version)
         copies: dict[str, tuple[tuple[int, int], Tensor]] = self.__dict__.setdefault("_head_copies", {})
         if kind not in copies or copies[kind][0] != version:
             copies[kind] = (version, build(weight.detach()))
         return copies[kind][1]
+
+
+def _int8_rows(weight: Tensor) -> Any:
+    """The head's rows as symmetric int8 (one scale per vocabulary row), packed for the CPU's int8
+    kernels. torch marks its quantized tensor type deprecated in favour of torchao, whose CPU path
+    runs these same kernels; the warning is silenced for the one tensor made here."""
+    weight = weight.float()
+    scales = (weight.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        rows = torch.quantize_per_channel(weight, scales, torch.zeros(len(scales), dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(rows, None)
 
 
 def register_runner(*model_types: str) -> Callable[[type], type]:
