@@ -52,6 +52,7 @@ bench: setup
 	$(BIN)/python benchmarks/policy_speed.py --readme README.md
 	$(BIN)/python benchmarks/pruned_checks.py
 	$(BIN)/python benchmarks/token_profile.py
+	$(BIN)/python benchmarks/first_read.py
 
 # The GPU suite (docs/GPU.md): prepare here (data + wheels into build/gpu/, prints the run line),
 # run on the GPU machine under its own python3, or dry-run here at tiny sizes.
