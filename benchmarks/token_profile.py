@@ -6,9 +6,10 @@ vocabulary-pruned), the head that picks a token (at an exit, the last layer, a d
 verification), the measure's own work (its step minus any head it read), and the K/V copy of
 skipped layers. What is left of the decoder time is
 Python and glue (embedding, indexing, bookkeeping, the profiler's own cost). Batch 1, the
-embedded default model, held-out Tatoeba sentences.
+embedded default model, held-out Tatoeba sentences; the policies take turns in rounds over
+slices of the sentences, so the machine's drift does not land on one of them.
 
-    python benchmarks/token_profile.py [--sentences 16] [--threads 1]
+    python benchmarks/token_profile.py [--sentences 16] [--rounds 4] [--threads 1]
 
 Writes results/bench/token_profile.json.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -97,44 +98,66 @@ def _subclasses(cls: type) -> list[type]:
     return [cls, *(sub for direct in cls.__subclasses__() for sub in _subclasses(direct))]
 
 
-def profile_policy(generator: EarlyExitGenerator, inputs: list[torch.Tensor], policy: ExitPolicy) -> dict:
-    for ids in inputs[:2]:
-        generator.generate(ids, None, policy, MAX_NEW_TOKENS)  # warm-up
-    tokens, decoder_s = 0, 0.0
+def profile_chunk(generator: EarlyExitGenerator, inputs: list[torch.Tensor], policy: ExitPolicy) -> Counter:
+    """Profiled decoding of `inputs`: inclusive microseconds per range, and the tokens and decoder
+    seconds the engine counted."""
+    totals: Counter = Counter()
     with instrumented(generator), profile(activities=[ProfilerActivity.CPU]) as prof:
         for ids in inputs:
             out = generator.generate(ids, None, policy, MAX_NEW_TOKENS)
-            tokens += out.stats.tokens
-            decoder_s += out.stats.decoder_s
-    inclusive: dict[str, float] = defaultdict(float)
+            totals["tokens"] += out.stats.tokens
+            totals["decoder_s"] += out.stats.decoder_s
     for event in prof.key_averages():
-        inclusive[event.key] += event.cpu_time_total  # microseconds
-    per_token = {name: inclusive[name] / 1e3 / tokens for name in CATEGORIES}
+        totals[event.key] += event.cpu_time_total
+    return totals
+
+
+def breakdown(totals: Counter) -> dict:
+    """Milliseconds per token by category; what no range covers is Python and glue."""
+    tokens = totals["tokens"]
+    per_token = {name: totals[name] / 1e3 / tokens for name in CATEGORIES}
     nested_heads = sum(per_token[name] for name in CHECK_HEADS)
-    per_token["measure"] = max(inclusive["measure+"] / 1e3 / tokens - nested_heads, 0.0)
-    total = 1e3 * decoder_s / tokens
+    per_token["measure"] = max(totals["measure+"] / 1e3 / tokens - nested_heads, 0.0)
+    total = 1e3 * totals["decoder_s"] / tokens
     per_token["python and glue"] = total - sum(per_token.values())
     return {"decoder_ms_per_token": total, "ms_per_token": per_token,
             "share": {name: value / total for name, value in per_token.items()}, "tokens": tokens}
+
+
+def profile_interleaved(generator: EarlyExitGenerator, inputs: list[torch.Tensor], rounds: int) -> dict[str, dict]:
+    """Every policy profiled on the same sentences, in `rounds` rounds of a slice each, the policies'
+    order rotating between rounds: the machine's drift spreads over all policies instead of landing
+    on whichever ran last."""
+    names = list(POLICIES)
+    for name in names:
+        for ids in inputs[:2]:
+            generator.generate(ids, None, POLICIES[name], MAX_NEW_TOKENS)  # warm-up
+    totals = {name: Counter() for name in names}
+    for round_index in range(rounds):
+        chunk = inputs[round_index::rounds]
+        for name in names[round_index % len(names):] + names[: round_index % len(names)]:
+            totals[name] += profile_chunk(generator, chunk, POLICIES[name])
+    return {name: breakdown(totals[name]) for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds, each a slice of the sentences")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "token_profile.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     generator = load_generator(DEFAULT_MODEL_DIR, require_heads=True)
     inputs = [generator.tokenize([prompt])[0] for prompt in tatoeba_prompts(args.sentences)]
-    results = {name: profile_policy(generator, inputs, policy) for name, policy in POLICIES.items()}
+    results = profile_interleaved(generator, inputs, min(args.rounds, len(inputs)))
     columns = [*CATEGORIES, "python and glue"]
     table = [[name, r["decoder_ms_per_token"], *(r["ms_per_token"][c] for c in columns)] for name, r in results.items()]
     print("decoder ms per token, by where it goes (profiled, batch 1):")
     print(tabulate(table, headers=["policy", "total", *columns], floatfmt=".2f"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"policies": results, "settings": {
-        "model": DEFAULT_MODEL_DIR.name, "sentences": args.sentences, "batch": 1, "threads": torch.get_num_threads(),
+        "model": DEFAULT_MODEL_DIR.name, "sentences": args.sentences, "rounds": min(args.rounds, len(inputs)), "batch": 1, "threads": torch.get_num_threads(),
         "max_new_tokens": MAX_NEW_TOKENS, "note": "profiler ranges add their own cost, counted in python and glue"}}, indent=2) + "\n")
     print(f"\n-> {args.out}")
     return 0
