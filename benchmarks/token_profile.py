@@ -150,14 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     generator = load_generator(DEFAULT_MODEL_DIR, require_heads=True)
     inputs = [generator.tokenize([prompt])[0] for prompt in tatoeba_prompts(args.sentences)]
-    results = profile_interleaved(generator, inputs, min(args.rounds, len(inputs)))
+    rounds = min(args.rounds, len(inputs))
+    results = profile_interleaved(generator, inputs, rounds)
     columns = [*CATEGORIES, "python and glue"]
     table = [[name, r["decoder_ms_per_token"], *(r["ms_per_token"][c] for c in columns)] for name, r in results.items()]
     print("decoder ms per token, by where it goes (profiled, batch 1):")
     print(tabulate(table, headers=["policy", "total", *columns], floatfmt=".2f"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"policies": results, "settings": {
-        "model": DEFAULT_MODEL_DIR.name, "sentences": args.sentences, "rounds": min(args.rounds, len(inputs)), "batch": 1, "threads": torch.get_num_threads(),
+        "model": DEFAULT_MODEL_DIR.name, "sentences": args.sentences, "rounds": rounds, "batch": 1, "threads": torch.get_num_threads(),
         "max_new_tokens": MAX_NEW_TOKENS, "note": "profiler ranges add their own cost, counted in python and glue"}}, indent=2) + "\n")
     print(f"\n-> {args.out}")
     return 0
