@@ -3,8 +3,8 @@
 A sweep times each trial once, so its speedups also carry the machine's drift between trials
 (about +-10% on a 2-core machine). Here every policy decodes the same held-out Tatoeba
 sentences with the model's own exit heads, in blocks of `max(batch, 4)` sentences, and each
-block is timed back to back with `full` on the same block, alternating which goes first
-(`mee_bench.timing.PairedBlocks`): the speedup is the ratio of `full`'s ms per generated
+block is timed in lockstep with `full` on the same block, the two taking turns one generated
+token at a time, alternating which goes first (`mee_bench.timing.PairedBlocks`): the speedup is the ratio of `full`'s ms per generated
 token to the policy's (a policy that changes the output also changes how many tokens a
 block decodes), summed over blocks, with a 95% timing-noise interval from the blocks timed
 twice or more. Reported per policy and batch size: the speedup interval, the
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from mee_bench.engine.decoding import EarlyExitGenerator, GenerationOutput
+from mee_bench.engine.decoding import EarlyExitGenerator, GenerationOutput, Steps, run_steps
 from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.timing import LoadMonitor, PairedBlocks
@@ -83,8 +83,16 @@ def tatoeba_prompts(count: int) -> list[str]:
     return list(islice(distinct, count))
 
 
+def block_steps(generator: EarlyExitGenerator, block: list[tuple[torch.Tensor, torch.Tensor]], policy: ExitPolicy) -> Steps[list[GenerationOutput]]:
+    """A block's batches decoded one after another, a step at a time (for lockstep timing)."""
+    outputs = []
+    for ids, mask in block:
+        outputs.append((yield from generator.decode_steps(ids, mask, policy, MAX_NEW_TOKENS)))
+    return outputs
+
+
 def decode_block(generator: EarlyExitGenerator, block: list[tuple[torch.Tensor, torch.Tensor]], policy: ExitPolicy) -> list[GenerationOutput]:
-    return [generator.generate(ids, mask, policy, MAX_NEW_TOKENS) for ids, mask in block]
+    return run_steps(block_steps(generator, block, policy))
 
 
 def batches_of(generator: EarlyExitGenerator, prompts: list[str], batch: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -100,11 +108,12 @@ def batches_of(generator: EarlyExitGenerator, prompts: list[str], batch: int) ->
 def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blocks: list, full_outputs: list,
                target_half_width: float, allowance_s: float, min_repeats: int) -> dict:
     paired = PairedBlocks(
-        lambda block: decode_block(generator, block, ExitPolicy("full")),
-        lambda block: decode_block(generator, block, policy),
+        lambda block: block_steps(generator, block, ExitPolicy("full")),
+        lambda block: block_steps(generator, block, policy),
         target_half_width=target_half_width, allowance_s=allowance_s, min_repeats=min_repeats,
         sync=torch.cuda.synchronize if generator.runner.device.type == "cuda" else lambda: None,
         units=lambda outputs: sum(out.stats.tokens for out in outputs),
+        lockstep=True,
     )
     outputs = [out for block in blocks for out in paired.run(block)]
     speedup = paired.speedup()  # more rounds over the same blocks until precise or out of time

@@ -100,6 +100,31 @@ def test_sync_runs_around_every_clock_read():
     assert calls == ["sync", "base", "sync", "sync", "cand", "sync"]
 
 
+def test_lockstep_takes_turns_a_step_at_a_time_and_times_each_side_by_its_own_steps(monkeypatch):
+    """Two step generators of 4 and 2 steps: they alternate step by step (the first block's baseline
+    first, the next block's candidate first), the longer one finishes alone, each side's time is the
+    sum of its own steps, and the results are the generators' return values."""
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    order: list[str] = []
+
+    def steps(name: str, count: int, seconds: float):
+        for _ in range(count):
+            order.append(name)
+            clock.now += seconds
+            yield
+        return f"{name} done"
+
+    timer = PairedTimer(lockstep=True)
+    assert timer.block(lambda: steps("base", 4, 0.3), lambda: steps("cand", 2, 0.1)) == ("base done", "cand done")
+    assert order == ["base", "cand", "base", "cand", "base", "base"]
+    order.clear()
+    timer.block(lambda: steps("base", 4, 0.3), lambda: steps("cand", 2, 0.1))
+    assert order == ["cand", "base", "cand", "base", "base", "base"]
+    assert timer.baseline_s == pytest.approx([1.2, 1.2]) and timer.candidate_s == pytest.approx([0.2, 0.2])
+    assert timer.speedup().ratio == pytest.approx(6.0) and timer.samples()["interleaved"] == "per step"
+
+
 @pytest.mark.parametrize(
     "low, high, verdict",
     [(1.01, 1.2, "faster"), (0.95, 1.05, "no measurable difference"), (0.7, 0.99, "slower"), (1.0, 1.3, "no measurable difference")],

@@ -6,6 +6,9 @@ layers. Skipped layers get their self-attention K/V either copied from the exit 
 (CALM) or computed later in one parallel catch-up call with the next token that goes
 deep (FREE's synchronized parallel decoding, `deferred`). A `self_speculative` policy takes
 the lossless draft-and-verify path of `speculative.py` instead.
+
+`decode_steps` is the same decoding one step at a time (a generator), so that a timer can
+interleave two decodes token by token (`mee_bench.timing`, lockstep pairing).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -122,6 +125,45 @@ def rounded_to(value: float, dtype: torch.dtype) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+Result = TypeVar("Result")
+Steps = Generator[None, None, Result]
+
+
+def run_steps(steps: Steps[Result]) -> Result:
+    """Run a step generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+class ActiveClock:
+    """`time.perf_counter` less the time a step generator spent suspended at its yields, so that a
+    decode's own figures (encoder, decoder, measure time) leave out whatever ran in between."""
+
+    def __init__(self) -> None:
+        self.paused_s = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.paused_s
+
+    def pause(self) -> Steps[None]:
+        """Yield once, not counting the suspension."""
+        suspended = time.perf_counter()
+        yield
+        self.paused_s += time.perf_counter() - suspended
+
+    def relay(self, steps: Steps[Result]) -> Steps[Result]:
+        """Run `steps` to its result, pausing at each of its yields."""
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
+            yield from self.pause()
 
 
 class CheckLogits:
@@ -236,7 +278,6 @@ class EarlyExitGenerator:
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in output.tokens]
         return texts, output
 
-    @torch.inference_mode()
     def generate(
         self,
         input_ids: Tensor,
@@ -245,6 +286,21 @@ class EarlyExitGenerator:
         max_new_tokens: int = 64,
         stop_strings: Sequence[str] = (),
     ) -> GenerationOutput:
+        """Greedy early-exit generation of `input_ids` [B, S] under `policy`."""
+        return run_steps(self.decode_steps(input_ids, attention_mask, policy, max_new_tokens, stop_strings))
+
+    @torch.inference_mode()
+    def decode_steps(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        policy: ExitPolicy,
+        max_new_tokens: int = 64,
+        stop_strings: Sequence[str] = (),
+    ) -> Steps[GenerationOutput]:
+        """`generate` as a generator: it yields after the prompt is taken in and after every
+        generated step (a self-speculative round), and returns the `GenerationOutput`. Its timings
+        count only the time spent inside it, however long it waits at a yield."""
         runner, num_layers = self.runner, self.runner.num_layers
         if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError("empty input: input_ids must be a non-empty [batch, length] tensor")
@@ -259,19 +315,21 @@ class EarlyExitGenerator:
             attention_mask = torch.ones_like(input_ids)
         batch, device = input_ids.shape[0], runner.device
         stats = GenerationStats(num_layers=num_layers)
+        clock = ActiveClock()
 
-        started = time.perf_counter()
+        started = clock.now()
         cache, last_tokens = runner.start(input_ids, attention_mask, max_new_tokens)
         _sync(device)
-        stats.encoder_s = time.perf_counter() - started
+        stats.encoder_s = clock.now() - started
+        yield from clock.pause()
 
-        started = time.perf_counter()
+        started = clock.now()
         if policy.decoding == "self_speculative":
-            drafted = self_speculative_generate(
+            drafted = yield from clock.relay(self_speculative_generate(
                 runner, cache, last_tokens, policy, measure, max_new_tokens, self._finished_check(stop_strings)
-            )
+            ))
             _sync(device)
-            stats.decoder_s = time.perf_counter() - started
+            stats.decoder_s = clock.now() - started
             stats.speculation, stats.layer_positions = drafted.counts, drafted.counts.layer_positions
             stats.tokens = sum(len(row) for row in drafted.tokens)
             exit_layers = [[num_layers] * len(row) for row in drafted.tokens]
@@ -374,10 +432,11 @@ class EarlyExitGenerator:
             finished = self._record(alive, token, exit_layer, confidence, tokens, exit_layers, confidences, is_finished)
             last_tokens[alive] = token
             alive = alive[~finished]
-            if alive.numel() == 0:
+            if alive.numel() == 0 or step + 1 == max_new_tokens:
                 break
+            yield from clock.pause()
         _sync(device)
-        stats.decoder_s = time.perf_counter() - started
+        stats.decoder_s = clock.now() - started
         for row_layers in exit_layers:
             stats.exit_histogram.update(row_layers)
         stats.tokens = sum(len(row) for row in tokens)

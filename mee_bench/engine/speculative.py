@@ -19,7 +19,7 @@ can see them (the causal mask hides the positions ahead of each query).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 import torch
 from torch import Tensor
@@ -61,9 +61,10 @@ def self_speculative_generate(
     measure: ExitMeasure,
     max_new_tokens: int,
     is_finished: Callable[[list[int]], bool],
-) -> SpeculativeOutput:
+) -> Generator[None, None, SpeculativeOutput]:
     """Greedy tokens of the full model for every row, drafted by its first `policy.min_exit_layer`
-    layers and verified by the rest; `is_finished(tokens)` ends a row (EOS, stop strings)."""
+    layers and verified by the rest; `is_finished(tokens)` ends a row (EOS, stop strings). A
+    generator that yields after every draft-and-verify round (a step of `decode_steps`)."""
     num_layers, draft_depth = runner.num_layers, policy.min_exit_layer
     batch, device = first_tokens.shape[0], runner.device
     draft_states = torch.zeros(batch, policy.max_draft + 1, 1, runner.hidden_size, dtype=runner.dtype, device=device)
@@ -150,6 +151,8 @@ def self_speculative_generate(
             if not finished and len(tokens[row]) < max_new_tokens:
                 still_alive.append(row)
         alive = still_alive
+        if alive:
+            yield
     return output
 
 

@@ -34,7 +34,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, has_bos_prefix
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from mee_bench.engine.decoding import GenerationStats, input_limit
+from mee_bench.engine.decoding import GenerationStats, Steps, input_limit, run_steps
 from mee_bench.timing import LoadMonitor, PairedBlocks, Speedup
 from mee_bench.engine.loading import ModelLoadError, load_generator, resolve_device, resolve_dtype
 from mee_bench.paths import DEFAULT_MODEL_DIR
@@ -110,7 +110,7 @@ class MEELM(TemplateLM):
     to run), dtype, device, batch_size, max_length (encoder input tokens; for a decoder-only model prompt and
     generated tokens together, as lm-eval's `hf` model counts them), heads (exit heads
     file; default: beside the model), max_gen_toks (when a task sets none), trust_remote_code;
-    paired_timing (time every batch against `full` on the same inputs, interleaved, and report
+    paired_timing (time every batch against `full` on the same inputs, token by token in turn, and report
     the ratio of ms per generated token with its 95% timing-noise interval), timing_precision (the
     interval's relative half-width to reach, default 0.05), timing_allowance_s (re-timing
     per task stops after this, once timing_min_repeats batches were re-timed; default 60) and
@@ -404,20 +404,27 @@ class MEELM(TemplateLM):
         self._generate_batch(*warm_up_work)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
         return PairedBlocks(
-            baseline=lambda work: self._generate_batch(*work, policy=full),
-            candidate=lambda work: self._generate_batch(*work),
+            baseline=lambda work: self._batch_steps(*work, policy=full),
+            candidate=lambda work: self._batch_steps(*work),
             target_half_width=self.timing_precision,
             allowance_s=self.timing_allowance_s,
             min_repeats=self.timing_min_repeats,
             sync=sync,
             units=lambda result: result[1].tokens,  # ms per generated token: a policy that writes more is not slower for it
+            lockstep=True,  # the two decodes take turns token by token: drift lands on both alike
         )
 
     def _generate_batch(
         self, encoded: Sequence[list[int]], until: list[str], max_gen_toks: int, policy: ExitPolicy | None = None
     ) -> tuple[list[str], GenerationStats]:
+        return run_steps(self._batch_steps(encoded, until, max_gen_toks, policy))
+
+    def _batch_steps(
+        self, encoded: Sequence[list[int]], until: list[str], max_gen_toks: int, policy: ExitPolicy | None = None
+    ) -> Steps[tuple[list[str], GenerationStats]]:
+        """One batch's texts and figures, decoded a step at a time (for lockstep timing)."""
         input_ids, attention_mask = self._pad(encoded)
-        output = self.generator.generate(input_ids, attention_mask, policy or self.policy, max_gen_toks, until)
+        output = yield from self.generator.decode_steps(input_ids, attention_mask, policy or self.policy, max_gen_toks, until)
         texts = [postprocess_generated_text(self.tokenizer.decode(ids, skip_special_tokens=True), until, None)
                  for ids in output.tokens]
         return texts, output.stats

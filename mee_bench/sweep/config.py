@@ -48,8 +48,8 @@ class RayConfig:
 
 @dataclass
 class TimingConfig:
-    # Paired timing: every batch of a trial is also decoded by `full` in the same worker,
-    # interleaved, so the speedup does not carry the machine's drift between trials.
+    # Paired timing: every batch of a trial is also decoded by `full` in the same worker, the two
+    # taking turns token by token, so the speedup does not carry the machine's drift.
     paired: bool = True
     precision: float = 0.05  # relative half-width of the 95% interval to reach
     allowance_s: float = 20.0  # timing-only rounds per trial stop after this (the interval then says how wide)

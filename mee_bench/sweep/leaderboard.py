@@ -368,8 +368,13 @@ def _context(records: list[dict]) -> list[str]:
         sources = sorted({r.get("energy", {}).get("power_source", "unknown") for r in ok})
         lines.append(f"Energy and CO2: CodeCarbon, grid of {energy.get('country_iso_code')}; power was "
                      f"**{' / '.join(sources)}** ({energy.get('power_detail', 'no detail')}).")
+    per_step = bool(ok) and all(
+        r.get("efficiency", {}).get("paired_timings", {}).get("interleaved") == "per step" for r in ok
+    )
+    interleaving = ("the two taking turns one generated token at a time" if per_step
+                    else "interleaved block by block")
     lines.append("Speedup: each trial decoded its examples in blocks and `full` decoded the same blocks in the "
-                 "same worker, interleaved in alternating order, then some blocks again; the speedup is `full`'s time per "
+                 f"same worker, {interleaving}, in alternating order, then some blocks again; the speedup is `full`'s time per "
                  "generated token over all examples divided by the trial's, and its 95% interval is how far timing noise could move it on these examples "
                  "(estimated from the blocks timed twice or more). How much the gain depends on which examples "
                  "were drawn is a separate interval, in the CSV (`speedup_across_examples_*`). A measure is called "

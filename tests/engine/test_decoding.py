@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import StepSchedule, tiny_model
+from mee_bench.engine import decoding
 from mee_bench.engine.decoding import EarlyExitGenerator, rounded_to
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.measures import MEASURES
@@ -257,6 +258,38 @@ def test_fixed_policy_exits_at_the_minimum_layer_and_stats_add_up():
     assert stats["avg_exit_layer"] == 2.0
     assert stats["exit_histogram"] == {"2": stats["tokens"]}
     assert stats["encoder_ms"] > 0 and stats["decoder_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [ExitPolicy("softmax", threshold=0.2, min_exit_layer=1),
+     ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative", max_draft=2)],
+    ids=["early_exit", "self_speculative"],
+)
+def test_decode_steps_yields_between_steps_and_its_timings_leave_out_the_waits(policy, monkeypatch):
+    """Stepped through, a decode gives what `generate` gives; the clock moves only while it waits
+    at its yields (as when a lockstep timer runs the other side), and none of that is counted."""
+    generator = EarlyExitGenerator(tiny_model(seed=7))
+    ids, mask = padded_batch([9, 5], seed=8)
+    expected = generator.generate(ids, mask, policy, MAX_NEW)
+    clock = [0.0]
+    monkeypatch.setattr(decoding.time, "perf_counter", lambda: clock[0])
+    steps, yields = generator.decode_steps(ids, mask, policy, MAX_NEW), 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            output = stop.value
+            break
+        yields += 1
+        clock[0] += 100.0
+    assert (output.tokens, output.exit_layers) == (expected.tokens, expected.exit_layers)
+    assert output.stats.encoder_s == output.stats.decoder_s == output.stats.measure_s == 0.0
+    longest = max(len(row) for row in output.tokens)
+    if policy.decoding == "early_exit":
+        assert yields == longest  # after the prompt, then after every step but the last
+    else:
+        assert 1 < yields <= longest  # a round emits one token or more per row
 
 
 def test_oracle_keeps_full_tokens_and_reports_the_stable_layer():

@@ -99,14 +99,14 @@ def test_project_tasks_get_the_causal_prompt_and_stop_at_its_answer_end(lm, monk
               "answers": {"text": ["x"]}}
     seen: list[list[int]] = []
     stops: list[list[str]] = []
-    original = lm.generator.generate
+    original = lm.generator.decode_steps
 
     def spy(input_ids, attention_mask, policy, max_new_tokens, stop_strings):
         seen.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask))
         stops.append(list(stop_strings))
         return original(input_ids, attention_mask, policy, max_new_tokens, stop_strings)
 
-    monkeypatch.setattr(lm.generator, "generate", spy)
+    monkeypatch.setattr(lm.generator, "decode_steps", spy)
     request = generation_request(SQUAD.prompt(record), task=SQUAD.name, doc=record)
     lm.generate_until([request], disable_tqdm=True)
     assert seen == [lm.tok_encode(SQUAD.causal_prompt(record))]

@@ -263,19 +263,20 @@ def test_paired_timing_keeps_the_outputs_and_times_every_batch_against_full(pair
     paired.reset_efficiency()
 
     policies = []
-    generate = paired.generator.generate
+    decode_steps = paired.generator.decode_steps
 
     def recording(input_ids, attention_mask, policy, *args):
         policies.append(policy.measure)
-        return generate(input_ids, attention_mask, policy, *args)
+        return decode_steps(input_ids, attention_mask, policy, *args)
 
-    monkeypatch.setattr(paired.generator, "generate", recording)
+    monkeypatch.setattr(paired.generator, "decode_steps", recording)
     assert paired.generate_until(requests, disable_tqdm=True) == unpaired
     figures = paired.efficiency_report()["task_a"]
     speedup = figures["paired_speedup"]
     assert speedup["blocks"] == 13  # 3 batches, then the 10 re-timed blocks the noise estimate needs (allowance 0 s)
     assert speedup["low"] <= speedup["ratio"] <= speedup["high"] and speedup["target_half_width"] == 0.05
     timings = figures["paired_timings"]
+    assert timings["interleaved"] == "per step"  # the two decodes took turns token by token
     assert timings["groups"][:3] == [0, 1, 2] and set(timings["groups"][3:]) == {0, 1, 2}  # the same batches again
     units = timings["baseline_units"], timings["candidate_units"]  # generated tokens: the ratio is of ms/token
     assert sum(units[1][:3]) == figures["tokens"]  # the first pass is the decode that was scored

@@ -240,6 +240,16 @@ def test_csv_and_latex_carry_both_ends_of_the_interval(tmp_path):
     assert "(unpaired)" not in (sweep / "leaderboard.md").read_text()
 
 
+@pytest.mark.parametrize("interleaved, wording", [("per step", "one generated token at a time"),
+                                                  ("per block", "interleaved block by block")])
+def test_the_method_note_says_how_finely_the_timings_were_interleaved(tmp_path, interleaved, wording):
+    records = [{**rec, "efficiency": {**rec["efficiency"], "paired_timings": {"interleaved": interleaved}}}
+               for rec in PAIRED]
+    sweep = write_sweep(tmp_path / "paired", records, measures=["full", "softmax", "saturation", "lstm"])
+    build_leaderboard(sweep)
+    assert wording in (sweep / "leaderboard.md").read_text()
+
+
 def test_a_record_cut_short_and_a_trial_without_record_are_listed_in_the_task_table(tmp_path):
     records = [
         {**record("tatoeba_enfr_mee", "full", None, None, 20.0, 10.0, 6.0), "trial_id": "tatoeba_enfr_mee__full__tna__mna__aaa"},
