@@ -154,6 +154,29 @@ def _across_work(
     return float(low), float(high)
 
 
+def in_turn(
+    runs: Sequence[Iterator], order: Sequence[int] | None = None, sync: Callable[[], None] = lambda: None
+) -> list[tuple[float, object]]:
+    """Advance the step generators `runs` one step each, in `order` (default: as given) every round,
+    until all are done; per run, the total time of its own steps and its return value. `sync` is
+    called before each clock read, as in `PairedTimer`."""
+    order = range(len(runs)) if order is None else order
+    seconds, results, running = [0.0] * len(runs), [None] * len(runs), [True] * len(runs)
+    while any(running):
+        for side in order:
+            if not running[side]:
+                continue
+            sync()
+            started = time.perf_counter()
+            try:
+                next(runs[side])
+            except StopIteration as stop:
+                running[side], results[side] = False, stop.value
+            sync()
+            seconds[side] += time.perf_counter() - started
+    return list(zip(seconds, results))
+
+
 @dataclass
 class PairedTimer:
     """Times baseline and candidate on the same blocks, alternating which goes first.
@@ -179,25 +202,6 @@ class PairedTimer:
         self.sync()
         return time.perf_counter() - started, result
 
-    def _in_turn(self, runs: Sequence[Iterator], order: Sequence[int]) -> list[tuple[float, object]]:
-        """Advance the step generators `runs` one step each, in `order` every round, until all are
-        done; per run, the total time of its own steps and its return value."""
-        seconds, results, running = [0.0] * len(runs), [None] * len(runs), [True] * len(runs)
-        while any(running):
-            for side in order:
-                steps = runs[side]
-                if not running[side]:
-                    continue
-                self.sync()
-                started = time.perf_counter()
-                try:
-                    next(steps)
-                except StopIteration as stop:
-                    running[side], results[side] = False, stop.value
-                self.sync()
-                seconds[side] += time.perf_counter() - started
-        return list(zip(seconds, results))
-
     def block(
         self, run_baseline: Callable[[], object], run_candidate: Callable[[], object], group: int | None = None
     ) -> tuple[object, object]:
@@ -206,7 +210,7 @@ class PairedTimer:
         baseline_first = len(self.baseline_s) % 2 == 0
         if self.lockstep:
             order = (0, 1) if baseline_first else (1, 0)
-            (base_s, base), (cand_s, cand) = self._in_turn((run_baseline(), run_candidate()), order)
+            (base_s, base), (cand_s, cand) = in_turn((run_baseline(), run_candidate()), order, self.sync)
         elif baseline_first:
             base_s, base = self._timed(run_baseline)
             cand_s, cand = self._timed(run_candidate)

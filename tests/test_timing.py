@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mee_bench import timing
-from mee_bench.timing import LoadMonitor, PairedBlocks, PairedTimer, Speedup, speedup_interval, time_paired
+from mee_bench.timing import LoadMonitor, PairedBlocks, PairedTimer, Speedup, in_turn, speedup_interval, time_paired
 
 
 class FakeClock:
@@ -123,6 +123,23 @@ def test_lockstep_takes_turns_a_step_at_a_time_and_times_each_side_by_its_own_st
     assert order == ["cand", "base", "cand", "base", "base", "base"]
     assert timer.baseline_s == pytest.approx([1.2, 1.2]) and timer.candidate_s == pytest.approx([0.2, 0.2])
     assert timer.speedup().ratio == pytest.approx(6.0) and timer.samples()["interleaved"] == "per step"
+
+
+def test_in_turn_runs_any_number_of_step_generators_in_the_given_order(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    order: list[int] = []
+
+    def steps(index: int, count: int):
+        for _ in range(count):
+            order.append(index)
+            clock.now += index + 1
+            yield
+        return index
+
+    timed = in_turn([steps(0, 1), steps(1, 3), steps(2, 2)], order=[2, 0, 1])
+    assert order == [2, 0, 1, 2, 1, 1]
+    assert timed == [(1.0, 0), (6.0, 1), (6.0, 2)]
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 One model load decodes the calibration prompts once with `full` and once per grid point;
 each measure's thresholds are tested in order (`ltt.fixed_sequence_test`), and the chosen
 policies are then checked on a disjoint test split: measured risk, average exit layer, and
-the speedup over `full` timed in the same process on the same prompts, in interleaved blocks.
+the speedup over `full` timed in the same process on the same prompts, all policies taking turns
+one generated token at a time.
 With `workers > 1` the grid points run on Ray actors that each load the model once.
 """
 
@@ -22,7 +23,9 @@ from mee_bench.calibrate.config import CalibrationConfig, ConfigError, load_conf
 from mee_bench.calibrate.consistency import CLIPPING_NOTE, check_references, losses
 from mee_bench.calibrate.examples import Example, draw_splits, load_task
 from mee_bench.calibrate.ltt import CalibrationError, fixed_sequence_test
+from mee_bench.engine.decoding import run_steps
 from mee_bench.engine.policy import POLICY_FILE, ExitPolicy
+from mee_bench.timing import in_turn
 
 RECORD_FILE = "calibration.json"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -54,14 +57,20 @@ def build_generator(config: CalibrationConfig):
     return generator
 
 
-def decode(generator, prompts: Sequence[str], policy: ExitPolicy, max_new_tokens: int, batch_size: int):
-    """Texts and merged GenerationStats of `prompts` under `policy`, in order, `batch_size` at a time."""
+def decode_steps(generator, prompts: Sequence[str], policy: ExitPolicy, max_new_tokens: int, batch_size: int):
+    """Texts and merged GenerationStats of `prompts` under `policy`, in order, `batch_size` at a time,
+    decoded a step at a time (a generator returning them; `decode` runs it through)."""
     texts, stats = [], None
     for start in range(0, len(prompts), batch_size):
-        batch_texts, output = generator.generate_text(prompts[start : start + batch_size], policy, max_new_tokens)
+        batch_texts, output = yield from generator.text_steps(prompts[start : start + batch_size], policy, max_new_tokens)
         texts += batch_texts
         stats = output.stats if stats is None else stats.merge(output.stats)
     return texts, stats
+
+
+def decode(generator, prompts: Sequence[str], policy: ExitPolicy, max_new_tokens: int, batch_size: int):
+    """Texts and merged GenerationStats of `prompts` under `policy`, in order, `batch_size` at a time."""
+    return run_steps(decode_steps(generator, prompts, policy, max_new_tokens, batch_size))
 
 
 class GridDecoder(Protocol):
@@ -126,8 +135,9 @@ class RayDecoder:
 
 
 def timed_test(generator, examples: list[Example], policies: dict[str, ExitPolicy], config: CalibrationConfig, max_new_tokens: int):
-    """Every policy (and `full`) decodes the test prompts block by block, alternating the order per
-    block, so slow drift in the machine's speed hits all of them alike. Returns texts and stats per name."""
+    """Every policy (and `full`) decodes the test prompts block by block, all of them taking turns one
+    generated token at a time, the order alternating per block, so drift in the machine's speed hits
+    all of them alike (each decode's stats count its own steps only). Returns texts and stats per name."""
     prompts = [e.prompt for e in examples]
     everyone = {"full": ExitPolicy("full", kv_strategy=config.kv_strategy), **policies}
     generator.generate_text(prompts[:1], everyone["full"], max_new_tokens)  # warm-up, untimed
@@ -138,8 +148,8 @@ def timed_test(generator, examples: list[Example], policies: dict[str, ExitPolic
     for block in range(blocks):
         names = list(everyone) if block % 2 == 0 else list(reversed(everyone))
         chunk = prompts[bounds[block] : bounds[block + 1]]
-        for name in names:
-            block_texts, block_stats = decode(generator, chunk, everyone[name], max_new_tokens, config.test_batch_size)
+        runs = [decode_steps(generator, chunk, everyone[name], max_new_tokens, config.test_batch_size) for name in names]
+        for name, (_, (block_texts, block_stats)) in zip(names, in_turn(runs)):
             texts[name] += block_texts
             stats[name] = block_stats if stats[name] is None else stats[name].merge(block_stats)
     return texts, stats

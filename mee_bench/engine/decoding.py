@@ -273,8 +273,19 @@ class EarlyExitGenerator:
         stop_strings: Sequence[str] = (),
         max_input_length: int | None = None,
     ) -> tuple[list[str], GenerationOutput]:
+        return run_steps(self.text_steps(prompts, policy, max_new_tokens, stop_strings, max_input_length))
+
+    def text_steps(
+        self,
+        prompts: Sequence[str],
+        policy: ExitPolicy,
+        max_new_tokens: int = 64,
+        stop_strings: Sequence[str] = (),
+        max_input_length: int | None = None,
+    ) -> Steps[tuple[list[str], GenerationOutput]]:
+        """`generate_text` a step at a time (see `decode_steps`)."""
         input_ids, attention_mask = self.tokenize(prompts, max_input_length)
-        output = self.generate(input_ids, attention_mask, policy, max_new_tokens, stop_strings)
+        output = yield from self.decode_steps(input_ids, attention_mask, policy, max_new_tokens, stop_strings)
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in output.tokens]
         return texts, output
 

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRAIN_DEFAULT_COMMAND = "mee-bench train configs/train/default.yaml"
+WARM_UP_TOKENS = 4  # generated per row by the untimed warm-up of paired timing
 TIMING_ARGS = ("paired_timing", "timing_precision", "timing_allowance_s", "timing_min_repeats")
 POLICY_ARGS = (
     "measure", "threshold", "min_exit_layer", "threshold_schedule", "tau", "kv_strategy", "vocab_top_k", "decoding",
@@ -398,10 +399,13 @@ class MEELM(TemplateLM):
 
     def _paired_blocks(self, warm_up_work: tuple) -> PairedBlocks:
         """Times each batch of the policy against `full` on the same inputs (after one untimed
-        warm-up of both), so the speedup does not carry the machine's drift between runs."""
+        warm-up of both, a few tokens of the first batch: enough for every first-call cost, such as
+        reading exit heads or building a copy of the LM head), so the speedup does not carry the
+        machine's drift between runs."""
         full = ExitPolicy("full")
-        self._generate_batch(*warm_up_work, policy=full)
-        self._generate_batch(*warm_up_work)
+        encoded, until, max_gen_toks = warm_up_work
+        self._generate_batch(encoded, until, min(max_gen_toks, WARM_UP_TOKENS), policy=full)
+        self._generate_batch(encoded, until, min(max_gen_toks, WARM_UP_TOKENS))
         sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
         return PairedBlocks(
             baseline=lambda work: self._batch_steps(*work, policy=full),

@@ -10,7 +10,8 @@ import yaml
 
 from mee_bench.calibrate.config import load_config
 from mee_bench.calibrate.ltt import hoeffding_bentkus_pvalue
-from mee_bench.calibrate.run import RECORD_FILE, calibrate, cli
+from mee_bench.calibrate.examples import Example
+from mee_bench.calibrate.run import RECORD_FILE, build_generator, calibrate, cli, timed_test
 from mee_bench.engine.policy import ExitPolicy, read_policy_file
 from tests.helpers import DATA_DIR
 
@@ -67,6 +68,37 @@ def test_calibrate_writes_a_consistent_record_and_ships_the_policy(config_file, 
     assert summary["delta"] == 0.5 and summary["chosen_threshold"] == chosen
     assert read_policy_file(out / RECORD_FILE)[0] == shipped
     assert "recommended policy" in capsys.readouterr().out
+
+
+def test_the_timed_test_decodes_every_policy_in_turn_a_step_at_a_time(config_file):
+    """Two blocks of two test prompts, decoded one at a time: `full` and the policy take turns one
+    generated step at a time, the first block `full` first, the second the policy first."""
+    config = load_config(config_file)
+    generator = build_generator(config)
+    trace: list[tuple[str, int]] = []  # (measure, which of its decodes) at every step
+    calls: dict[str, int] = {}
+    decode_steps = generator.decode_steps
+
+    def recording(input_ids, attention_mask, policy, *args):
+        call = calls[policy.measure] = calls.get(policy.measure, -1) + 1
+        steps = decode_steps(input_ids, attention_mask, policy, *args)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
+            trace.append((policy.measure, call))
+            yield
+
+    generator.decode_steps = recording
+    prompts = [Example(f"Sentence number {i} is here.", ("x",)) for i in range(4)]
+    policy = ExitPolicy("softmax", threshold=0.9, min_exit_layer=1)
+    texts, stats = timed_test(generator, prompts, {"softmax": policy}, config, 6)
+    assert calls == {"full": 4, "softmax": 3}  # an untimed warm-up of `full`, then four prompts each
+    blocks = [(measure, (call - (measure == "full")) // 2) for measure, call in trace if (measure, call) != ("full", 0)]
+    assert blocks[:4] == [("full", 0), ("softmax", 0), ("full", 0), ("softmax", 0)]
+    assert next(step for step in blocks if step[1] == 1) == ("softmax", 1)  # block two: the policy first
+    assert all(len(texts[name]) == 4 and stats[name].decoder_s > 0 for name in ("full", "softmax"))
 
 
 def test_an_existing_record_is_kept_without_force(config_file, tmp_path, capsys):
