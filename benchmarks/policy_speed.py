@@ -1,11 +1,11 @@
 """Speed of real exit policies on the embedded default model and real sentences, at batch 1, 4 and 16.
 
-A sweep times each trial once, so its speedups also carry the machine's drift between trials
-(about +-10% on a 2-core machine). Here every policy decodes the same held-out Tatoeba
+A speedup read from runs minutes apart carries the machine's drift between them (about
++-10% on a 2-core machine). Here every policy decodes the same held-out Tatoeba
 sentences with the model's own exit heads, in blocks of `max(batch, 4)` sentences, and each
 block is timed in lockstep with `full` on the same block, the two taking turns one generated
-token at a time, alternating which goes first (`mee_bench.timing.PairedBlocks`): the speedup is the ratio of `full`'s ms per generated
-token to the policy's (a policy that changes the output also changes how many tokens a
+token at a time, alternating which goes first (`mee_bench.timing.PairedBlocks`): the speedup
+is the ratio of `full`'s ms per generated token to the policy's (a policy that changes the output also changes how many tokens a
 block decodes), summed over blocks, with a 95% timing-noise interval from the blocks timed
 twice or more. Reported per policy and batch size: the speedup interval, the
 candidate's decoder ms/token in its first timed pass (for scale only: `full`'s comes from an

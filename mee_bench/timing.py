@@ -12,7 +12,8 @@ Lockstep pairing interleaves finer still: given step generators (a decode's
 `decode_steps`), the two sides take turns one generated token at a time, and each side's
 time is the sum of its own steps. The machine's drift then lands on both sides within
 milliseconds of each other: on this project's 2-core machine, `full` timed against itself
-per sentence scattered by about 3% in lockstep against 10% when the sentences ran one after the other.
+per sentence scattered by about 3% in lockstep against 10% when the sentences ran one
+after the other.
 """
 
 from __future__ import annotations
@@ -295,15 +296,11 @@ def time_paired(
     allowance_s: float = 60.0,
     min_repeats: int = 10,
     sync: Callable[[], None] = lambda: None,
-    lockstep: bool = False,
 ) -> Speedup:
-    """Time every (baseline, candidate) pair of callables once, then more rounds as `PairedBlocks` does
-    (`lockstep`: the callables return step generators, timed in turn a step at a time)."""
+    """Time every (baseline, candidate) pair of callables once, then more rounds as `PairedBlocks` does."""
     if not blocks:
         raise ValueError("no blocks to time")
-    paired = PairedBlocks(
-        lambda pair: pair[0](), lambda pair: pair[1](), target_half_width, allowance_s, min_repeats, sync, lockstep=lockstep
-    )
+    paired = PairedBlocks(lambda pair: pair[0](), lambda pair: pair[1](), target_half_width, allowance_s, min_repeats, sync)
     for pair in blocks:
         paired.run(pair)
     return paired.speedup()
