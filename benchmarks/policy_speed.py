@@ -2,11 +2,11 @@
 
 A speedup read from runs minutes apart carries the machine's drift between them (about
 +-10% on a 2-core machine). Here every policy decodes the same held-out Tatoeba
-sentences with the model's own exit heads, in blocks of `max(batch, 4)` sentences, and each
-block is timed in lockstep with `full` on the same block, the two taking turns one generated
-token at a time, alternating which goes first (`mee_bench.timing.PairedBlocks`): the speedup
-is the ratio of `full`'s ms per generated token to the policy's (a policy that changes the output also changes how many tokens a
-block decodes), summed over blocks, with a 95% timing-noise interval from the blocks timed
+sentences with the model's own exit heads, one batch at a time, and each batch is timed in
+lockstep with `full` on the same batch, the two taking turns one generated token at a time,
+alternating which goes first, `full` stopping where an early-exit policy stopped
+(`mee_bench.timing.PairedBlocks`): the speedup is the ratio of `full`'s ms per generated token
+to the policy's over all batches, with a 95% timing-noise interval from the batches timed
 twice or more. Reported per policy and batch size: the speedup interval, the
 candidate's decoder ms/token in its first timed pass (for scale only: `full`'s comes from an
 untimed reference pass, so compare policies by the paired speedup), the average exit layer, decoder layers computed per token,
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from mee_bench.engine.decoding import EarlyExitGenerator, GenerationOutput, Steps, run_steps
+from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.timing import LoadMonitor, PairedBlocks
@@ -83,39 +83,25 @@ def tatoeba_prompts(count: int) -> list[str]:
     return list(islice(distinct, count))
 
 
-def block_steps(generator: EarlyExitGenerator, block: list[tuple[torch.Tensor, torch.Tensor]], policy: ExitPolicy) -> Steps[list[GenerationOutput]]:
-    """A block's batches decoded one after another, a step at a time (for lockstep timing)."""
-    outputs = []
-    for ids, mask in block:
-        outputs.append((yield from generator.decode_steps(ids, mask, policy, MAX_NEW_TOKENS)))
-    return outputs
-
-
-def decode_block(generator: EarlyExitGenerator, block: list[tuple[torch.Tensor, torch.Tensor]], policy: ExitPolicy) -> list[GenerationOutput]:
-    return run_steps(block_steps(generator, block, policy))
-
-
-def batches_of(generator: EarlyExitGenerator, prompts: list[str], batch: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Timing blocks of `max(batch, 4)` prompts, each a list of tokenized batches of `batch` prompts."""
-    per_block = max(batch, 4)
-    blocks = []
-    for start in range(0, len(prompts) - per_block + 1, per_block):
-        chunk = prompts[start : start + per_block]
-        blocks.append([generator.tokenize(chunk[i : i + batch]) for i in range(0, per_block, batch)])
-    return blocks
+def batches_of(generator: EarlyExitGenerator, prompts: list[str], batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The prompts tokenized in batches of `batch` (a last, smaller batch is left out): each a timing block."""
+    return [generator.tokenize(prompts[start : start + batch]) for start in range(0, len(prompts) - batch + 1, batch)]
 
 
 def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blocks: list, full_outputs: list,
                target_half_width: float, allowance_s: float, min_repeats: int) -> dict:
     paired = PairedBlocks(
-        lambda block: block_steps(generator, block, ExitPolicy("full")),
-        lambda block: block_steps(generator, block, policy),
+        lambda batch: generator.decode_steps(*batch, ExitPolicy("full"), MAX_NEW_TOKENS),
+        lambda batch: generator.decode_steps(*batch, policy, MAX_NEW_TOKENS),
         target_half_width=target_half_width, allowance_s=allowance_s, min_repeats=min_repeats,
         sync=torch.cuda.synchronize if generator.runner.device.type == "cuda" else lambda: None,
-        units=lambda outputs: sum(out.stats.tokens for out in outputs),
+        units=lambda output: output.stats.tokens,
         lockstep=True,
+        # `full` stops where the policy did, step for step; self-speculation writes `full`'s own
+        # tokens, several per step, so its baseline runs to its end
+        truncate_baseline=policy.decoding == "early_exit",
     )
-    outputs = [out for block in blocks for out in paired.run(block)]
+    outputs = [paired.run(batch) for batch in blocks]
     speedup = paired.speedup()  # more rounds over the same blocks until precise or out of time
     stats = reduce(lambda a, b: a.merge(b), (out.stats for out in outputs))
     tokens = [row for out in outputs for row in out.tokens]
@@ -244,14 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     with LoadMonitor(threads=args.threads) as load:
         for batch in batches:
             blocks = batches_of(generator, prompts, batch)
-            full_outputs = [out for block in blocks for out in decode_block(generator, block, ExitPolicy("full"))]
+            full_outputs = [generator.generate(*block, ExitPolicy("full"), MAX_NEW_TOKENS) for block in blocks]
             full_stats = reduce(lambda a, b: a.merge(b), (out.stats for out in full_outputs))
             rows = [{"policy": "full", "speedup_vs_full": "1 (baseline)", "verdict": "baseline",
                      "ms_per_token": 1e3 * full_stats.decoder_s / full_stats.tokens, "avg_exit_layer": full_stats.avg_exit_layer,
                      "layers_per_token": full_stats.layers_per_token, "identical_to_full": True, "acceptance_rate": None,
                      "mean_accepted_draft": None, "speedup": None, "policy_settings": ExitPolicy("full").as_dict()}]
             for name, policy in POLICIES.items():
-                decode_block(generator, blocks[0][:1], policy)  # warm-up
+                generator.generate(*blocks[0], policy, MAX_NEW_TOKENS)  # warm-up
                 rows.append(policy_row(name, policy, generator, blocks, full_outputs, args.target_half_width, allowance,
                                        2 if args.quick else min(len(blocks), 10)))
                 print(f"batch {batch}: {name} done", file=sys.stderr)

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Generic, Iterator, Sequence, TypeVar
+from typing import Callable, Collection, Generator, Generic, Sequence, TypeVar
 
 import numpy as np
 
@@ -155,26 +155,44 @@ def _across_work(
     return float(low), float(high)
 
 
+class Truncate(Exception):
+    """Thrown by `in_turn` into a follower's step generator at a yield: a generator that supports
+    it (a decode's `decode_steps`) stops there and returns what it has so far."""
+
+
 def in_turn(
-    runs: Sequence[Iterator], order: Sequence[int] | None = None, sync: Callable[[], None] = lambda: None
+    runs: Sequence[Generator],
+    order: Sequence[int] | None = None,
+    sync: Callable[[], None] = lambda: None,
+    followers: Collection[int] = (),
 ) -> list[tuple[float, object]]:
     """Advance the step generators `runs` one step each, in `order` (default: as given) every round,
     until all are done; per run, the total time of its own steps and its return value. `sync` is
-    called before each clock read, as in `PairedTimer`."""
+    called before each clock read, as in `PairedTimer`. A follower (index in `followers`) still
+    running once every other run has finished is stopped as soon as it has taken as many steps
+    as the longest of them (`Truncate` thrown in, timed as its step), so it is timed on no more
+    steps than they were."""
     order = range(len(runs)) if order is None else order
-    seconds, results, running = [0.0] * len(runs), [None] * len(runs), [True] * len(runs)
+    leaders = [side for side in range(len(runs)) if side not in followers]
+    seconds, results, running, steps = [0.0] * len(runs), [None] * len(runs), [True] * len(runs), [0] * len(runs)
     while any(running):
         for side in order:
             if not running[side]:
                 continue
+            stop_here = (side in followers and leaders and not any(running[i] for i in leaders)
+                         and steps[side] >= max(steps[i] for i in leaders))
             sync()
             started = time.perf_counter()
             try:
-                next(runs[side])
+                runs[side].throw(Truncate()) if stop_here else next(runs[side])
             except StopIteration as stop:
                 running[side], results[side] = False, stop.value
+            else:
+                if stop_here:
+                    raise RuntimeError(f"run {side} went on after Truncate: a follower must return when it is thrown in")
             sync()
             seconds[side] += time.perf_counter() - started
+            steps[side] += 1
     return list(zip(seconds, results))
 
 
@@ -185,11 +203,16 @@ class PairedTimer:
     `sync` is called before each clock read (e.g. `torch.cuda.synchronize`), so that
     asynchronous devices are timed to completion. With `lockstep`, the runs return step
     generators (their result is the generator's return value), advanced in turn one step each.
+    With `truncate_baseline` as well, a baseline still running when the candidate has finished
+    stops after as many steps (`in_turn`'s followers): for one decode per block, `full` is then
+    timed over the positions the candidate generated, every step paired, instead of running on
+    alone (unpaired, so noisy) through output the candidate never wrote.
     """
 
     sync: Callable[[], None] = lambda: None
     units: Callable[[object], float] | None = None  # what a block's result produced (e.g. tokens), per side
     lockstep: bool = False
+    truncate_baseline: bool = False
     baseline_s: list[float] = field(default_factory=list)
     candidate_s: list[float] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)  # which piece of work each block timed
@@ -211,7 +234,9 @@ class PairedTimer:
         baseline_first = len(self.baseline_s) % 2 == 0
         if self.lockstep:
             order = (0, 1) if baseline_first else (1, 0)
-            (base_s, base), (cand_s, cand) = in_turn((run_baseline(), run_candidate()), order, self.sync)
+            (base_s, base), (cand_s, cand) = in_turn(
+                (run_baseline(), run_candidate()), order, self.sync, followers=(0,) if self.truncate_baseline else ()
+            )
         elif baseline_first:
             base_s, base = self._timed(run_baseline)
             cand_s, cand = self._timed(run_candidate)
@@ -233,7 +258,8 @@ class PairedTimer:
     def samples(self) -> dict:
         """The raw paired timings (and units), for records that let anyone recompute the figure."""
         samples = {"baseline_s": self.baseline_s, "candidate_s": self.candidate_s, "groups": self.groups,
-                   "interleaved": "per step" if self.lockstep else "per block"}
+                   "interleaved": "per step" if self.lockstep else "per block",
+                   "baseline_truncated": self.lockstep and self.truncate_baseline}
         if self.units is not None:
             samples.update(baseline_units=self.baseline_units, candidate_units=self.candidate_units)
         return samples
@@ -251,7 +277,8 @@ class PairedBlocks(Generic[Work, Result]):
     blocks are re-timed even past the allowance: the noise estimate needs them (and is only
     as good as their number), so a slow trial still reports an interval, only a wide one.
     With `lockstep`, `baseline(work)` and `candidate(work)` return step generators, timed token
-    by token in turn (`PairedTimer`).
+    by token in turn, and with `truncate_baseline` the baseline stops where the candidate did
+    (`PairedTimer`).
     """
 
     def __init__(
@@ -264,10 +291,11 @@ class PairedBlocks(Generic[Work, Result]):
         sync: Callable[[], None] = lambda: None,
         units: Callable[[object], float] | None = None,
         lockstep: bool = False,
+        truncate_baseline: bool = False,
     ) -> None:
         self.baseline, self.candidate = baseline, candidate
         self.target_half_width, self.allowance_s, self.min_repeats = target_half_width, allowance_s, min_repeats
-        self.timer = PairedTimer(sync=sync, units=units, lockstep=lockstep)
+        self.timer = PairedTimer(sync=sync, units=units, lockstep=lockstep, truncate_baseline=truncate_baseline)
         self.work: list[Work] = []
 
     def run(self, work: Work) -> Result:

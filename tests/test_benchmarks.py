@@ -16,7 +16,7 @@ from tests.helpers import REPO
 def benchmark(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     yield importlib.import_module
-    for name in ("pruned_checks", "token_profile", "policy_speed", "decode_speed", "first_read"):
+    for name in ("pruned_checks", "token_profile", "policy_speed", "decode_speed", "first_read", "pairing_check"):
         sys.modules.pop(name, None)
 
 
@@ -87,3 +87,29 @@ def test_first_read_times_both_rounded_heads_in_the_loop_on_the_same_work(benchm
     for comparison in ("int8_vs_float16", "int8_vs_full", "float16_vs_full"):
         figures = row[comparison]
         assert figures["low"] <= figures["ratio"] <= figures["high"] and figures["blocks"] >= 4
+
+
+def test_pairing_check_times_both_methods_every_round_and_reads_the_shift_from_them(benchmark, tmp_path):
+    out = tmp_path / "pairing.json"
+    pairing_check = benchmark("pairing_check")
+    assert pairing_check.main(["--sentences", "2", "--rounds", "2", "--policies", "fixed", "full", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["policies"]
+    assert [row["policy"] for row in rows] == ["fixed", "full"]
+    for row in rows:
+        lockstep, whole = row["ratios"]["lockstep"], row["ratios"]["whole examples"]
+        assert len(lockstep) == len(whole) == 2 and all(ratio > 0 for ratio in lockstep + whole)
+        assert row["shift"] == pytest.approx((lockstep[0] / whole[0] + lockstep[1] / whole[1]) / 2 - 1)
+        assert row["low"] <= row["shift"] <= row["high"]
+
+
+def test_pairing_check_interval_holds_a_known_shift_and_narrows_with_rounds(benchmark):
+    import numpy as np
+
+    shift_interval = benchmark("pairing_check").shift_interval
+    rng = np.random.default_rng(0)
+    whole = 1.2 * np.exp(rng.normal(0, 0.03, 40))
+    lockstep = whole * 1.02 * np.exp(rng.normal(0, 0.01, 40))  # a true shift of +2%
+    few, many = shift_interval(lockstep[:4], whole[:4]), shift_interval(lockstep, whole)
+    assert many["low"] < 0.02 < many["high"] and many["low"] > 0  # holds the shift and tells it from none
+    assert many["high"] - many["low"] < few["high"] - few["low"]
+    assert shift_interval([1.1, 1.1], [1.0, 1.0])["shift"] == pytest.approx(0.1)

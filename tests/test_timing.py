@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mee_bench import timing
-from mee_bench.timing import LoadMonitor, PairedBlocks, PairedTimer, Speedup, in_turn, speedup_interval, time_paired
+from mee_bench.timing import LoadMonitor, PairedBlocks, PairedTimer, Speedup, Truncate, in_turn, speedup_interval, time_paired
 
 
 class FakeClock:
@@ -140,6 +140,56 @@ def test_in_turn_runs_any_number_of_step_generators_in_the_given_order(monkeypat
     timed = in_turn([steps(0, 1), steps(1, 3), steps(2, 2)], order=[2, 0, 1])
     assert order == [2, 0, 1, 2, 1, 1]
     assert timed == [(1.0, 0), (6.0, 1), (6.0, 2)]
+
+
+def test_a_truncated_baseline_stops_after_as_many_steps_as_the_candidate(monkeypatch):
+    """Like a decode, each call does one step of work and the last one returns; a baseline of 5 steps
+    against a candidate of 2 is stopped after its own 2nd step whichever side goes first, and is
+    timed on those 2 steps only; a baseline shorter than the candidate finishes as usual."""
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    order: list[str] = []
+
+    def steps(name: str, count: int, seconds: float):
+        for step in range(1, count + 1):
+            order.append(name)
+            clock.now += seconds
+            if step == count:
+                return f"{name} done"
+            try:
+                yield
+            except Truncate:
+                return f"{name} stopped after {step}"
+
+    timer = PairedTimer(lockstep=True, truncate_baseline=True)
+    assert timer.block(lambda: steps("base", 5, 0.3), lambda: steps("cand", 2, 0.1)) == ("base stopped after 2", "cand done")
+    assert timer.block(lambda: steps("base", 5, 0.3), lambda: steps("cand", 2, 0.1)) == ("base stopped after 2", "cand done")
+    assert order == ["base", "cand", "base", "cand", "cand", "base", "cand", "base"]
+    assert timer.baseline_s == pytest.approx([0.6, 0.6]) and timer.candidate_s == pytest.approx([0.2, 0.2])
+    assert timer.block(lambda: steps("base", 1, 0.3), lambda: steps("cand", 3, 0.1)) == ("base done", "cand done")
+    assert timer.samples()["baseline_truncated"] is True
+    assert PairedTimer(lockstep=True).block(lambda: steps("base", 5, 0.3), lambda: steps("cand", 2, 0.1))[0] == "base done"
+
+
+def test_a_follower_that_cannot_stop_is_an_error_not_a_silent_overrun():
+    def leader():
+        yield
+
+    def deaf():  # lets `Truncate` through
+        while True:
+            yield
+
+    def stubborn():  # swallows it and goes on
+        while True:
+            try:
+                yield
+            except Truncate:
+                pass
+
+    with pytest.raises(Truncate):
+        in_turn([deaf(), leader()], followers=(0,))
+    with pytest.raises(RuntimeError, match="went on after Truncate"):
+        in_turn([stubborn(), leader()], followers=(0,))
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import HeadRows, LayerRunner, build_runner
 from mee_bench.engine.speculative import SpeculationCounts, self_speculative_generate
+from mee_bench.timing import Truncate
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,10 @@ class ActiveClock:
     def pause(self) -> Steps[None]:
         """Yield once, not counting the suspension."""
         suspended = time.perf_counter()
-        yield
-        self.paused_s += time.perf_counter() - suspended
+        try:
+            yield
+        finally:  # also when `Truncate` is thrown in
+            self.paused_s += time.perf_counter() - suspended
 
     def relay(self, steps: Steps[Result]) -> Steps[Result]:
         """Run `steps` to its result, pausing at each of its yields."""
@@ -311,7 +314,8 @@ class EarlyExitGenerator:
     ) -> Steps[GenerationOutput]:
         """`generate` as a generator: it yields after the prompt is taken in and after every
         generated step (a self-speculative round), and returns the `GenerationOutput`. Its timings
-        count only the time spent inside it, however long it waits at a yield."""
+        count only the time spent inside it, however long it waits at a yield. `Truncate` thrown
+        in at a step's yield (early-exit decoding) ends it there, with the tokens so far."""
         runner, num_layers = self.runner, self.runner.num_layers
         if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError("empty input: input_ids must be a non-empty [batch, length] tensor")
@@ -445,7 +449,10 @@ class EarlyExitGenerator:
             alive = alive[~finished]
             if alive.numel() == 0 or step + 1 == max_new_tokens:
                 break
-            yield from clock.pause()
+            try:
+                yield from clock.pause()
+            except Truncate:  # a timing baseline that has taken as many steps as its candidate
+                break
         _sync(device)
         stats.decoder_s = clock.now() - started
         for row_layers in exit_layers:

@@ -416,6 +416,9 @@ class MEELM(TemplateLM):
             sync=sync,
             units=lambda result: result[1].tokens,  # ms per generated token: a policy that writes more is not slower for it
             lockstep=True,  # the two decodes take turns token by token: drift lands on both alike
+            # `full` stops where an early-exit policy did: every timed step paired, at the same positions
+            # (self-speculation writes `full`'s tokens, several a step: its baseline runs to its end)
+            truncate_baseline=self.policy.decoding == "early_exit",
         )
 
     def _generate_batch(

@@ -12,6 +12,7 @@ from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import load_model
 from mee_bench.engine.policy import ExitPolicy
+from mee_bench.timing import Truncate
 from mee_bench.engine.t5 import growing_generate_cache
 
 MAX_NEW = 12
@@ -290,6 +291,21 @@ def test_decode_steps_yields_between_steps_and_its_timings_leave_out_the_waits(p
         assert yields == longest  # after the prompt, then after every step but the last
     else:
         assert 1 < yields <= longest  # a round emits one token or more per row
+
+
+def test_truncate_thrown_into_a_decode_ends_it_with_the_tokens_so_far():
+    """How a lockstep timer stops `full` where the policy it is paired with stopped."""
+    generator = EarlyExitGenerator(tiny_model(seed=7))
+    ids, mask = padded_batch([9, 5], seed=8)
+    expected = generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    steps = generator.decode_steps(ids, mask, ExitPolicy("full"), MAX_NEW)
+    for _ in range(3):  # the prompt, then two generated steps
+        next(steps)
+    with pytest.raises(StopIteration) as stopped:
+        steps.throw(Truncate())
+    output = stopped.value.value
+    assert output.tokens == [row[:2] for row in expected.tokens] and output.stats.tokens == 4
+    assert output.exit_layers == [row[:2] for row in expected.exit_layers]
 
 
 def test_oracle_keeps_full_tokens_and_reports_the_stable_layer():

@@ -277,6 +277,7 @@ def test_paired_timing_keeps_the_outputs_and_times_every_batch_against_full(pair
     assert speedup["low"] <= speedup["ratio"] <= speedup["high"] and speedup["target_half_width"] == 0.05
     timings = figures["paired_timings"]
     assert timings["interleaved"] == "per step"  # the two decodes took turns token by token
+    assert timings["baseline_truncated"]  # `full` stopped where the policy did
     assert timings["groups"][:3] == [0, 1, 2] and set(timings["groups"][3:]) == {0, 1, 2}  # the same batches again
     units = timings["baseline_units"], timings["candidate_units"]  # generated tokens: the ratio is of ms/token
     assert sum(units[1][:3]) == figures["tokens"]  # the first pass is the decode that was scored

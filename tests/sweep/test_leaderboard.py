@@ -240,10 +240,14 @@ def test_csv_and_latex_carry_both_ends_of_the_interval(tmp_path):
     assert "(unpaired)" not in (sweep / "leaderboard.md").read_text()
 
 
-@pytest.mark.parametrize("interleaved, wording", [("per step", "one generated token at a time"),
-                                                  ("per block", "interleaved block by block")])
-def test_the_method_note_says_how_finely_the_timings_were_interleaved(tmp_path, interleaved, wording):
-    records = [{**rec, "efficiency": {**rec["efficiency"], "paired_timings": {"interleaved": interleaved}}}
+@pytest.mark.parametrize("interleaved, truncated, wording", [
+    ("per step", True, "one generated token at a time, `full` stopping where the trial's policy stopped, in"),
+    ("per step", False, "one generated token at a time, in"),
+    ("per block", False, "interleaved block by block, in"),
+])
+def test_the_method_note_says_how_finely_the_timings_were_interleaved(tmp_path, interleaved, truncated, wording):
+    records = [{**rec, "efficiency": {**rec["efficiency"], "paired_timings": {"interleaved": interleaved,
+                                                                               "baseline_truncated": truncated}}}
                for rec in PAIRED]
     sweep = write_sweep(tmp_path / "paired", records, measures=["full", "softmax", "saturation", "lstm"])
     build_leaderboard(sweep)
