@@ -18,7 +18,6 @@ Writes results/bench/first_read.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +30,7 @@ import mee_bench.engine.runner as runner_module
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.timing import time_paired
+from bench_io import write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_speed import PRUNED_TOP_K, SHAPES, default_shape, random_model, width  # noqa: E402
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                      "threads": args.threads, "rounds": rounds,
                      "int8_kernels": torch.backends.quantized.engine in runner_module.INT8_ENGINES},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n-> {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -22,7 +22,6 @@ Writes results/bench/pairing_check.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ from mee_bench.engine.policy import ExitPolicy
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.timing import LoadMonitor, PairedTimer
 from policy_speed import MAX_NEW_TOKENS, REPO, tatoeba_prompts
+from bench_io import write_result
 
 POLICIES = {
     "full": ExitPolicy("full"),
@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"sentences": args.sentences, "rounds": args.rounds, "max_new_tokens": MAX_NEW_TOKENS,
                            "threads": args.threads, "model": DEFAULT_MODEL_DIR.name},
               "machine": {"platform": platform.platform(), "torch": torch.__version__}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n-> {args.out}")
+    write_result(args.out, result)
     return 0
 
 

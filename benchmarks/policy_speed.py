@@ -45,6 +45,7 @@ from mee_bench.timing import LoadMonitor, PairedBlocks
 from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.harness.data import local_split_path, read_jsonl
 from mee_bench.paths import DATA_DIR_ENV, DEFAULT_MODEL_DIR
+from bench_io import write_result
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_NEW_TOKENS = 64
@@ -261,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                      "target_half_width": args.target_half_width, "allowance_s": allowance,
                      "max_new_tokens": MAX_NEW_TOKENS, "dtype": args.dtype},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n-> {args.out}")
+    write_result(args.out, result)
     if args.readme is not None:
         fill_readme(args.readme, readme_table(result))
         print(f"-> {args.readme}")

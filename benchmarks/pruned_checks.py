@@ -21,7 +21,6 @@ policy_speed.py, which time pruned checks side by side with paired intervals).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from itertools import islice
 from pathlib import Path
@@ -36,6 +35,7 @@ from mee_bench.engine.policy import ExitPolicy
 from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.harness.data import local_split_path, read_jsonl
 from mee_bench.paths import DATA_DIR_ENV, DEFAULT_MODEL_DIR
+from bench_io import write_result
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = {
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                      "sentences": len(prompts), "batch": args.batch, "max_new_tokens": TATOEBA_ENFR.max_gen_toks,
                      "reference": "first reference per distinct English sentence", "dtype": "float32"},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n-> {args.out}")
+    write_result(args.out, result)
     return 0
 
 

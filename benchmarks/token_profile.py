@@ -17,7 +17,6 @@ Writes results/bench/token_profile.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from mee_bench.paths import DEFAULT_MODEL_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_speed import MAX_NEW_TOKENS, tatoeba_prompts  # noqa: E402
+from bench_io import write_result
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = {
@@ -156,11 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     table = [[name, r["decoder_ms_per_token"], *(r["ms_per_token"][c] for c in columns)] for name, r in results.items()]
     print("decoder ms per token, by where it goes (profiled, batch 1):")
     print(tabulate(table, headers=["policy", "total", *columns], floatfmt=".2f"))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"policies": results, "settings": {
+    write_result(args.out, {"policies": results, "settings": {
         "model": DEFAULT_MODEL_DIR.name, "sentences": args.sentences, "rounds": rounds, "batch": 1, "threads": torch.get_num_threads(),
-        "max_new_tokens": MAX_NEW_TOKENS, "note": "profiler ranges add their own cost, counted in python and glue"}}, indent=2) + "\n")
-    print(f"\n-> {args.out}")
+        "max_new_tokens": MAX_NEW_TOKENS, "note": "profiler ranges add their own cost, counted in python and glue"}})
     return 0
 
 
