@@ -7,12 +7,12 @@ could read a policy with a smaller working set (one that exits early) differentl
 on its own. This benchmark measures that shift. Each round, every sentence is paired with
 `full` both ways in turn (lockstep, and whole decodes one after the other, alternating which
 method and which side go first), so the two methods see the same machine within a second of
-each other. Both time `full` over the positions the policy generated, as the sweep does: in
-lockstep `full` stops where the policy stopped, one after the other it decodes as many tokens
-as the policy wrote on that sentence. Per round and method the speedup is the ratio of `full`'s
-ms per generated token to the policy's; the shift is lockstep's ratio over the whole-example
-ratio, minus one, with a 95% Student's t interval over rounds. An interval holding 0 means no
-measurable shift.
+each other. Both time `full` over exactly the positions the policy generated, as the sweep
+does: `full` decodes on past its own end (`until_truncated`), in lockstep until the policy has
+stopped, one after the other for as many tokens as the policy wrote on that sentence. Per round
+and method the speedup is the ratio of `full`'s ms per generated token to the policy's; the
+shift is lockstep's ratio over the whole-example ratio, minus one, with a 95% Student's t
+interval over rounds. An interval holding 0 means no measurable shift.
 
     python benchmarks/pairing_check.py [--sentences 30] [--rounds 8] [--policies lstm fixed full]
 
@@ -31,6 +31,7 @@ import torch
 from scipy import stats
 from tabulate import tabulate
 
+from mee_bench.engine.decoding import run_steps
 from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.paths import DEFAULT_MODEL_DIR
@@ -58,10 +59,10 @@ def paired_rounds(generator, encoded: list, lengths: list[int], policy: ExitPoli
         for index, ((ids, mask), length) in enumerate(zip(encoded, lengths)):
             for method in METHODS[:: 1 if (index + round_index) % 2 == 0 else -1]:
                 if method == "lockstep":
-                    timers[method].block(lambda: generator.decode_steps(ids, mask, full, MAX_NEW_TOKENS),
+                    timers[method].block(lambda: generator.decode_steps(ids, mask, full, MAX_NEW_TOKENS, until_truncated=True),
                                          lambda: generator.decode_steps(ids, mask, policy, MAX_NEW_TOKENS))
                 else:
-                    timers[method].block(lambda: generator.generate(ids, mask, full, length),
+                    timers[method].block(lambda: run_steps(generator.decode_steps(ids, mask, full, length, until_truncated=True)),
                                          lambda: generator.generate(ids, mask, policy, MAX_NEW_TOKENS))
         for method, timer in timers.items():
             ratios[method].append(timer.speedup().ratio)

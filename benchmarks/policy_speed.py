@@ -4,8 +4,9 @@ A speedup read from runs minutes apart carries the machine's drift between them 
 +-10% on a 2-core machine). Here every policy decodes the same held-out Tatoeba
 sentences with the model's own exit heads, one batch at a time, and each batch is timed in
 lockstep with `full` on the same batch, the two taking turns one generated token at a time,
-alternating which goes first, `full` stopping where an early-exit policy stopped
-(`mee_bench.timing.PairedBlocks`): the speedup is the ratio of `full`'s ms per generated token
+alternating which goes first, `full` stopping where an early-exit policy stopped (at batch 1
+after decoding on past its own end, so both cover the same positions;
+`mee_bench.timing.PairedBlocks`): the speedup is the ratio of `full`'s ms per generated token
 to the policy's over all batches, with a 95% timing-noise interval from the batches timed
 twice or more. Reported per policy and batch size: the speedup interval, the
 candidate's decoder ms/token in its first timed pass (for scale only: `full`'s comes from an
@@ -91,8 +92,11 @@ def batches_of(generator: EarlyExitGenerator, prompts: list[str], batch: int) ->
 
 def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blocks: list, full_outputs: list,
                target_half_width: float, allowance_s: float, min_repeats: int) -> dict:
+    early_exit = policy.decoding == "early_exit"
     paired = PairedBlocks(
-        lambda batch: generator.decode_steps(*batch, ExitPolicy("full"), MAX_NEW_TOKENS),
+        # at batch 1 `full` decodes on past its own end until stopped: both cover the policy's positions
+        lambda batch: generator.decode_steps(*batch, ExitPolicy("full"), MAX_NEW_TOKENS,
+                                             until_truncated=early_exit and batch[0].shape[0] == 1),
         lambda batch: generator.decode_steps(*batch, policy, MAX_NEW_TOKENS),
         target_half_width=target_half_width, allowance_s=allowance_s, min_repeats=min_repeats,
         sync=torch.cuda.synchronize if generator.runner.device.type == "cuda" else lambda: None,
@@ -100,7 +104,7 @@ def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blo
         lockstep=True,
         # `full` stops where the policy did, step for step; self-speculation writes `full`'s own
         # tokens, several per step, so its baseline runs to its end
-        truncate_baseline=policy.decoding == "early_exit",
+        truncate_baseline=early_exit,
     )
     outputs = [paired.run(batch) for batch in blocks]
     speedup = paired.speedup()  # more rounds over the same blocks until precise or out of time

@@ -311,11 +311,14 @@ class EarlyExitGenerator:
         policy: ExitPolicy,
         max_new_tokens: int = 64,
         stop_strings: Sequence[str] = (),
+        until_truncated: bool = False,
     ) -> Steps[GenerationOutput]:
         """`generate` as a generator: it yields after the prompt is taken in and after every
         generated step (a self-speculative round), and returns the `GenerationOutput`. Its timings
         count only the time spent inside it, however long it waits at a yield. `Truncate` thrown
-        in at a step's yield (early-exit decoding) ends it there, with the tokens so far."""
+        in at a step's yield (early-exit decoding) ends it there, with the tokens so far. With
+        `until_truncated`, no row ends at EOS or a stop string: a timing baseline decodes on until
+        `Truncate` (or `max_new_tokens`), so it covers exactly the steps of the policy it is paired with."""
         runner, num_layers = self.runner, self.runner.num_layers
         if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError("empty input: input_ids must be a non-empty [batch, length] tensor")
@@ -324,6 +327,8 @@ class EarlyExitGenerator:
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: build EarlyExitGenerator(model, tokenizer)")
         policy.check_model(num_layers)
+        if until_truncated and policy.decoding != "early_exit":
+            raise ValueError("until_truncated is for a timing baseline decoding early-exit style (e.g. `full`)")
         measure = policy.build_measure(self.heads if policy.needs_heads else None)
         measure.last_check_layer = num_layers - 1
         if attention_mask is None:
@@ -352,7 +357,7 @@ class EarlyExitGenerator:
             confidences = [[float("nan")] * len(row) for row in drafted.tokens]
             return GenerationOutput(drafted.tokens, exit_layers, confidences, stats)
         checks = CheckLogits(runner, policy.vocab_top_k)
-        is_finished = self._finished_check(stop_strings)
+        is_finished = (lambda row: False) if until_truncated else self._finished_check(stop_strings)
         deferred = policy.kv_strategy == "deferred" and measure.can_exit
         done_layers = torch.full((batch, max_new_tokens), num_layers, dtype=torch.long, device=device)
         pending_states = (

@@ -407,8 +407,11 @@ class MEELM(TemplateLM):
         self._generate_batch(encoded, until, min(max_gen_toks, WARM_UP_TOKENS), policy=full)
         self._generate_batch(encoded, until, min(max_gen_toks, WARM_UP_TOKENS))
         sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
+        early_exit = self.policy.decoding == "early_exit"
         return PairedBlocks(
-            baseline=lambda work: self._batch_steps(*work, policy=full),
+            # one row: `full` decodes on past its own end until stopped, so both sides cover exactly the
+            # policy's positions; several rows: each ends at its EOS (kept alive, they would run wider)
+            baseline=lambda work: self._batch_steps(*work, policy=full, until_truncated=early_exit and len(work[0]) == 1),
             candidate=lambda work: self._batch_steps(*work),
             target_half_width=self.timing_precision,
             allowance_s=self.timing_allowance_s,
@@ -418,7 +421,7 @@ class MEELM(TemplateLM):
             lockstep=True,  # the two decodes take turns token by token: drift lands on both alike
             # `full` stops where an early-exit policy did: every timed step paired, at the same positions
             # (self-speculation writes `full`'s tokens, several a step: its baseline runs to its end)
-            truncate_baseline=self.policy.decoding == "early_exit",
+            truncate_baseline=early_exit,
         )
 
     def _generate_batch(
@@ -427,11 +430,14 @@ class MEELM(TemplateLM):
         return run_steps(self._batch_steps(encoded, until, max_gen_toks, policy))
 
     def _batch_steps(
-        self, encoded: Sequence[list[int]], until: list[str], max_gen_toks: int, policy: ExitPolicy | None = None
+        self, encoded: Sequence[list[int]], until: list[str], max_gen_toks: int, policy: ExitPolicy | None = None,
+        until_truncated: bool = False,
     ) -> Steps[tuple[list[str], GenerationStats]]:
         """One batch's texts and figures, decoded a step at a time (for lockstep timing)."""
         input_ids, attention_mask = self._pad(encoded)
-        output = yield from self.generator.decode_steps(input_ids, attention_mask, policy or self.policy, max_gen_toks, until)
+        output = yield from self.generator.decode_steps(
+            input_ids, attention_mask, policy or self.policy, max_gen_toks, until, until_truncated
+        )
         texts = [postprocess_generated_text(self.tokenizer.decode(ids, skip_special_tokens=True), until, None)
                  for ids in output.tokens]
         return texts, output.stats

@@ -373,7 +373,7 @@ def _context(records: list[dict]) -> list[str]:
     )
     truncated = per_step and all(r["efficiency"]["paired_timings"].get("baseline_truncated") for r in ok)
     interleaving = ("the two taking turns one generated token at a time" if per_step
-                    else "interleaved block by block") + (", `full` stopping where the trial's policy stopped" if truncated else "")
+                    else "interleaved block by block") + (", `full` timed over the steps the trial's policy took" if truncated else "")
     lines.append("Speedup: each trial decoded its examples in blocks and `full` decoded the same blocks in the "
                  f"same worker, {interleaving}, in alternating order, then some blocks again; the speedup is `full`'s time per "
                  "generated token over all examples divided by the trial's, and its 95% interval is how far timing noise could move it on these examples "

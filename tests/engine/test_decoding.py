@@ -7,7 +7,7 @@ import torch
 
 from tests.helpers import StepSchedule, tiny_model
 from mee_bench.engine import decoding
-from mee_bench.engine.decoding import EarlyExitGenerator, rounded_to
+from mee_bench.engine.decoding import EarlyExitGenerator, rounded_to, run_steps
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import load_model
@@ -306,6 +306,21 @@ def test_truncate_thrown_into_a_decode_ends_it_with_the_tokens_so_far():
     output = stopped.value.value
     assert output.tokens == [row[:2] for row in expected.tokens] and output.stats.tokens == 4
     assert output.exit_layers == [row[:2] for row in expected.exit_layers]
+
+
+def test_a_decode_until_truncated_runs_past_its_end_and_keeps_what_it_wrote_before(monkeypatch):
+    """A timing baseline: no row ends at EOS, so it can be stopped at the step its policy stopped."""
+    generator = EarlyExitGenerator(tiny_model(seed=7))
+    ids, mask = padded_batch([9, 5], seed=8)
+    unbounded = generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    monkeypatch.setattr(generator.runner, "eos_token_id", unbounded.tokens[0][2])  # row 0 now ends at its 3rd token
+    natural = generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    assert len(natural.tokens[0]) == 3
+    long = run_steps(generator.decode_steps(ids, mask, ExitPolicy("full"), MAX_NEW, until_truncated=True))
+    assert long.tokens == unbounded.tokens and [len(row) for row in long.tokens] == [MAX_NEW, MAX_NEW]
+    with pytest.raises(ValueError, match="until_truncated"):
+        next(generator.decode_steps(ids, mask, ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative"),
+                                    MAX_NEW, until_truncated=True))
 
 
 def test_oracle_keeps_full_tokens_and_reports_the_stable_layer():

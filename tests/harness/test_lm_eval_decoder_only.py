@@ -101,10 +101,10 @@ def test_project_tasks_get_the_causal_prompt_and_stop_at_its_answer_end(lm, monk
     stops: list[list[str]] = []
     original = lm.generator.decode_steps
 
-    def spy(input_ids, attention_mask, policy, max_new_tokens, stop_strings):
+    def spy(input_ids, attention_mask, policy, max_new_tokens, stop_strings, *timing):
         seen.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask))
         stops.append(list(stop_strings))
-        return original(input_ids, attention_mask, policy, max_new_tokens, stop_strings)
+        return original(input_ids, attention_mask, policy, max_new_tokens, stop_strings, *timing)
 
     monkeypatch.setattr(lm.generator, "decode_steps", spy)
     request = generation_request(SQUAD.prompt(record), task=SQUAD.name, doc=record)

@@ -241,7 +241,7 @@ def test_csv_and_latex_carry_both_ends_of_the_interval(tmp_path):
 
 
 @pytest.mark.parametrize("interleaved, truncated, wording", [
-    ("per step", True, "one generated token at a time, `full` stopping where the trial's policy stopped, in"),
+    ("per step", True, "one generated token at a time, `full` timed over the steps the trial's policy took, in"),
     ("per step", False, "one generated token at a time, in"),
     ("per block", False, "interleaved block by block, in"),
 ])
