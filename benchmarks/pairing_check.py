@@ -36,7 +36,7 @@ from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.timing import LoadMonitor, PairedTimer
-from policy_speed import MAX_NEW_TOKENS, REPO, tatoeba_prompts
+from policy_speed import MAX_NEW_TOKENS, REPO, task_prompts
 from bench_io import write_result
 
 POLICIES = {
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--rounds {args.rounds}: at least 2 rounds are needed for an interval")
     torch.set_num_threads(args.threads)
     generator = load_generator(DEFAULT_MODEL_DIR, "float32", "cpu", require_heads=True)
-    encoded = [generator.tokenize([prompt]) for prompt in tatoeba_prompts(args.sentences)]
+    encoded = [generator.tokenize([prompt]) for prompt in task_prompts(args.sentences)]
     generator.generate(*encoded[0], ExitPolicy("full"), MAX_NEW_TOKENS)  # warm-up
     rows = []
     with LoadMonitor(threads=args.threads) as load:

@@ -43,7 +43,7 @@ from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.timing import LoadMonitor, PairedBlocks
-from mee_bench.harness.catalogue import TATOEBA_ENFR
+from mee_bench.harness.catalogue import TATOEBA_ENFR, TaskSpec
 from mee_bench.harness.data import local_split_path, read_jsonl
 from mee_bench.paths import DATA_DIR_ENV, DEFAULT_MODEL_DIR
 from bench_io import write_result
@@ -75,13 +75,12 @@ POLICIES = {
 }
 
 
-def tatoeba_prompts(count: int) -> list[str]:
-    """The task prompts of the first `count` distinct English sentences of the held-out Tatoeba split."""
-    path = local_split_path(TATOEBA_ENFR.dataset, TATOEBA_ENFR.split)
+def task_prompts(count: int, spec: TaskSpec = TATOEBA_ENFR) -> list[str]:
+    """The task prompts of the first `count` distinct source sentences of `spec`'s split (held-out Tatoeba by default)."""
+    path = local_split_path(spec.dataset, spec.split)
     if path is None:
-        raise SystemExit(f"no {TATOEBA_ENFR.dataset}/{TATOEBA_ENFR.split}.jsonl: "
-                         f"set {DATA_DIR_ENV} to a data root holding it")
-    distinct = dict.fromkeys(TATOEBA_ENFR.prompt(row) for row in read_jsonl(path))
+        raise SystemExit(f"no {spec.dataset}/{spec.split}.jsonl: set {DATA_DIR_ENV} to a data root holding it")
+    distinct = dict.fromkeys(spec.prompt(row) for row in read_jsonl(path))
     return list(islice(distinct, count))
 
 
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     generator = load_generator(args.model, args.dtype, args.device, require_heads=True)
-    prompts = tatoeba_prompts(sentences)
+    prompts = task_prompts(sentences)
     results = []
     with LoadMonitor(threads=args.threads) as load:
         for batch in batches:

@@ -33,7 +33,7 @@ from mee_bench.engine.policy import ExitPolicy
 from mee_bench.paths import DEFAULT_MODEL_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from policy_speed import MAX_NEW_TOKENS, tatoeba_prompts  # noqa: E402
+from policy_speed import MAX_NEW_TOKENS, task_prompts  # noqa: E402
 from bench_io import write_result
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     generator = load_generator(DEFAULT_MODEL_DIR, require_heads=True)
-    inputs = [generator.tokenize([prompt])[0] for prompt in tatoeba_prompts(args.sentences)]
+    inputs = [generator.tokenize([prompt])[0] for prompt in task_prompts(args.sentences)]
     rounds = min(args.rounds, len(inputs))
     results = profile_interleaved(generator, inputs, rounds)
     columns = [*CATEGORIES, "python and glue"]

@@ -16,7 +16,7 @@ from tests.helpers import REPO
 def benchmark(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     yield importlib.import_module
-    for name in ("pruned_checks", "token_profile", "policy_speed", "decode_speed", "first_read", "pairing_check"):
+    for name in ("pruned_checks", "token_profile", "policy_speed", "decode_speed", "first_read", "pairing_check", "busy_check", "cpu_hog"):
         sys.modules.pop(name, None)
 
 
@@ -113,3 +113,22 @@ def test_pairing_check_interval_holds_a_known_shift_and_narrows_with_rounds(benc
     assert many["low"] < 0.02 < many["high"] and many["low"] > 0  # holds the shift and tells it from none
     assert many["high"] - many["low"] < few["high"] - few["low"]
     assert shift_interval([1.1, 1.1], [1.0, 1.0])["shift"] == pytest.approx(0.1)
+
+
+def test_busy_check_toggles_the_hog_round_by_round_and_reads_the_shift_from_paired_rounds(benchmark, tmp_path):
+    out = tmp_path / "busy.json"
+    busy_check = benchmark("busy_check")
+    policies = ["full", "lstm 0.5, from 2"]
+    assert busy_check.main(["--sentences", "2", "--rounds", "2", "--task", "tatoeba_enfr_mee",
+                            "--policies", *policies, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["policy"] for row in result["policies"]] == policies
+    for row in result["policies"]:
+        busy, idle = row["ratios"]["busy"], row["ratios"]["idle"]
+        assert len(busy) == len(idle) == 2 and all(ratio > 0 for ratio in busy + idle)
+        assert row["shift"] == pytest.approx((busy[0] / idle[0] + busy[1] / idle[1]) / 2 - 1)
+        assert row["low"] <= row["shift"] <= row["high"]
+    others = result["other_processes_cpu_cores"]
+    assert len(others["busy"]) == len(others["idle"]) == 2
+    # the hog really held a core while the busy rounds ran, and only then
+    assert min(others["busy"]) > max(others["idle"]) and result["hog_cores"] > 0.5 and result["hog_visible"]

@@ -53,7 +53,7 @@ class GenerationStats:
     exit_histogram: Counter = field(default_factory=Counter)
     encoder_s: float = 0.0
     decoder_s: float = 0.0
-    measure_s: float = 0.0
+    measure_s: float = 0.0  # checks: the measure and the exit decision it feeds
     layer_positions: int = 0  # decoder layers run x positions (catch-up and verification included, prefill not)
     speculation: SpeculationCounts = field(default_factory=SpeculationCounts)
 
@@ -121,6 +121,15 @@ class GenerationOutput:
 def rounded_to(value: float, dtype: torch.dtype) -> float:
     """`value` as a tensor of `dtype` holds it: what `tensor >= value` compares against."""
     return torch.tensor(value, dtype=dtype).item()
+
+
+def exit_decision(score: Tensor, threshold: float) -> tuple[Tensor | None, int]:
+    """Which running rows' confidence `score` [A] reaches `threshold`, and how many. One row is
+    compared on the host, with no tensor ops (the mask is then None: that row exits or not)."""
+    if score.numel() == 1:
+        return None, int(float(score) >= rounded_to(threshold, score.dtype))
+    exits = score >= threshold
+    return exits, int(exits.sum())
 
 
 def _sync(device: torch.device) -> None:
@@ -400,17 +409,13 @@ class EarlyExitGenerator:
                 if layer == num_layers:
                     break
                 checks.at_layer(hidden)
-                measured = time.perf_counter()
+                measured = time.perf_counter()  # a check's cost: the measure and the decision it feeds
                 score = measure.step(layer, hidden, checks)
+                exits, exiting = (None, 0) if score is None else exit_decision(score, threshold)
                 stats.measure_s += time.perf_counter() - measured
                 if score is None:
                     continue
                 last_score = score
-                if rows.numel() == 1:  # batch size 1: one comparison on the host, no tensor ops
-                    exits, exiting = None, int(float(score) >= rounded_to(threshold, score.dtype))
-                else:
-                    exits = score >= threshold
-                    exiting = int(exits.sum())
                 if exiting == 0:
                     continue
                 everyone = exiting == rows.numel()  # always so at batch size 1: no indexing

@@ -7,7 +7,7 @@ import torch
 
 from tests.helpers import StepSchedule, tiny_model
 from mee_bench.engine import decoding
-from mee_bench.engine.decoding import EarlyExitGenerator, rounded_to, run_steps
+from mee_bench.engine.decoding import EarlyExitGenerator, exit_decision, rounded_to, run_steps
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import load_model
@@ -402,10 +402,16 @@ def test_confidence_is_the_value_at_the_exit_or_the_last_check():
 @pytest.mark.parametrize("threshold", [0.5, 0.9, 0.95, 0.99, 0.123456789])
 def test_a_host_comparison_with_the_rounded_threshold_decides_as_the_tensor_comparison(dtype, threshold):
     """Batch size 1 compares a score with the threshold on the host; scores at, just above and just
-    below the threshold as `dtype` holds it exit exactly when `score >= threshold` on tensors says so."""
+    below the threshold as `dtype` holds it exit exactly when `score >= threshold` on tensors says so,
+    and exactly as the same scores decide as rows of a batch."""
     at = torch.tensor(threshold, dtype=dtype).float()
-    for score in (at, torch.nextafter(at, torch.tensor(2.0)), torch.nextafter(at, torch.tensor(-2.0))):
-        score = score.to(dtype)
+    scores = torch.stack([at, torch.nextafter(at, torch.tensor(2.0)), torch.nextafter(at, torch.tensor(-2.0))]).to(dtype)
+    for score in scores:
         assert (float(score) >= rounded_to(threshold, dtype)) == bool(score.reshape(1) >= threshold)
+    one_by_one = [exit_decision(score.reshape(1), threshold) for score in scores]
+    assert all(mask is None for mask, _ in one_by_one)
+    mask, exiting = exit_decision(scores, threshold)
+    assert mask.tolist() == [bool(n) for _, n in one_by_one] == (scores >= threshold).tolist()
+    assert exiting == sum(n for _, n in one_by_one) == int((scores >= threshold).sum()) >= 2
     if threshold == 0.9:
         assert float(at) != threshold  # a host comparison with 0.9 itself would decide differently at the threshold
