@@ -54,6 +54,7 @@ bench: setup
 	$(BIN)/python benchmarks/token_profile.py
 	$(BIN)/python benchmarks/first_read.py
 	$(BIN)/python benchmarks/pairing_check.py
+	$(BIN)/python benchmarks/busy_check.py
 
 # The GPU suite (docs/GPU.md): prepare here (data + wheels into build/gpu/, prints the run line),
 # run on the GPU machine under its own python3, or dry-run here at tiny sizes.
