@@ -16,6 +16,7 @@ import argparse
 import csv
 import os
 import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,7 +365,8 @@ def _context(records: list[dict]) -> list[str]:
                      f"grow: a batch runs until its last row exits; the paper measures at batch size 1).")
         workers = max(r.get("worker", {}).get("concurrent_workers", 1) for r in ok)
         lines.append(f"Machine: {hw.get('cpu_model')}, {hw.get('torch_threads')} torch thread(s) per trial"
-                     f"{', GPU ' + hw['gpu'] if hw.get('gpu') else ''}; up to {workers} trial(s) ran at once.")
+                     f"{', GPU ' + hw['gpu'] if hw.get('gpu') else ''}; up to {workers} trial(s) ran at once"
+                     f"{_others_load(ok)}.")
         sources = sorted({r.get("energy", {}).get("power_source", "unknown") for r in ok})
         lines.append(f"Energy and CO2: CodeCarbon, grid of {energy.get('country_iso_code')}; power was "
                      f"**{' / '.join(sources)}** ({energy.get('power_detail', 'no detail')}).")
@@ -390,6 +392,17 @@ def _context(records: list[dict]) -> list[str]:
     if failed:
         lines.append(f"{failed} trial(s) failed and are not shown; their records in `records/` hold the errors.")
     return lines
+
+
+def _others_load(records: list[dict]) -> str:
+    """How much CPU other processes took while the trials ran (a loaded machine shows here even
+    when no trial was short of its own cores), or nothing when the records hold no load."""
+    loads = [r["efficiency"]["load"] for r in records if "load" in r.get("efficiency", {})]
+    if not loads:
+        return ""
+    others = sorted(load["other_processes_cpu_cores"] for load in loads)
+    return (f"; other processes took {statistics.median(others):.2f} of the {loads[0]['cpus']} CPUs during "
+            f"a trial (median; {others[0]:.2f}-{others[-1]:.2f})")
 
 
 def absent_trials(output_dir: Path, records: list[dict], unreadable: dict[Path, str], manifest: dict) -> dict[str, str]:

@@ -296,3 +296,17 @@ def test_pruned_checks_are_stated_in_the_measure_label():
     [board] = task_boards([RECORDS[0], RECORDS[1], pruned])
     labels = [cells[0] for cells in task_table(board)[1]]
     assert "softmax, top-64 checks" in labels and "softmax" in labels  # the unpruned row keeps its plain label
+
+
+def test_the_machine_line_says_how_much_cpu_other_processes_took_during_the_trials(tmp_path):
+    quiet = {**BUSY, "other_processes_cpu_cores": 0.05, "busy": False}
+    hogged = {**BUSY, "other_processes_cpu_cores": 1.02, "busy": False}  # a hog on the spare core: loaded, not short
+    records = [{**rec, "efficiency": {**rec["efficiency"], "load": load}}
+               for rec, load in zip(PAIRED, [quiet, hogged, hogged, BUSY, hogged])]
+    sweep = write_sweep(tmp_path / "loaded", records, measures=["full", "softmax", "saturation", "lstm"])
+    build_leaderboard(sweep)
+    assert ("up to 1 trial(s) ran at once; other processes took 1.02 of the 2 CPUs during a trial (median; 0.05-1.40)."
+            in (sweep / "leaderboard.md").read_text())
+    unloaded = write_sweep(tmp_path / "unloaded", [record("tatoeba_enfr_mee", "full", None, None, 20.0, 10.0, 6.0)], measures=["full"])
+    build_leaderboard(unloaded)
+    assert "up to 1 trial(s) ran at once." in (unloaded / "leaderboard.md").read_text()
