@@ -35,7 +35,8 @@ readme-leaderboard: setup
 	$(BIN)/mee-bench leaderboard results/quickstart --readme README.md --force
 
 # Maintainers: the same quickstart while a CPU-bound process holds one of the cores for the whole
-# run; its speedups must agree with the idle run's within their intervals (results/quickstart-busy).
+# run (results/quickstart-busy); `benchmarks/compare_speedups.py results/quickstart results/quickstart-busy`
+# checks it against the idle run, and `benchmarks/busy_check.py` takes the hog alone, in one process.
 quickstart-busy: setup
 	$(BIN)/python benchmarks/cpu_hog.py --seconds 1800 & hog=$$!; \
 	$(BIN)/mee-bench sweep configs/quickstart.yaml name=quickstart-busy; status=$$?; kill $$hog; exit $$status
