@@ -94,8 +94,7 @@ def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blo
     early_exit = policy.decoding == "early_exit"
     paired = PairedBlocks(
         # at batch 1 `full` decodes on past its own end until stopped: both cover the policy's positions
-        lambda batch: generator.decode_steps(*batch, ExitPolicy("full"), MAX_NEW_TOKENS,
-                                             until_truncated=early_exit and batch[0].shape[0] == 1),
+        lambda batch: generator.decode_steps(*batch, ExitPolicy("full"), MAX_NEW_TOKENS, until_truncated=early_exit),
         lambda batch: generator.decode_steps(*batch, policy, MAX_NEW_TOKENS),
         target_half_width=target_half_width, allowance_s=allowance_s, min_repeats=min_repeats,
         sync=torch.cuda.synchronize if generator.runner.device.type == "cuda" else lambda: None,

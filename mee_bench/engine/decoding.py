@@ -326,8 +326,10 @@ class EarlyExitGenerator:
         generated step (a self-speculative round), and returns the `GenerationOutput`. Its timings
         count only the time spent inside it, however long it waits at a yield. `Truncate` thrown
         in at a step's yield (early-exit decoding) ends it there, with the tokens so far. With
-        `until_truncated`, no row ends at EOS or a stop string: a timing baseline decodes on until
-        `Truncate` (or `max_new_tokens`), so it covers exactly the steps of the policy it is paired with."""
+        `until_truncated` (a timing baseline) a single row ends at no EOS or stop string: it decodes
+        on until `Truncate` (or `max_new_tokens`), so it covers exactly the steps of the policy it is
+        paired with. The rows of a larger batch still end at theirs: kept alive, they would make the
+        baseline's steps wider than they are."""
         runner, num_layers = self.runner, self.runner.num_layers
         if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError("empty input: input_ids must be a non-empty [batch, length] tensor")
@@ -366,7 +368,7 @@ class EarlyExitGenerator:
             confidences = [[float("nan")] * len(row) for row in drafted.tokens]
             return GenerationOutput(drafted.tokens, exit_layers, confidences, stats)
         checks = CheckLogits(runner, policy.vocab_top_k)
-        is_finished = (lambda row: False) if until_truncated else self._finished_check(stop_strings)
+        is_finished = (lambda row: False) if until_truncated and batch == 1 else self._finished_check(stop_strings)
         deferred = policy.kv_strategy == "deferred" and measure.can_exit
         done_layers = torch.full((batch, max_new_tokens), num_layers, dtype=torch.long, device=device)
         pending_states = (

@@ -409,9 +409,9 @@ class MEELM(TemplateLM):
         sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
         early_exit = self.policy.decoding == "early_exit"
         return PairedBlocks(
-            # one row: `full` decodes on past its own end until stopped, so both sides cover exactly the
-            # policy's positions; several rows: each ends at its EOS (kept alive, they would run wider)
-            baseline=lambda work: self._batch_steps(*work, policy=full, until_truncated=early_exit and len(work[0]) == 1),
+            # `full` decodes on past its own end until stopped (one row; see `decode_steps`), so both
+            # sides cover exactly the policy's positions
+            baseline=lambda work: self._batch_steps(*work, policy=full, until_truncated=early_exit),
             candidate=lambda work: self._batch_steps(*work),
             target_half_width=self.timing_precision,
             allowance_s=self.timing_allowance_s,

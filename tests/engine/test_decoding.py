@@ -309,15 +309,20 @@ def test_truncate_thrown_into_a_decode_ends_it_with_the_tokens_so_far():
 
 
 def test_a_decode_until_truncated_runs_past_its_end_and_keeps_what_it_wrote_before(monkeypatch):
-    """A timing baseline: no row ends at EOS, so it can be stopped at the step its policy stopped."""
+    """A one-row timing baseline ends at no EOS, so it can be stopped at the step its policy
+    stopped; the rows of a batch still end at theirs (kept alive, they would widen its steps)."""
     generator = EarlyExitGenerator(tiny_model(seed=7))
     ids, mask = padded_batch([9, 5], seed=8)
-    unbounded = generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW)
-    monkeypatch.setattr(generator.runner, "eos_token_id", unbounded.tokens[0][2])  # row 0 now ends at its 3rd token
-    natural = generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    one_row = ids[:1, :9], mask[:1, :9]
+    unbounded = generator.generate(*one_row, ExitPolicy("full"), MAX_NEW)
+    monkeypatch.setattr(generator.runner, "eos_token_id", unbounded.tokens[0][2])  # the row now ends at its 3rd token
+    natural = generator.generate(*one_row, ExitPolicy("full"), MAX_NEW)
     assert len(natural.tokens[0]) == 3
-    long = run_steps(generator.decode_steps(ids, mask, ExitPolicy("full"), MAX_NEW, until_truncated=True))
-    assert long.tokens == unbounded.tokens and [len(row) for row in long.tokens] == [MAX_NEW, MAX_NEW]
+    long = run_steps(generator.decode_steps(*one_row, ExitPolicy("full"), MAX_NEW, until_truncated=True))
+    assert long.tokens == unbounded.tokens and len(long.tokens[0]) == MAX_NEW
+    batch = run_steps(generator.decode_steps(ids, mask, ExitPolicy("full"), MAX_NEW, until_truncated=True))
+    assert batch.tokens == generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW).tokens
+    assert len(batch.tokens[0]) == 3
     with pytest.raises(ValueError, match="until_truncated"):
         next(generator.decode_steps(ids, mask, ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative"),
                                     MAX_NEW, until_truncated=True))
