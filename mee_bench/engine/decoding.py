@@ -510,9 +510,10 @@ class EarlyExitGenerator:
         def finished(tokens: list[int]) -> bool:
             if tokens[-1] == self.runner.eos_token_id:
                 return True
-            return bool(stop_strings) and any(
-                stop in self.tokenizer.decode(tokens, skip_special_tokens=True) for stop in stop_strings
-            )
+            if not stop_strings:
+                return False
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)  # once a step, whatever the stops
+            return any(stop in text for stop in stop_strings)
 
         return finished
 

@@ -359,6 +359,19 @@ def test_stop_strings_end_a_row(t5_tokenizer):
     assert texts[0].startswith(stopped[0].split(word)[0])
 
 
+def test_several_stop_strings_cost_one_decode_of_the_row_a_step(t5_tokenizer, monkeypatch):
+    generator = EarlyExitGenerator(tiny_model(seed=0), t5_tokenizer)
+    prompt = ["translate English to French: The house."]
+    _, free = generator.generate_text(prompt, ExitPolicy("full"), MAX_NEW)
+    word = t5_tokenizer.decode(free.tokens[0][:3], skip_special_tokens=True).split()[-1]
+    decodes = []
+    decode = t5_tokenizer.decode
+    monkeypatch.setattr(t5_tokenizer, "decode", lambda *args, **kwargs: decodes.append(1) or decode(*args, **kwargs))
+    stopped, out = generator.generate_text(prompt, ExitPolicy("full"), MAX_NEW, ["never in any text", word, "nor this"])
+    assert word in stopped[0] and len(out.tokens[0]) < len(free.tokens[0])
+    assert len(decodes) == len(out.tokens[0]) + 1  # one check per step, then the returned text
+
+
 def test_eos_ends_generation():
     generator = EarlyExitGenerator(tiny_model(seed=0))
     model_logits = generator.runner.logits
