@@ -104,6 +104,7 @@ TINY_TRAINING = {
     },
     "objective": {"name": "weighted_ce", "label_smoothing": 0.0},
     "optim": {"lr": 3e-3, "warmup_steps": 2, "schedule": "constant"},
+    "precision": "fp32",  # the same figures on every machine; `auto` is tested on its own
     "log_every_steps": 1,
     "checkpoint_minutes": 0.0,
     "budget": {"steps": 20},

@@ -116,7 +116,10 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     return output, False
 
 
-def write_card(output: Path, cfg: TrainConfig, state: dict, status: str, history: list[dict]) -> None:
+def write_card(
+    output: Path, cfg: TrainConfig, state: dict, status: str, history: list[dict], sessions: list[dict] = ()
+) -> None:
+    """training.json: what the run is, how far it got, its evaluations, and each session's machine and precision."""
     config = dataclasses.asdict(cfg)
     card = {
         "status": status,
@@ -129,6 +132,7 @@ def write_card(output: Path, cfg: TrainConfig, state: dict, status: str, history
         "wall_time_minutes": round(state["wall_time"] / 60, 2),
         "init": cfg.model.init,
         "config": config,
+        "sessions": list(sessions),
         "evaluations": history,
     }
     (output / CARD).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")

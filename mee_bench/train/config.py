@@ -24,9 +24,10 @@ from mee_bench.paths import REPO_ROOT
 
 CONFIG_DIR = REPO_ROOT / "configs" / "train"
 SCHEDULES = ("constant", "inverse_sqrt", "wsd")
+PRECISIONS = ("auto", "bf16", "fp32")
 # Keys that may change between the runs of one training without making it a different run.
 RESUMABLE_KEYS = (
-    "budget", "checkpoint_minutes", "threads", "device", "log_every_steps", "eval_every_steps", "output_dir"
+    "budget", "checkpoint_minutes", "threads", "device", "log_every_steps", "eval_every_steps", "output_dir", "compile"
 )
 
 
@@ -72,7 +73,7 @@ class DataConfig:
     max_source_tokens: int = 256
     max_target_tokens: int = 128
     batch_tokens: int = 6000
-    bucket_batches: int = 50
+    bucket_batches: int = 1000  # batches per length-sorted bucket: larger buckets, less padding (docs/TRAINING.md)
     limit: Optional[int] = None  # examples read per source; None = all
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
@@ -85,6 +86,7 @@ class ObjectiveConfig:
     kd_exit_layer: int = 2
     kd_mapping: str = "last"
     kd_weight: float = 1.0
+    shallow_token_fraction: float = 1.0  # < 1: each shallow layer's CE on that share of positions (see Objective)
 
 
 @dataclass
@@ -111,8 +113,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     device: str = "cpu"  # cuda trains on the GPU (bf16 autocast follows the device)
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 autocast where this machine's probe finds it faster, else fp32 (train/precision.py)
     save_dtype: str = "bfloat16"
+    compile: bool = False  # torch.compile the encoder and decoder for training steps (minutes to compile; docs/TRAINING.md)
     checkpoint_minutes: float = 5.0
     log_every_steps: int = 10
     eval_every_steps: int = 0
@@ -173,12 +176,16 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"unknown objective.kd_mapping {cfg.objective.kd_mapping!r}; use one of {', '.join(KD_MAPPINGS)}"
         )
+    if not 0.0 < cfg.objective.shallow_token_fraction <= 1.0:
+        raise ConfigError(
+            f"objective.shallow_token_fraction must be in (0, 1], got {cfg.objective.shallow_token_fraction}"
+        )
     if cfg.optim.schedule not in SCHEDULES:
         raise ConfigError(f"unknown optim.schedule {cfg.optim.schedule!r}; use one of {', '.join(SCHEDULES)}")
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"device must be cpu or cuda, got {cfg.device!r}")
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ConfigError(f"precision must be bf16 or fp32, got {cfg.precision!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     steps, minutes = cfg.budget.steps, cfg.budget.minutes
     if steps is None and minutes is None:
         raise ConfigError("set a budget: budget.steps or budget.minutes")

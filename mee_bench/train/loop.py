@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import shutil
 import signal
@@ -39,7 +40,9 @@ from mee_bench.train.checkpoint import (
     save_final_model,
     write_card,
 )
+from mee_bench.provenance import hardware_info
 from mee_bench.train.config import ConfigError, learning_rate, load_config
+from mee_bench.train.precision import PrecisionChoice, choose_precision
 
 
 def load_sources(cfg, causal: bool = False) -> list[tuple[object, list]]:
@@ -149,9 +152,10 @@ def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
 
     model.eval()
     examples = validation[: cfg.data.validation.examples]
+    eager = torch.compiler.set_stance("force_eager")  # a compiled training graph would recompile for generate
     per_layer, hypotheses = None, []
     eval_objective = Objective("weighted_ce", 0.0, objective.chunk_tokens)
-    with torch.no_grad(), autocast(cfg):
+    with torch.no_grad(), autocast(cfg), eager:
         for start in range(0, len(examples), 64):
             chunk = examples[start : start + 64]
             causal = not runner.is_encoder_decoder
@@ -188,8 +192,34 @@ def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
 
 
 def autocast(cfg) -> torch.autocast:
-    """bf16 autocast on the run's device when `precision: bf16`, a no-op otherwise."""
+    """bf16 autocast on the run's device when `precision: bf16`, a no-op otherwise (`auto` is resolved
+    by `resolve_precision` before training; the loss and its log-softmax read fp32 logits either way)."""
     return torch.autocast(cfg.device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def resolve_precision(cfg) -> tuple[object, PrecisionChoice]:
+    """The config with `precision: auto` replaced by what this machine's probe chose, and the choice."""
+    choice = choose_precision(cfg.precision, cfg.device, model_width(cfg))
+    return dataclasses.replace(cfg, precision=choice.precision), choice
+
+
+def model_width(cfg) -> int:
+    """d_model of the model the run trains (model.init's own when it fine-tunes one)."""
+    if not cfg.model.init:
+        return cfg.model.d_model
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(cfg.model.init))
+    return getattr(config, "d_model", None) or getattr(config, "hidden_size", None) or config.n_embd
+
+
+def compile_for_training(model) -> None:
+    """torch.compile, in place, the modules a training step calls (so state-dict names do not change):
+    T5's encoder and decoder, a decoder-only model's base model. Shapes vary from batch to batch, so
+    the graphs are compiled with dynamic shapes once instead of once per shape."""
+    parts = (model.encoder, model.decoder) if model.config.is_encoder_decoder else (model.base_model,)
+    for part in parts:
+        part.compile(dynamic=True)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -225,10 +255,12 @@ def build_optimizer(cfg, model) -> torch.optim.Optimizer:
     )
 
 
-def train_step(model, runner: LayerRunner, objective: Objective, optimizer, batch: dict, cfg) -> dict[str, float]:
-    """One optimiser step on one batch; returns the logged loss parts."""
+def train_step(
+    model, runner: LayerRunner, objective: Objective, optimizer, batch: dict, cfg, step: int = 0
+) -> dict[str, float]:
+    """One optimiser step on one batch (`step` seeds the objective's samples); returns the logged loss parts."""
     with autocast(cfg):
-        loss, parts = objective(runner, decoder_layer_states(runner, batch), batch["labels"])
+        loss, parts = objective(runner, decoder_layer_states(runner, batch), batch["labels"], step)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     optimizer.step()
@@ -237,8 +269,7 @@ def train_step(model, runner: LayerRunner, objective: Objective, optimizer, batc
 
 
 def make_objective(cfg) -> Objective:
-    o = cfg.objective
-    return Objective(o.name, o.label_smoothing, o.chunk_tokens, o.kd_exit_layer, o.kd_mapping, o.kd_weight)
+    return Objective(**dataclasses.asdict(cfg.objective), seed=cfg.seed)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -279,6 +310,7 @@ def train(cfg, stop: Callable[[], bool] = lambda: False) -> Path:
     device = training_device(cfg)
     check_init(cfg)
     output, resuming = prepare_output_dir(cfg)
+    card_cfg, (cfg, precision) = cfg, resolve_precision(cfg)
     causal = is_decoder_only(cfg)
     sources = load_sources(cfg, causal)
     validation = read_examples(
@@ -287,6 +319,8 @@ def train(cfg, stop: Callable[[], bool] = lambda: False) -> Path:
     tokenizer = build_tokenizer(cfg, output, sources)
     model = build_model(cfg, tokenizer, causal).to(device)
     optimizer = build_optimizer(cfg, model)
+    if cfg.compile:
+        compile_for_training(model)
     state = {"step": 0, "epoch": 0, "position": 0, "wall_time": 0.0, "tokens": 0}
     if resuming:
         state = load_checkpoint(output, model, optimizer)
@@ -307,6 +341,7 @@ def train(cfg, stop: Callable[[], bool] = lambda: False) -> Path:
     records = [r for r in records if r["step"] <= state["step"]]  # steps after the checkpoint run again
     (output / METRICS).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     history = [r for r in records if r["kind"] == "eval"]
+    sessions = [r for r in records if r["kind"] == "session"]
     model.train()
     started, last_save = time.monotonic(), time.monotonic()
     wall_at_start, tokens_window, window_start = state["wall_time"], 0, time.monotonic()
@@ -319,16 +354,22 @@ def train(cfg, stop: Callable[[], bool] = lambda: False) -> Path:
         desc=f"train {cfg.objective.name}",
     )
     metrics = (output / METRICS).open("a", encoding="utf-8")
+    session = {"kind": "session", "step": state["step"], "cpu": hardware_info(cfg.threads)["cpu_model"],
+               **precision.record()}
+    sessions.append(session)
+    metrics.write(json.dumps(session) + "\n")
+    progress.write(f"precision {precision.precision} ({precision.reason})")
 
     def checkpoint(status: str) -> None:
         save_checkpoint(output, model, optimizer, state)
         save_final_model(output, model, cfg.save_dtype)
-        write_card(output, cfg, state, status, history)
+        write_card(output, card_cfg, state, status, history, sessions)
 
     def run_eval() -> None:
         result = {
             "kind": "eval",
             "step": state["step"],
+            "tokens": state["tokens"],
             "minutes": round(state["wall_time"] / 60, 3),
             **evaluate(model, runner, objective, validation, tokenizer, cfg),
         }
@@ -347,7 +388,7 @@ def train(cfg, stop: Callable[[], bool] = lambda: False) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch_tokens = int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
-        parts = train_step(model, runner, objective, optimizer, to_device(batch, device), cfg)
+        parts = train_step(model, runner, objective, optimizer, to_device(batch, device), cfg, state["step"])
         state["step"] += 1
         state["position"] += 1
         state["tokens"] += batch_tokens

@@ -31,6 +31,22 @@ def layer_weights(num_layers: int) -> list[float]:
     return [i / total for i in range(1, num_layers + 1)]
 
 
+def cross_entropy_and_gradient(logits: Tensor, labels: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
+    """Summed label-smoothed CE of fp32 `logits` [N, V] and its gradient, softmax minus the target
+    distribution, written directly: autograd through `F.cross_entropy` spends more time in
+    log-softmax's backward and NLL's zero-filled gradient than in the forward (docs/TRAINING.md)."""
+    log_normaliser = torch.logsumexp(logits, dim=-1)
+    target_logits = logits.gather(1, labels[:, None]).squeeze(1)
+    loss = log_normaliser - (1.0 - smoothing) * target_logits
+    if smoothing:
+        loss = loss - smoothing * logits.mean(dim=-1)
+    gradient = torch.softmax(logits, dim=-1)
+    if smoothing:
+        gradient.sub_(smoothing / logits.shape[-1])
+    gradient.scatter_add_(1, labels[:, None], gradient.new_full((labels.shape[0], 1), smoothing - 1.0))
+    return loss.sum(), gradient
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Mean CE of `logits_fn(hidden)` against labels, chunk by chunk, gradients computed in forward."""
 
@@ -43,16 +59,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         with torch.enable_grad():
             for start in range(0, count, chunk):
                 piece = hidden[start : start + chunk].detach().requires_grad_()
-                logits = logits_fn(piece).float()
-                loss = F.cross_entropy(
-                    logits, labels[start : start + chunk], reduction="sum", label_smoothing=smoothing
-                )
-                loss = loss / count
-                grads = torch.autograd.grad(loss, [piece, *params])
+                logits = logits_fn(piece)
+                loss, grad_logits = cross_entropy_and_gradient(logits.detach().float(), labels[start : start + chunk], smoothing)
+                grad_logits.div_(count)
+                grads = torch.autograd.grad(logits, [piece, *params], grad_outputs=grad_logits.to(logits.dtype))
                 grad_hidden[start : start + chunk] = grads[0]
                 for accumulated, grad in zip(grad_params, grads[1:]):
                     accumulated += grad
-                total += loss.detach()
+                total += loss / count
         ctx.save_for_backward(grad_hidden, *grad_params)
         return total
 
@@ -133,27 +147,43 @@ class Objective:
     kd_exit_layer: int = 2
     kd_mapping: str = "last"
     kd_weight: float = 1.0
+    # The share of target positions each shallow layer's CE reads, drawn afresh per step and layer.
+    # A mean over a uniform random subset is an unbiased estimate of the mean over all positions, so
+    # the objective is unchanged in expectation while the LM head (most of a weighted-CE step on a
+    # CPU) runs on fewer rows. 1.0 is the exact objective; the last layer always reads every position.
+    shallow_token_fraction: float = 1.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.name!r}; use one of {', '.join(OBJECTIVES)}")
         if self.kd_mapping not in KD_MAPPINGS:
             raise ValueError(f"unknown kd mapping {self.kd_mapping!r}; use one of {', '.join(KD_MAPPINGS)}")
+        if not 0.0 < self.shallow_token_fraction <= 1.0:
+            raise ValueError(f"shallow_token_fraction must be in (0, 1], got {self.shallow_token_fraction}")
 
     def __call__(
-        self, runner: LayerRunner, states: Sequence[Tensor], labels: Tensor
+        self, runner: LayerRunner, states: Sequence[Tensor], labels: Tensor, step: int = 0
     ) -> tuple[Tensor, dict[str, float]]:
-        """`states`: raw outputs of decoder layers 1..L [B, T, d]; `labels` [B, T] with -100 on padding."""
-        mask = labels != IGNORE_INDEX
-        targets = labels[mask]
+        """`states`: raw outputs of decoder layers 1..L [B, T, d]; `labels` [B, T] with -100 on padding.
+        `step` seeds the shallow layers' position samples, so a resumed run draws the same ones."""
+        positions = (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = labels.flatten()[positions]
         params = runner.head_parameters()
         num_layers = len(states)
         layers = [num_layers] if self.name == "final" else range(1, num_layers + 1)
         weights = [1.0] if self.name == "final" else layer_weights(num_layers)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         loss, parts = None, {}
         for layer, weight in zip(layers, weights):
+            rows = positions
+            if layer < num_layers and self.shallow_token_fraction < 1.0:
+                count = max(1, round(self.shallow_token_fraction * len(positions)))
+                rows = positions[torch.randperm(len(positions), generator=generator)[:count].to(positions.device)]
+            chosen = targets if rows is positions else labels.flatten()[rows]
             ce = chunked_cross_entropy(
-                states[layer - 1][mask], targets, runner.logits, params, self.chunk_tokens, self.label_smoothing
+                states[layer - 1].flatten(0, 1)[rows], chosen, runner.logits, params, self.chunk_tokens,
+                self.label_smoothing,
             )
             parts[f"ce{layer}"] = float(ce.detach())
             loss = weight * ce if loss is None else loss + weight * ce
@@ -161,7 +191,9 @@ class Objective:
             # Distil the states the LM head reads (after the final RMS norm), not raw residual
             # states: the norm makes the CE blind to their scale, so an MSE between raw states
             # has no bound (measured: 5e3 -> 3e5 in 200 steps, every layer's CE at chance).
-            kd = distillation_loss([runner.final_norm(s[mask]) for s in states], self.kd_exit_layer, self.kd_mapping)
+            kd = distillation_loss(
+                [runner.final_norm(s.flatten(0, 1)[positions]) for s in states], self.kd_exit_layer, self.kd_mapping
+            )
             parts["kd"] = float(kd.detach())
             loss = loss + self.kd_weight * kd
         parts["loss"] = float(loss.detach())

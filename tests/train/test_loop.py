@@ -16,9 +16,13 @@ from mee_bench.train.checkpoint import RunError
 from mee_bench.train.config import ConfigError, load_config
 from tests.helpers import tiny_train_config
 
+def train_records(output: Path) -> list[dict]:
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [record for record in records if record["kind"] == "train"]
+
+
 def train_losses(output: Path) -> list[float]:
-    lines = (output / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if json.loads(line)["kind"] == "train"]
+    return [record["loss"] for record in train_records(output)]
 
 
 def test_twenty_steps_lower_the_loss_and_write_a_model_card(trained_tiny):
@@ -48,10 +52,12 @@ def _interrupt_at(step: int):
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_corpus, tmp_path, monkeypatch):
+    """Sampled shallow-layer positions included: a resumed step draws the positions the straight run drew."""
+    settings = {"budget.steps": 8, "data.batch_tokens": 300, "objective.shallow_token_fraction": 0.5}
     straight = tmp_path / "straight"
-    train(tiny_train_config(tiny_corpus, straight, **{"budget.steps": 8, "data.batch_tokens": 300}))
+    train(tiny_train_config(tiny_corpus, straight, **settings))
     interrupted = tmp_path / "interrupted"
-    config = tiny_train_config(tiny_corpus, interrupted, **{"budget.steps": 8, "data.batch_tokens": 300})
+    config = tiny_train_config(tiny_corpus, interrupted, **settings)
     with monkeypatch.context() as patch:
         patch.setattr(training, "learning_rate", _interrupt_at(5))
         with pytest.raises(KeyboardInterrupt):
@@ -129,8 +135,8 @@ def test_fine_tune_starts_from_the_base_weights(trained_tiny, tiny_corpus, tmp_p
             },
         )
     )
-    first_ce = [json.loads(line)["ce3"] for line in (output / "metrics.jsonl").read_text().splitlines()][0]
-    base_ce = [json.loads(line)["ce3"] for line in (trained_tiny / "metrics.jsonl").read_text().splitlines()]
+    first_ce = train_records(output)[0]["ce3"]
+    base_ce = [record["ce3"] for record in train_records(trained_tiny)]
     assert first_ce < base_ce[0] - 0.5 and abs(first_ce - base_ce[-1]) < 0.5
     assert json.loads((output / "training.json").read_text())["init"] == str(trained_tiny)
 
@@ -156,3 +162,33 @@ def test_sigterm_stops_training_after_the_step_with_its_checkpoint_saved(tiny_co
     assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
     assert json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
     assert len(train_losses(tmp_path / "run")) == 3
+
+
+def test_auto_precision_takes_the_probes_choice_and_each_session_records_it(tiny_corpus, tmp_path, monkeypatch):
+    from mee_bench.train import precision
+
+    rates = {torch.float32: 50.0, torch.bfloat16: 40.0}
+    monkeypatch.setattr(precision, "matmul_gflops", lambda dtype, *args: rates[dtype])
+    output = tmp_path / "auto"
+    train(tiny_train_config(tiny_corpus, output, **{"precision": "auto", "budget.steps": 2}))
+    rates[torch.bfloat16] = 120.0  # a later session on a machine with bf16 matrix units
+    train(tiny_train_config(tiny_corpus, output, **{"precision": "auto", "budget.steps": 3}))
+    sessions = json.loads((output / "training.json").read_text())["sessions"]
+    assert [(s["step"], s["precision"]) for s in sessions] == [(0, "fp32"), (2, "bf16")]
+    assert "bf16 40.0 against fp32 50.0 GFLOP/s" in sessions[0]["reason"] and sessions[1]["bf16_gflops"] == 120.0
+    assert len(train_losses(output)) == 3
+
+
+def test_a_compiled_run_keeps_its_state_dict_names_and_trains_as_the_eager_one(tiny_corpus, tmp_path, monkeypatch):
+    """Compiled in place (dynamo traces the real graph; the `eager` backend skips the minutes of code
+    generation): the checkpoint has the eager run's tensor names and the losses agree."""
+    from torch import nn
+
+    real_compile = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: real_compile(self, backend="eager", **kw))
+    settings = {"budget.steps": 3, "eval_every_steps": 3}
+    train(tiny_train_config(tiny_corpus, tmp_path / "eager", **settings))
+    train(tiny_train_config(tiny_corpus, tmp_path / "compiled", compile=True, **settings))
+    eager, compiled = (load_file(tmp_path / run / "checkpoint" / "model.safetensors") for run in ("eager", "compiled"))
+    assert compiled.keys() == eager.keys()
+    assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-4)

@@ -11,6 +11,7 @@ from mee_bench.engine.t5 import T5LayerRunner
 from mee_bench.train.objectives import (
     Objective,
     chunked_cross_entropy,
+    cross_entropy_and_gradient,
     decoder_layer_states,
     distillation_loss,
     kd_mapping,
@@ -145,3 +146,53 @@ def test_kd_term_compares_final_normed_states_so_the_residual_scale_cannot_run_a
 def test_unknown_objective_is_refused():
     with pytest.raises(ValueError, match="unknown objective 'calm'"):
         Objective("calm")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_and_its_written_gradient_equal_autograds(smoothing):
+    torch.manual_seed(0)
+    logits = torch.randn(17, 40, requires_grad=True)
+    labels = torch.randint(0, 40, (17,))
+    loss, gradient = cross_entropy_and_gradient(logits.detach(), labels, smoothing)
+    expected = F.cross_entropy(logits, labels, reduction="sum", label_smoothing=smoothing)
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(gradient, torch.autograd.grad(expected, logits)[0])
+
+
+class _CountingRunner(T5LayerRunner):
+    """Records how many rows each call of the LM head reads."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.rows: list[int] = []
+
+    def logits(self, hidden):
+        self.rows.append(hidden.shape[0])
+        return super().logits(hidden)
+
+
+def test_sampled_shallow_layers_read_fewer_rows_and_the_last_layer_reads_all(model):
+    batch = _batch(seed=4, batch=4, target=10)
+    positions = int((batch["labels"] != -100).sum())
+    runner = _CountingRunner(model)
+    with torch.no_grad():
+        states = decoder_layer_states(runner, batch)
+        Objective("weighted_ce", shallow_token_fraction=0.25, chunk_tokens=10_000)(runner, states, batch["labels"], step=3)
+    assert runner.rows == [round(0.25 * positions)] * 3 + [positions]
+
+
+def test_sampled_weighted_ce_is_unbiased_and_a_pure_function_of_the_step(model):
+    batch = _batch(seed=5, batch=4, target=10)
+    runner = T5LayerRunner(model)
+    with torch.no_grad():
+        states = decoder_layer_states(runner, batch)
+        exact, exact_parts = Objective("weighted_ce", label_smoothing=0.1)(runner, states, batch["labels"])
+        sampled = Objective("weighted_ce", label_smoothing=0.1, shallow_token_fraction=0.25)
+        draws = [sampled(runner, states, batch["labels"], step) for step in range(400)]
+        again = sampled(runner, states, batch["labels"], 7)
+    assert float(again[0]) == float(draws[7][0]) and float(draws[7][0]) != float(draws[8][0])
+    assert all(parts["ce4"] == exact_parts["ce4"] for _, parts in draws)  # the last layer is never sampled
+    mean = torch.stack([loss for loss, _ in draws]).mean()
+    spread = torch.stack([loss for loss, _ in draws]).std() / 20  # standard error of the mean of 400 draws
+    assert abs(float(mean - exact)) < 4 * float(spread)
+    assert float(spread) > 0
