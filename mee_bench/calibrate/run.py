@@ -38,7 +38,12 @@ def build_generator(config: CalibrationConfig):
     from mee_bench.engine.loading import load_model
     from mee_bench.paths import DEFAULT_MODEL_DIR
 
+    from mee_bench.harness.trained_for import untrained_note
+
     pretrained = config.model.pretrained or str(DEFAULT_MODEL_DIR)
+    note = untrained_note(pretrained, [config.task])
+    if note:
+        print(note, file=sys.stderr)
     model, tokenizer = load_model(pretrained, config.model.dtype, config.model.device)
     local = Path(pretrained).expanduser()
     heads_path = find_heads(local if local.is_dir() else None, config.model.heads)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from mee_bench.engine.decoding import GenerationStats, Steps, input_limit, run_steps
 from mee_bench.timing import LoadMonitor, PairedBlocks, Speedup
 from mee_bench.engine.loading import ModelLoadError, load_generator, resolve_device, resolve_dtype
+from mee_bench.harness.trained_for import untrained_note
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy, read_policy_file, shipped_policy_path
 from mee_bench.harness import catalogue
@@ -342,6 +343,9 @@ class MEELM(TemplateLM):
         """
         if not requests:
             return []
+        note = untrained_note(self.pretrained, [request.task_name for request in requests if request.task_name])
+        if note:
+            log.warning(note.removeprefix("note: "))
         kwargs_by_key = {_kwargs_key(request): request.args[1] for request in requests}
         settings = {key: _greedy_settings(kwargs, self.max_gen_toks) for key, kwargs in kwargs_by_key.items()}
         prompts = [self._prompt(request) for request in requests]

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mee_bench.harness.catalogue import TASK_NAMES, UnknownTaskError, task
 from mee_bench.harness.data import local_split_path, numbered_jsonl
+from mee_bench.harness.trained_for import untrained_note
 
 from mee_bench.paths import DATA_DIR_ENV
 from mee_bench.engine.causal import continuation_ids
@@ -269,6 +270,9 @@ def cli(argv: list[str]) -> int:
         _check_model_paths(args.model)
         analyses = []
         for spec, label in zip(args.model, labels):
+            note = untrained_note(spec, [args.task]) if args.task else None
+            if note:
+                print(note, file=sys.stderr)
             model, tokenizer = load_model(spec, args.dtype, args.device)
             analyses.append(analyze_model(
                 model, tokenizer, examples, args.mode, label=label, name=spec, batch_size=args.batch_size,

@@ -25,6 +25,7 @@ from tabulate import tabulate
 
 from mee_bench.formatting import MISSING, fixed, significant
 from mee_bench.harness.catalogue import TASKS
+from mee_bench.harness.trained_for import untrained_note
 from mee_bench.sweep.store import MANIFEST, SweepError, read_manifest, scan_records
 from mee_bench.timing import Speedup
 
@@ -71,6 +72,7 @@ class TaskBoard:
     rows: list[Row]
     failed: int = 0
     notes: list[str] = field(default_factory=list)
+    untrained: bool = False  # the model's training record shows it was never trained for this task
 
 
 def primary_metric(task: str, names: list[str]) -> str | None:
@@ -115,6 +117,11 @@ def task_boards(records: list[dict], measure_order: list[str] | None = None) -> 
         full = next((r for r in ok if r["trial"]["measure"] == "full"), None)
         board = TaskBoard(task, metric or MISSING, [metric] + [n for n in names if n != metric] if metric else [], [])
         board.failed = len(task_records) - len(ok)
+        pretrained = next((r["config"]["model"]["pretrained"] for r in task_records if "config" in r), None)
+        note = untrained_note(pretrained, [task]) if pretrained else None
+        if note:
+            board.untrained = True
+            board.notes.append(note.removeprefix("note: "))
         if full is None:
             board.notes.append("no successful `full` trial: deltas and speedups are not available")
         for record in ok:
@@ -245,16 +252,17 @@ def summary(boards: list[TaskBoard], tolerance: float = 1.0) -> list[SummaryRow]
 
 def summary_table(rows: list[SummaryRow], boards: list[TaskBoard]) -> tuple[list[str], list[list[str]]]:
     metrics = {b.task: b.metric for b in boards}
+    untrained = {b.task for b in boards if b.untrained}
     header = ["task", "measure", "threshold", "min exit layer", "quality", "delta vs full", "speedup vs full [95% CI]",
               "verdict", "avg exit layer"]
     table = []
     for item in rows:
-        best = item.best
+        best, task = item.best, item.task + (" (model untrained for it)" if item.task in untrained else "")
         if best is None:
-            table.append([item.task, item.measure, *["none"] * 7])
+            table.append([task, item.measure, *["none"] * 7])
             continue
         table.append([
-            item.task, item.measure + best.options, significant(best.threshold),
+            task, item.measure + best.options, significant(best.threshold),
             MISSING if best.min_exit_layer is None else str(best.min_exit_layer),
             f"{fixed(best.quality)} {metrics[item.task]}", f"{best.delta:+.2f}", _speedup(best), _verdict(best),
             fixed(best.avg_exit_layer),
@@ -328,7 +336,7 @@ def _csv_rows(boards: list[TaskBoard], absent: dict[str, str]) -> tuple[list[str
               *metric_names, "avg_exit_layer", "speedup_vs_full", "speedup_low", "speedup_high", "speedup_across_examples_low",
               "speedup_across_examples_high", "speedup_paired",
               "speedup_verdict", "busy_machine", "decode_ms_per_token", "energy_wh", "co2_g", "power_source", "analysis_only",
-              "problem"]
+              "model_untrained_for_task", "problem"]
     rows = []
     for board in boards:
         for r in board.rows:
@@ -337,7 +345,7 @@ def _csv_rows(boards: list[TaskBoard], absent: dict[str, str]) -> tuple[list[str
                          *((r.speedup.ratio, r.speedup.low, r.speedup.high) if r.speedup else (None,) * 3),
                          *((r.speedup.across_work if r.speedup and r.speedup.across_work else None) or (None, None)),
                          r.paired, _verdict(r) if r.speedup and r.paired else None, r.busy, r.ms_per_token,
-                         r.energy_wh, r.co2_g, r.power, r.analysis_only, None])
+                         r.energy_wh, r.co2_g, r.power, r.analysis_only, board.untrained, None])
     for trial, problem in absent.items():
         task, measure, threshold, layer = _grid_point(trial)
         rows.append([task, measure, threshold, layer, *[None] * (len(header) - 5), problem])

@@ -264,6 +264,15 @@ def check_task_names(config: SweepConfig) -> None:
             raise ConfigError(f"unknown task {name!r} in `tasks`; did you mean {closest(name, sorted(known))!r}?")
 
 
+def say_untrained_tasks(config: SweepConfig) -> None:
+    """One line before the run when the model was never trained for some of the sweep's tasks."""
+    from mee_bench.harness.trained_for import untrained_note
+
+    note = untrained_note(config.model.pretrained, config.tasks)
+    if note:
+        print(note, file=sys.stderr)
+
+
 def sweep_identity(config: SweepConfig, settings: dict) -> dict:
     """What a resume must match: the config and the provenance of its results."""
     return {**config_dict(config), "provenance": provenance(settings)}
@@ -280,6 +289,7 @@ def run_sweep(
     config = resolve_model(config)
     check_model(config)
     check_task_data(config)
+    say_untrained_tasks(config)
     trials = expand_grid(config)
     settings = result_settings(config)
     ids = {trial: trial_id(trial, settings) for trial in trials}
@@ -449,6 +459,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             check_model(resolved)
             check_task_names(resolved)
             check_task_data(resolved)
+            say_untrained_tasks(resolved)
             settings = result_settings(resolved)  # a resume the real run would refuse is refused here too
             ResultStore(resolved.results_dir).check(sweep_fingerprint(resolved, settings),
                                                     sweep_identity(resolved, settings), args.force)

@@ -16,13 +16,13 @@ import torch
 from torch import Tensor
 
 from mee_bench.engine.causal import continuation_ids
-from mee_bench.harness.catalogue import SQUAD, TATOEBA_ENFR, TaskSpec
 from mee_bench.harness.data import numbered_jsonl
+from mee_bench.harness.trained_for import TRAINING_TASKS
 from mee_bench.paths import data_root
 
 # A training source's `task` names the catalogue task whose prompt and reference it is read
 # with, so a model is trained on exactly the inputs it is evaluated on.
-TASKS: dict[str, TaskSpec] = {"translate_en_fr": TATOEBA_ENFR, "squad": SQUAD}
+TASKS = TRAINING_TASKS
 IGNORE_INDEX = -100
 
 

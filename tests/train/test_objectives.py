@@ -196,3 +196,29 @@ def test_sampled_weighted_ce_is_unbiased_and_a_pure_function_of_the_step(model):
     spread = torch.stack([loss for loss, _ in draws]).std() / 20  # standard error of the mean of 400 draws
     assert abs(float(mean - exact)) < 4 * float(spread)
     assert float(spread) > 0
+
+
+def test_under_bf16_autocast_the_loss_reads_fp32_logits_and_norms_stay_fp32(model, monkeypatch):
+    """CPU autocast runs matrix products in bf16; the CE's log-softmax over the vocabulary and the RMS
+    norms must not follow them (a bf16 log-softmax over 8k classes loses the small probabilities)."""
+    from mee_bench.train import objectives
+
+    seen: list[torch.dtype] = []
+    real = objectives.cross_entropy_and_gradient
+    monkeypatch.setattr(
+        objectives, "cross_entropy_and_gradient", lambda logits, *args: seen.append(logits.dtype) or real(logits, *args)
+    )
+    norms: list[torch.dtype] = []
+    hook = model.decoder.final_layer_norm.register_forward_hook(lambda _m, _i, out: norms.append(out.dtype))
+    runner = T5LayerRunner(model)
+    batch = _batch(seed=6)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            states = decoder_layer_states(runner, batch)
+            loss, _ = Objective("weighted_ce", label_smoothing=0.1)(runner, states, batch["labels"])
+    finally:
+        hook.remove()
+    loss.backward()
+    assert seen and set(seen) == {torch.float32}
+    assert norms and set(norms) == {torch.float32}
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
