@@ -154,7 +154,7 @@ def evaluate(model, runner, objective, validation, tokenizer, cfg) -> dict:
     examples = validation[: cfg.data.validation.examples]
     eager = torch.compiler.set_stance("force_eager")  # a compiled training graph would recompile for generate
     per_layer, hypotheses = None, []
-    eval_objective = Objective("weighted_ce", 0.0, objective.chunk_tokens)
+    eval_objective = Objective("weighted_ce", label_smoothing=0.0, chunk_tokens=objective.chunk_tokens)
     with torch.no_grad(), autocast(cfg), eager:
         for start in range(0, len(examples), 64):
             chunk = examples[start : start + 64]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mee_bench.engine.runner import LayerRunner
+from mee_bench.train.config import ObjectiveConfig
 from mee_bench.train.data import IGNORE_INDEX
 
 OBJECTIVES = ("final", "weighted_ce", "weighted_ce_kd")
@@ -138,20 +139,10 @@ def distillation_loss(states: Sequence[Tensor], exit_layer: int, mapping: str) -
 
 
 @dataclass
-class Objective:
-    """Which loss to train and its knobs; `__call__` turns raw layer states into (loss, logged parts)."""
+class Objective(ObjectiveConfig):
+    """The configured loss (its fields are `ObjectiveConfig`'s, defaults included); `__call__` turns raw
+    layer states into (loss, logged parts). `seed` seeds the shallow layers' position samples."""
 
-    name: str = "weighted_ce"
-    label_smoothing: float = 0.0
-    chunk_tokens: int = 2048
-    kd_exit_layer: int = 2
-    kd_mapping: str = "last"
-    kd_weight: float = 1.0
-    # The share of target positions each shallow layer's CE reads, drawn afresh per step and layer.
-    # A mean over a uniform random subset is an unbiased estimate of the mean over all positions, so
-    # the objective is unchanged in expectation while the LM head (most of a weighted-CE step on a
-    # CPU) runs on fewer rows. 1.0 is the exact objective; the last layer always reads every position.
-    shallow_token_fraction: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
