@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run demo test test-fast bench quickstart-busy gpu-suite-prepare gpu-suite gpu-suite-dry-run readme-leaderboard default-model monotonicity
+.PHONY: setup run demo test test-fast bench campaign ship-campaign quickstart-busy gpu-suite-prepare gpu-suite gpu-suite-dry-run readme-leaderboard default-model monotonicity
 
 setup: $(VENV)/.installed
 
@@ -93,3 +93,18 @@ monotonicity: setup
 		$(BIN)/mee-bench analyze $(MONOTONICITY_MODELS) --task $$task --limit 200 --out results/monotonicity/$$task || exit 1; done
 	$(BIN)/mee-bench analyze $(MONOTONICITY_MODELS) --task tatoeba_enfr_mee --limit 200 --mode free_running \
 		--out results/monotonicity/tatoeba_enfr_mee-free-running
+
+# Maintainers: the default-model campaign (configs/train/campaign.yaml), one run per session, each
+# started from the newest shipped default. `campaign` starts or resumes this session's run in the
+# background; `ship-campaign` ships it when it leads by 2 BLEU and rebuilds what depends on the weights.
+CAMPAIGN_RUN = runs/campaign-$(shell echo $$(( $$(ls $(DEFAULT_MODEL)/training/campaign-*.json 2>/dev/null | wc -l) + 1 )))
+campaign: setup
+	mkdir -p runs
+	nohup $(BIN)/mee-bench train campaign output_dir=$(CAMPAIGN_RUN) > $(CAMPAIGN_RUN).log 2>&1 &
+	@echo "training $(CAMPAIGN_RUN) in the background; log in $(CAMPAIGN_RUN).log"
+
+ship-campaign: setup
+	$(BIN)/mee-bench ship $(CAMPAIGN_RUN)
+	$(BIN)/mee-bench train-heads $(DEFAULT_MODEL) --force
+	OMP_NUM_THREADS=1 $(BIN)/mee-bench calibrate configs/calibrate_quickstart.yaml --save-to $(DEFAULT_MODEL) --force
+	$(BIN)/mee-bench model-report $(DEFAULT_MODEL) --out results/default_model.md --force

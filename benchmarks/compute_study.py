@@ -7,7 +7,7 @@ runs/study/<label>). `report` reads their validation curves, fits last-layer CE 
 decode per token against today's default (paired, in lockstep, nothing else running) and states
 each shape's bf16 file size, then writes results/compute_study/{study.json, study.md, curves.png}.
 
-    python benchmarks/compute_study.py run [--steps 600] [--arms base exact deep]
+    python benchmarks/compute_study.py run [--steps 600] [--arms base reference deep]
     python benchmarks/compute_study.py report [--campaign-tokens 1e8]
 """
 
@@ -31,7 +31,9 @@ OUTPUT = REPO_ROOT / "results" / "compute_study"
 COMMON = ["optim.schedule=constant", "eval_every_steps=100", "checkpoint_minutes=4", "budget.minutes=null"]
 ARMS = {
     "base": ["objective.name=weighted_ce"],
-    "exact": ["objective.name=weighted_ce", "objective.shallow_token_fraction=1.0"],
+    # today's fp32 reference path (every position at every layer, 50-batch buckets): the A/B of the fast path
+    "reference": ["objective.name=weighted_ce", "objective.shallow_token_fraction=1.0", "data.bucket_batches=50",
+                  "precision=fp32"],
     "deep": ["objective.name=weighted_ce", "model.num_layers=3", "model.num_decoder_layers=8"],
     "wide-ff": ["objective.name=weighted_ce", "model.num_layers=3", "model.num_decoder_layers=7", "model.d_ff=1024"],
 }

@@ -21,6 +21,7 @@ COMMANDS = {
     "calibrate": ("mee_bench.calibrate.run", "pick exit thresholds with a Learn-then-Test risk guarantee (CALM)"),
     "leaderboard": ("mee_bench.sweep.leaderboard", "rebuild leaderboard tables and plots from a sweep's records"),
     "analyze": ("mee_bench.study.analysis", "the monotonicity study (the paper's Figures 1-3) on any model"),
+    "ship": ("mee_bench.train.ship", "make a finished training run the embedded default model when it clearly leads"),
     "model-report": ("mee_bench.study.model_report", "a model's full-depth quality, per-layer agreement and training curves"),
 }
 

@@ -127,6 +127,8 @@ def write_card(
         "data": {"sources": config["data"]["sources"], "note": DATA_NOTE},
         "steps": state["step"],
         "tokens_seen": state["tokens"],
+        "epoch": state["epoch"],
+        "init_run": state.get("init_run"),
         "seed": cfg.seed,
         "git_commit": commit_label(),
         "wall_time_minutes": round(state["wall_time"] / 60, 2),
@@ -136,6 +138,21 @@ def write_card(
         "evaluations": history,
     }
     (output / CARD).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+
+
+def continued_from(cfg: TrainConfig) -> dict:
+    """Trainer-state entries a new run takes over from the run that produced `model.init` (read from the
+    init's training.json): the next epoch, so that its data order goes on to permutations the model has
+    not seen, and that run's name, so that the history of a model directory rewritten by each campaign
+    session still links its stages."""
+    card = Path(cfg.model.init) / CARD if cfg.model.init else None
+    if card is None or not card.is_file():
+        return {}
+    record = json.loads(card.read_text())
+    continued = {"init_run": Path(record["config"]["output_dir"]).name}
+    if "epoch" in record:
+        continued["epoch"] = record["epoch"] + 1
+    return continued
 
 
 def check_init(cfg: TrainConfig) -> None:

@@ -34,6 +34,7 @@ from mee_bench.train.checkpoint import (
     METRICS,
     RunError,
     check_init,
+    continued_from,
     load_checkpoint,
     prepare_output_dir,
     save_checkpoint,
@@ -321,7 +322,7 @@ def train(cfg, stop: Callable[[], bool] = lambda: False) -> Path:
     optimizer = build_optimizer(cfg, model)
     if cfg.compile:
         compile_for_training(model)
-    state = {"step": 0, "epoch": 0, "position": 0, "wall_time": 0.0, "tokens": 0}
+    state = {"step": 0, "epoch": 0, "position": 0, "wall_time": 0.0, "tokens": 0, **continued_from(cfg)}
     if resuming:
         state = load_checkpoint(output, model, optimizer)
     tokenized = [
