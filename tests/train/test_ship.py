@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from mee_bench.study.model_report import history_curves, training_history
 from mee_bench.train.ship import MODEL_FILES, STALE_FILES, cli
