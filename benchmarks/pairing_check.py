@@ -31,7 +31,7 @@ import torch
 from scipy import stats
 from tabulate import tabulate
 
-from mee_bench.engine.decoding import run_steps
+from mee_bench.engine.steps import run_steps
 from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.paths import DEFAULT_MODEL_DIR

@@ -26,6 +26,8 @@ from typing import Callable, Collection, Generator, Generic, Sequence, TypeVar
 
 import numpy as np
 
+from mee_bench.engine.steps import Truncate
+
 BUSY_MARGIN_CORES = 0.25  # others may use this much of our share before a trial counts as busy
 Work = TypeVar("Work")
 Result = TypeVar("Result")
@@ -153,11 +155,6 @@ def _across_work(
     per_unit = (weights @ base_mean) / (weights @ base_units), (weights @ cand_mean) / (weights @ cand_units)
     low, high = np.quantile(per_unit[0] / per_unit[1], [tail, 1 - tail])
     return float(low), float(high)
-
-
-class Truncate(Exception):
-    """Thrown by `in_turn` into a follower's step generator at a yield: a generator that supports
-    it (a decode's `decode_steps`) stops there and returns what it has so far."""
 
 
 def in_turn(

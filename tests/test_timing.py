@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mee_bench import timing
-from mee_bench.timing import LoadMonitor, PairedBlocks, PairedTimer, Speedup, Truncate, in_turn, speedup_interval, time_paired
+from mee_bench.engine.steps import Truncate
+from mee_bench.timing import LoadMonitor, PairedBlocks, PairedTimer, Speedup, in_turn, speedup_interval, time_paired
 
 
 class FakeClock:

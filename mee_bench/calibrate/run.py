@@ -23,7 +23,7 @@ from mee_bench.calibrate.config import CalibrationConfig, ConfigError, load_conf
 from mee_bench.calibrate.consistency import CLIPPING_NOTE, check_references, losses
 from mee_bench.calibrate.examples import Example, draw_splits, load_task
 from mee_bench.calibrate.ltt import CalibrationError, fixed_sequence_test
-from mee_bench.engine.decoding import run_steps
+from mee_bench.engine.steps import run_steps
 from mee_bench.engine.policy import POLICY_FILE, ExitPolicy
 from mee_bench.timing import in_turn
 

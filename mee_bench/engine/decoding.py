@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import HeadRows, LayerRunner, build_runner
 from mee_bench.engine.speculative import SpeculationCounts, self_speculative_generate
-from mee_bench.timing import Truncate
+from mee_bench.engine.steps import ActiveClock, Steps, Truncate, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -135,47 +135,6 @@ def exit_decision(score: Tensor, threshold: float) -> tuple[Tensor | None, int]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-Result = TypeVar("Result")
-Steps = Generator[None, None, Result]
-
-
-def run_steps(steps: Steps[Result]) -> Result:
-    """Run a step generator to its end; its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
-
-
-class ActiveClock:
-    """`time.perf_counter` less the time a step generator spent suspended at its yields, so that a
-    decode's own figures (encoder, decoder, measure time) leave out whatever ran in between."""
-
-    def __init__(self) -> None:
-        self.paused_s = 0.0
-
-    def now(self) -> float:
-        return time.perf_counter() - self.paused_s
-
-    def pause(self) -> Steps[None]:
-        """Yield once, not counting the suspension."""
-        suspended = time.perf_counter()
-        try:
-            yield
-        finally:  # also when `Truncate` is thrown in
-            self.paused_s += time.perf_counter() - suspended
-
-    def relay(self, steps: Steps[Result]) -> Steps[Result]:
-        """Run `steps` to its result, pausing at each of its yields."""
-        while True:
-            try:
-                next(steps)
-            except StopIteration as stop:
-                return stop.value
-            yield from self.pause()
 
 
 class CheckLogits:

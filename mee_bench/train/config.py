@@ -25,6 +25,8 @@ from mee_bench.paths import REPO_ROOT
 CONFIG_DIR = REPO_ROOT / "configs" / "train"
 SCHEDULES = ("constant", "inverse_sqrt", "wsd")
 PRECISIONS = ("auto", "bf16", "fp32")
+OBJECTIVES = ("final", "weighted_ce", "weighted_ce_kd")
+KD_MAPPINGS = ("last", "uniform", "closest")
 # Keys that may change between the runs of one training without making it a different run.
 RESUMABLE_KEYS = (
     "budget", "checkpoint_minutes", "threads", "device", "log_every_steps", "eval_every_steps", "output_dir", "compile"
@@ -172,8 +174,6 @@ def _repo_path(path: str) -> Path:
 
 
 def _validate(cfg: TrainConfig) -> None:
-    from mee_bench.train.objectives import KD_MAPPINGS, OBJECTIVES
-
     if cfg.objective.name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {cfg.objective.name!r}; use one of {', '.join(OBJECTIVES)}")
     if cfg.objective.kd_mapping not in KD_MAPPINGS:

@@ -19,11 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mee_bench.engine.runner import LayerRunner
-from mee_bench.train.config import ObjectiveConfig
+from mee_bench.train.config import KD_MAPPINGS, OBJECTIVES, ObjectiveConfig
 from mee_bench.train.data import IGNORE_INDEX
 
-OBJECTIVES = ("final", "weighted_ce", "weighted_ce_kd")
-KD_MAPPINGS = ("last", "uniform", "closest")
 
 
 def layer_weights(num_layers: int) -> list[float]:

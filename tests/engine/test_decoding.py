@@ -7,12 +7,12 @@ import torch
 
 from tests.helpers import StepSchedule, tiny_model
 from mee_bench.engine import decoding
-from mee_bench.engine.decoding import EarlyExitGenerator, exit_decision, rounded_to, run_steps
+from mee_bench.engine.decoding import EarlyExitGenerator, exit_decision, rounded_to
+from mee_bench.engine.steps import Truncate, run_steps
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import load_model
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.timing import Truncate
 from mee_bench.engine.t5 import growing_generate_cache
 
 MAX_NEW = 12
