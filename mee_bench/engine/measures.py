@@ -41,7 +41,9 @@ def head_names() -> list[str]:
 
 
 class ExitMeasure:
-    """Base class: never exits. Subclasses override `step` (and `select` when they keep state)."""
+    """Base class: never exits. Subclasses override `score` (the confidence at a check layer) and, when
+    they carry state across layers, `observe` (every layer) and `select`; the rule that no layer before
+    the first check layer is scored lives in `step`, once."""
 
     name: ClassVar[str]
     can_exit: ClassVar[bool] = True
@@ -72,8 +74,18 @@ class ExitMeasure:
     def step(self, layer: int, hidden: Tensor, logits: Callable[[], Tensor]) -> Tensor | None:
         """`hidden` [A, 1, d] is the raw output of decoder `layer` (1-based); `logits()` its
         memoised LM-head logits (over a pruned vocabulary after the token's first read when the
-        policy sets `vocab_top_k` and the measure is `vocab_prunable`). Returns a confidence [A]
-        at check layers, else None."""
+        policy sets `vocab_top_k` and the measure is `vocab_prunable`). Every layer is observed;
+        returns a confidence [A] at check layers, else None."""
+        self.observe(layer, hidden, logits)
+        if layer < self.first_check_layer:
+            return None
+        return self.score(layer, hidden, logits)
+
+    def observe(self, layer: int, hidden: Tensor, logits: Callable[[], Tensor]) -> None:
+        """Take in layer `layer`'s state, check layer or not (for measures that look back over layers)."""
+
+    def score(self, layer: int, hidden: Tensor, logits: Callable[[], Tensor]) -> Tensor | None:
+        """The confidence [A] at check layer `layer` (None: no opinion at this layer)."""
         return None
 
     def select(self, keep: Tensor) -> None:
@@ -104,9 +116,7 @@ class Fixed(ExitMeasure):
     name = "fixed"
     takes_threshold = False
 
-    def step(self, layer, hidden, logits):
-        if layer < self.first_check_layer:
-            return None
+    def score(self, layer, hidden, logits):
         return hidden.new_ones(hidden.shape[0], dtype=torch.float32)
 
 
@@ -117,9 +127,7 @@ class Softmax(ExitMeasure):
     name = "softmax"
     vocab_prunable = True
 
-    def step(self, layer, hidden, logits):
-        if layer < self.first_check_layer:
-            return None
+    def score(self, layer, hidden, logits):
         top2 = logits()[:, -1].float().softmax(-1).topk(2, dim=-1).values
         return top2[:, 0] - top2[:, 1]
 
@@ -135,11 +143,11 @@ class Saturation(ExitMeasure):
         super().start(embedding, first_check_layer)
         self.previous = embedding
 
-    def step(self, layer, hidden, logits):
-        previous, self.previous = self.previous, hidden
-        if layer < self.first_check_layer:
-            return None
-        return F.cosine_similarity(hidden.float(), previous.float(), dim=-1)[:, -1]
+    def observe(self, layer, hidden, logits):
+        self.before, self.previous = self.previous, hidden
+
+    def score(self, layer, hidden, logits):
+        return F.cosine_similarity(hidden.float(), self.before.float(), dim=-1)[:, -1]
 
     def select(self, keep):
         self.previous = self.previous[keep]
@@ -170,9 +178,7 @@ class Classifier(LearnedMeasure):
     name = "classifier"
     head = "classifier"
 
-    def step(self, layer, hidden, logits):
-        if layer < self.first_check_layer:
-            return None
+    def score(self, layer, hidden, logits):
         return exit_probability(self.head_module(hidden[:, -1].to(self.head_dtype)))
 
 
@@ -187,11 +193,11 @@ class LSTMMeasure(LearnedMeasure):
         super().start(embedding, first_check_layer)
         self.carry = None
 
-    def step(self, layer, hidden, logits):
-        out, self.carry = self.head_module.step(hidden[:, -1].to(self.head_dtype), self.carry)
-        if layer < self.first_check_layer:
-            return None
-        return exit_probability(out)
+    def observe(self, layer, hidden, logits):
+        self.out, self.carry = self.head_module.step(hidden[:, -1].to(self.head_dtype), self.carry)
+
+    def score(self, layer, hidden, logits):
+        return exit_probability(self.out)
 
     def select(self, keep):
         self.carry = [(state[keep], cell[keep]) for state, cell in self.carry]
@@ -208,10 +214,10 @@ class LastThreeMLP(LearnedMeasure):
         super().start(embedding, first_check_layer)
         self.history = [embedding[:, -1], embedding[:, -1]]
 
-    def step(self, layer, hidden, logits):
+    def observe(self, layer, hidden, logits):
         self.history = [*self.history[-2:], hidden[:, -1]]
-        if layer < self.first_check_layer:
-            return None
+
+    def score(self, layer, hidden, logits):
         features = torch.cat(self.history, dim=-1).to(self.head_dtype)
         return exit_probability(self.head_module(features))
 
@@ -237,15 +243,17 @@ class MonotonicHeuristic(ExitMeasure):
         super().start(embedding, first_check_layer)
         self.scores: list[Tensor] = []
 
-    def step(self, layer, hidden, logits):
-        if layer < self.first_check_layer - 2:
-            return None
+    def observe(self, layer, hidden, logits):
+        if layer < self.first_check_layer - 2:  # no exit this token can take reads this layer
+            return
         if self._may_decide(layer):
             score = top1_probability(logits()[:, -1])
         else:
             score = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         self.scores = [*self.scores[-2:], score]
-        if layer < self.first_check_layer or len(self.scores) < 3:
+
+    def score(self, layer, hidden, logits):
+        if len(self.scores) < 3:
             return None
         first, second, third = self.scores
         rising = (first < second) & (second < third)
@@ -283,9 +291,8 @@ class Oracle(ExitMeasure):
         super().start(embedding, first_check_layer)
         self.top1: list[Tensor] = []
 
-    def step(self, layer, hidden, logits):
-        if layer >= self.first_check_layer:
-            self.top1.append(logits()[:, -1].argmax(-1))
+    def score(self, layer, hidden, logits):
+        self.top1.append(logits()[:, -1].argmax(-1))
         return None
 
     def finish(self, tokens: Tensor, exit_layers: Tensor, num_layers: int) -> Tensor:

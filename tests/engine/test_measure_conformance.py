@@ -23,10 +23,10 @@ class RunningMeanMeasure(ExitMeasure):
         super().start(embedding, first_check_layer)
         self.total, self.count = embedding[:, -1, 0].float(), 1
 
-    def step(self, layer, hidden, logits):
+    def observe(self, layer, hidden, logits):
         self.total, self.count = self.total + hidden[:, -1, 0].float(), self.count + 1
-        if layer < self.first_check_layer:
-            return None
+
+    def score(self, layer, hidden, logits):
         return torch.sigmoid(self.total / self.count)
 
     def select(self, keep):
