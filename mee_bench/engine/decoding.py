@@ -13,7 +13,6 @@ interleave two decodes token by token (`mee_bench.timing`, lockstep pairing).
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mee_bench.engine.heads import ExitHeads
-from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.policy import ExitPolicy, exit_decision
 from mee_bench.engine.runner import HeadRows, LayerRunner, build_runner
 from mee_bench.engine.speculative import SpeculationCounts, self_speculative_generate
 from mee_bench.engine.steps import ActiveClock, Steps, Truncate, run_steps
@@ -115,21 +114,6 @@ class GenerationOutput:
     exit_layers: list[list[int]]  # 1-based layer each token left the decoder at
     confidences: list[list[float]]  # the measure's value at the exit (or last check) layer; nan if never checked
     stats: GenerationStats
-
-
-@functools.lru_cache(maxsize=256)
-def rounded_to(value: float, dtype: torch.dtype) -> float:
-    """`value` as a tensor of `dtype` holds it: what `tensor >= value` compares against."""
-    return torch.tensor(value, dtype=dtype).item()
-
-
-def exit_decision(score: Tensor, threshold: float) -> tuple[Tensor | None, int]:
-    """Which running rows' confidence `score` [A] reaches `threshold`, and how many. One row is
-    compared on the host, with no tensor ops (the mask is then None: that row exits or not)."""
-    if score.numel() == 1:
-        return None, int(float(score) >= rounded_to(threshold, score.dtype))
-    exits = score >= threshold
-    return exits, int(exits.sum())
 
 
 def _sync(device: torch.device) -> None:

@@ -4,10 +4,15 @@ and whether the measure exits early or drafts for lossless self-speculation."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
 
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.measures import MEASURES, ExitMeasure, build_measure, measure_class
@@ -130,3 +135,26 @@ def shipped_policy_path(model_dir: str | Path | None) -> Path | None:
         return None
     path = Path(model_dir).expanduser() / POLICY_FILE
     return path if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=256)
+def rounded_to(value: float, dtype: torch.dtype) -> float:
+    """`value` as a tensor of `dtype` holds it: what `tensor >= value` compares against."""
+    return torch.tensor(value, dtype=dtype).item()
+
+
+def exit_decision(score: Tensor, threshold: float | Sequence[float]) -> tuple[Tensor | None, int]:
+    """Which running rows' confidence `score` [A] reaches `threshold` (one for all rows, or one per
+    row), and how many: every decoding path decides through here, against the threshold as the
+    score's dtype holds it, so that early exit and self-speculation cannot decide differently in
+    bf16. One row is compared on the host, with no tensor ops (the mask is then None)."""
+    if not isinstance(threshold, (int, float)):
+        if len(set(threshold)) > 1:
+            limits = torch.tensor([rounded_to(t, score.dtype) for t in threshold], dtype=score.dtype, device=score.device)
+            exits = score >= limits
+            return exits, int(exits.sum())
+        threshold = threshold[0]
+    if score.numel() == 1:
+        return None, int(float(score) >= rounded_to(threshold, score.dtype))
+    exits = score >= threshold
+    return exits, int(exits.sum())

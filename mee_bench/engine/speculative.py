@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from mee_bench.engine.measures import ExitMeasure
-from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.policy import ExitPolicy, exit_decision
 from mee_bench.engine.runner import LayerRunner
 
 
@@ -112,7 +112,8 @@ def self_speculative_generate(
 
             score = measure.step(draft_depth, hidden, draft_logits)
             threshold = [policy.threshold_at(lengths[s] + offset, max_new_tokens) for s in drafting]
-            confident = (score >= torch.tensor(threshold, device=device)).tolist()
+            exits, exiting = exit_decision(score, threshold)
+            confident = [bool(exiting)] if exits is None else exits.tolist()
             proposing = [i for i in range(len(drafting)) if can_propose[i] and confident[i]]
             if not proposing:
                 break

@@ -7,7 +7,8 @@ import torch
 
 from tests.helpers import StepSchedule, tiny_model
 from mee_bench.engine import decoding
-from mee_bench.engine.decoding import EarlyExitGenerator, exit_decision, rounded_to
+from mee_bench.engine.decoding import EarlyExitGenerator
+from mee_bench.engine.policy import exit_decision, rounded_to
 from mee_bench.engine.steps import Truncate, run_steps
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.measures import MEASURES
@@ -433,3 +434,5 @@ def test_a_host_comparison_with_the_rounded_threshold_decides_as_the_tensor_comp
     assert exiting == sum(n for _, n in one_by_one) == int((scores >= threshold).sum()) >= 2
     if threshold == 0.9:
         assert float(at) != threshold  # a host comparison with 0.9 itself would decide differently at the threshold
+    per_row, count = exit_decision(scores, [threshold, 2.0, threshold])  # self-speculation: a threshold per row
+    assert per_row.tolist() == [mask.tolist()[0], False, mask.tolist()[2]] and count == int(per_row.sum())
