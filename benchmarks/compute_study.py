@@ -7,7 +7,7 @@ runs/study/<label>). `report` reads their validation curves, fits last-layer CE 
 decode per token against today's default (paired, in lockstep, nothing else running) and states
 each shape's bf16 file size, then writes results/compute_study/{study.json, study.md, curves.png}.
 
-    python benchmarks/compute_study.py run [--steps 600] [--arms base reference deep]
+    python benchmarks/compute_study.py run [--steps 300] [--arms base reference deep]
     python benchmarks/compute_study.py report [--campaign-tokens 1e8]
 """
 
@@ -183,7 +183,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="train the arms one after another (each resumes)")
-    run.add_argument("--steps", type=int, default=600)
+    run.add_argument("--steps", type=int, default=300)
     run.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     summary = commands.add_parser("report", help="fit, time and tabulate the arms trained so far")
     summary.add_argument("--campaign-tokens", type=float, default=1e8)

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mee_bench.engine.runner import HeadReads
+from mee_bench.engine.runner import HeadReads, captured_outputs, write_slots
 
 
 @dataclass
@@ -61,21 +61,6 @@ class SlotWriter:
         if self.rows is None:
             return keys[:, :, : self.end], values[:, :, : self.end]
         return keys[self.rows, :, : self.end], values[self.rows, :, : self.end]
-
-
-def write_slots(
-    keys: Tensor, values: Tensor, rows: Tensor | None, slots: Tensor | int, key: Tensor, value: Tensor
-) -> None:
-    """Write `key`/`value` [A, H, Q, d] into one layer's [B, H, slots, d] tensors at `slots` of `rows`."""
-    if isinstance(slots, int):
-        index = slice(None) if rows is None else rows
-        keys[index, :, slots] = key[:, :, 0]
-        values[index, :, slots] = value[:, :, 0]
-        return
-    batch_rows = (rows if rows is not None else torch.arange(key.shape[0], device=key.device))[:, None]
-    batch_rows = batch_rows.expand_as(slots)
-    keys[batch_rows, :, slots] = key.transpose(1, 2)
-    values[batch_rows, :, slots] = value.transpose(1, 2)
 
 
 CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")  # newest transformers first
@@ -233,16 +218,10 @@ class CausalLayerRunner(HeadReads, ABC):
         ids = torch.cat([input_ids, decoder_input_ids[:, 1:]], dim=1)
         mask = torch.cat([attention_mask, torch.ones_like(decoder_input_ids[:, 1:])], dim=1)
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        captured: list[Tensor] = []
-        hooks = [
-            layer.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
-            for layer in self.layers
-        ]
-        try:
-            self.backbone()(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        captured = captured_outputs(
+            self.layers,
+            lambda: self.backbone()(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False),
+        )
         return [self.embed(ids[:, -steps:]), *(state[:, -steps:] for state in captured)]
 
     # Internals.

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.policy import ExitPolicy, exit_decision
-from mee_bench.engine.runner import HeadRows, LayerRunner, build_runner
+from mee_bench.engine.runner import HeadRows, LayerRunner, active_rows, build_runner
 from mee_bench.engine.speculative import SpeculationCounts, self_speculative_generate
 from mee_bench.engine.steps import ActiveClock, Steps, Truncate, run_steps
 
@@ -340,7 +340,7 @@ class EarlyExitGenerator:
             # the prefill ran this step through every layer: its states are read back, its K/V are real
             prefilled = step == 0 and runner.prefills_first_step
             for index in range(num_layers):
-                row_arg = None if rows.numel() == batch else rows
+                row_arg = active_rows(rows, batch)
                 if catching_up:
                     hidden, caught_up = self._layer_with_catch_up(
                         index, hidden, cache, rows, row_arg, step, done_layers, pending_states

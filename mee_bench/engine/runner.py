@@ -254,3 +254,42 @@ def build_runner(model: Any) -> LayerRunner:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return runner_class(str(model_type))(model)
 
+
+def active_rows(rows: Tensor, batch: int) -> Tensor | None:
+    """The `rows` argument a runner's layer takes: None when every row of the batch runs, so that the
+    layer slices nothing (the common case, and the only one at batch size 1)."""
+    return None if rows.numel() == batch else rows
+
+
+def write_slots(
+    keys: Tensor, values: Tensor, rows: Tensor | None, slots: Tensor | int, key: Tensor, value: Tensor
+) -> None:
+    """Write `key`/`value` [A, H, Q, d] into one layer's [B, H, slots, d] cache tensors at `slots` of `rows`
+    (every family's self-attention cache has this layout). An int slot (every row at one position, the
+    usual step) is a slice; per-row slots [A, Q] a scatter."""
+    if isinstance(slots, int):
+        index = slice(None) if rows is None else rows
+        keys[index, :, slots] = key[:, :, 0]
+        values[index, :, slots] = value[:, :, 0]
+        return
+    batch_rows = (rows if rows is not None else torch.arange(key.shape[0], device=key.device))[:, None]
+    batch_rows = batch_rows.expand_as(slots)
+    keys[batch_rows, :, slots] = key.transpose(1, 2)
+    values[batch_rows, :, slots] = value.transpose(1, 2)
+
+
+def captured_outputs(layers, run: Callable[[], Any]) -> list[Tensor]:
+    """The hidden-state output of each of `layers` while `run()` runs the model's own forward, in call
+    order: forward hooks read the raw layer outputs, where the model's own hidden-state outputs end
+    with an already final-normed state."""
+    captured: list[Tensor] = []
+    hooks = [
+        layer.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        for layer in layers
+    ]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured

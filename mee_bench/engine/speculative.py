@@ -26,7 +26,7 @@ from torch import Tensor
 
 from mee_bench.engine.measures import ExitMeasure
 from mee_bench.engine.policy import ExitPolicy, exit_decision
-from mee_bench.engine.runner import LayerRunner
+from mee_bench.engine.runner import LayerRunner, active_rows
 
 
 @dataclass
@@ -88,7 +88,7 @@ def self_speculative_generate(
         inputs = next_input[alive]
         for offset in range(policy.max_draft + 1):
             rows = torch.tensor([alive[s] for s in drafting], device=device)
-            row_arg = None if len(drafting) == batch else rows
+            row_arg = active_rows(rows, batch)
             positions, last = _position_arg([lengths[s] + offset for s in drafting], device)
             hidden = runner.embed(inputs)[:, None]
             measure.start(hidden, draft_depth)
@@ -179,7 +179,7 @@ def _verify(
     positions = torch.tensor(lengths, device=device)[:, None] + offsets
     last = max(n + k - 1 for n, k in zip(lengths, verified))
     hidden = draft_states[rows[:, None], offsets, 0]
-    row_arg = None if len(alive) == batch else rows
+    row_arg = active_rows(rows, batch)
     if len(alive) == 1 and width == 1:
         positions = lengths[0]
     for index in range(draft_depth, runner.num_layers):

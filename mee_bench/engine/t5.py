@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mee_bench.engine.runner import HeadReads, register_runner
+from mee_bench.engine.runner import HeadReads, captured_outputs, register_runner, write_slots
 
 
 @dataclass
@@ -153,18 +153,7 @@ class T5LayerRunner(HeadReads):
     def _write_kv(
         self, cache: DecoderCache, index: int, rows: Tensor | None, positions: Tensor | int, key: Tensor, value: Tensor
     ) -> None:
-        if isinstance(positions, int):
-            if rows is None:
-                cache.self_k[index][:, :, positions] = key[:, :, 0]
-                cache.self_v[index][:, :, positions] = value[:, :, 0]
-            else:
-                cache.self_k[index][rows, :, positions] = key[:, :, 0]
-                cache.self_v[index][rows, :, positions] = value[:, :, 0]
-            return
-        batch_rows = (rows if rows is not None else torch.arange(key.shape[0], device=key.device))[:, None]
-        batch_rows = batch_rows.expand_as(positions)
-        cache.self_k[index][batch_rows, :, positions] = key.transpose(1, 2)
-        cache.self_v[index][batch_rows, :, positions] = value.transpose(1, 2)
+        write_slots(cache.self_k[index], cache.self_v[index], rows, positions, key, value)
 
     def copy_skipped_kv(self, first_skipped: int, hidden: Tensor, cache: DecoderCache, rows: Tensor, position: int) -> None:
         """CALM's state copying: layers >= `first_skipped` get K/V projected from the exit state
@@ -213,19 +202,11 @@ class T5LayerRunner(HeadReads):
         The LM head does not run (at a large vocabulary its logits for every position cost
         gigabytes); the decoder's own final norm still runs on the last state (negligible).
         """
-        captured: list[Tensor] = []
-        hooks = [block.register_forward_hook(lambda _m, _i, out: captured.append(out[0])) for block in self.blocks]
-        try:
-            encoded = self.encode(input_ids, attention_mask)
-            self.model.decoder(
-                input_ids=decoder_input_ids,
-                encoder_hidden_states=encoded,
-                encoder_attention_mask=attention_mask,
-                use_cache=False,
-            )
-        finally:
-            for hook in hooks:
-                hook.remove()
+        encoded = self.encode(input_ids, attention_mask)
+        captured = captured_outputs(self.blocks, lambda: self.model.decoder(
+            input_ids=decoder_input_ids, encoder_hidden_states=encoded, encoder_attention_mask=attention_mask,
+            use_cache=False,
+        ))
         return [self.embed(decoder_input_ids), *captured]
 
 
