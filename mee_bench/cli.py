@@ -22,6 +22,7 @@ COMMANDS = {
     "leaderboard": ("mee_bench.sweep.leaderboard", "rebuild leaderboard tables and plots from a sweep's records"),
     "analyze": ("mee_bench.study.analysis", "the monotonicity study (the paper's Figures 1-3) on any model"),
     "model-report": ("mee_bench.study.model_report", "a model's full-depth quality, per-layer agreement and training curves"),
+    "results-page": ("mee_bench.study.results_page", "regenerate docs/RESULTS.md and the README's summary table from results/"),
 }
 
 
