@@ -23,7 +23,8 @@ from tabulate import tabulate
 from mee_bench.formatting import MISSING, percent
 from mee_bench.paths import REPO_ROOT
 from mee_bench.study import bench_tables
-from mee_bench.sweep.leaderboard import filled_block, relocate
+from mee_bench.markdown import fill_block, relocate
+from mee_bench.sweep.leaderboard import BLOCK, summary_markdown
 from mee_bench.sweep.store import load_records
 
 PAGE = "docs/RESULTS.md"
@@ -271,7 +272,7 @@ def cli(argv: list[str]) -> int:
 def readme_summary(readme: Path, quickstart_dir: Path, check: bool = False) -> list[str]:
     """Fill the README's leaderboard block with the quickstart's summary; with `check`, only say whether it is stale."""
     before = readme.read_text()
-    after = filled_block(before, quickstart_dir, readme.parent, summary_only=True, command="mee-bench results-page")
+    after = fill_block(before, BLOCK, summary_markdown(quickstart_dir), "mee-bench results-page")
     if check:
         return [] if after == before else [str(readme)]
     readme.write_text(after)
