@@ -183,6 +183,9 @@ def monotonicity(results: Path, doc_dir: Path) -> list[Section]:
             f"{config['min_exit_layer']}. Figures (Figure 1 `fraction-no-change`, Figure 2 `mean-top1-curves`, "
             "Figure 3 `examples-monotonicity`):")
     body = "\n\n".join([tabulate(rows, header, tablefmt="github", disable_numparse=True), note, "\n".join(figures)])
+    reading = results / "monotonicity" / "README.md"
+    if reading.is_file():
+        body += f"\n\nWhich models these are, and how the figures compare with the paper's: [{rel(reading)}]({os.path.relpath(reading, doc_dir)})."
     return [Section("Monotonicity study", "make monotonicity", body, [rel(results / "monotonicity")])]
 
 
