@@ -126,6 +126,9 @@ BENCHMARKS: dict[str, tuple[str, str, Callable[[dict], str]]] = {
     "decode_speed_llama": ("Decoding against `model.generate` (a Llama shape, one thread)",
                            "python benchmarks/decode_speed.py --shapes llama --threads 1 "
                            "--out results/bench/decode_speed_llama.json", bench_tables.decode_speed),
+    "policy_speed_gpu": ("Speed of policies on a GPU", "benchmarks/gpu_suite.sh OUT (docs/GPU.md)", bench_tables.policy_speed),
+    "decode_speed_gpu": ("Decoding against `model.generate` on a GPU", "benchmarks/gpu_suite.sh OUT (docs/GPU.md)",
+                         bench_tables.decode_speed),
     "sweep_throughput": ("Sweep throughput", "python benchmarks/sweep_throughput.py", bench_tables.sweep_throughput),
     "train_speed": ("Training speed", "python benchmarks/train_speed.py", bench_tables.train_speed),
 }
@@ -226,7 +229,8 @@ def sections(results: Path, doc_dir: Path) -> list[Section]:
     return [
         *quickstart(results, doc_dir), *repeats(results, doc_dir),
         *benchmarks(results, doc_dir, ("policy_speed", "pairing_check", "busy_check", "pruned_checks", "first_read",
-                                       "token_profile", "decode_speed", "decode_speed_llama")),
+                                       "token_profile", "decode_speed", "decode_speed_llama", "policy_speed_gpu",
+                                       "decode_speed_gpu")),
         *calibration(results, doc_dir), *monotonicity(results, doc_dir), *default_model(results, doc_dir),
         *training(results, doc_dir), *compute_study(results, doc_dir),
         *benchmarks(results, doc_dir, ("sweep_throughput",)),
