@@ -175,8 +175,8 @@ def decode_speed(result: dict) -> str:
         rows = [[f"`{m}`", *(f"{entry[m]:.2f} [{entry[m + '_ci95'][0]:.2f}, {entry[m + '_ci95'][1]:.2f}]" if m in entry
                              else MISSING for entry in overhead)] for m in measures]
         rows.append(["one layer (ms)", *(fixed(entry.get("layer_ms")) for entry in overhead)])
-        parts += ["A check's cost in decoder layers, the median over rounds with its 95% interval "
-                  "(`@top64`: vocabulary-pruned checks; `_pruned_check`: a check after the token's first):",
+        parts += [("A check's cost in decoder layers, the median over rounds with its 95% interval "
+                   "(`@top64`: vocabulary-pruned checks; `_pruned_check`: a check after the token's first):"),
                   table(rows, ["measure", *runs])]
     return "\n\n".join(parts)
 

@@ -124,8 +124,8 @@ BENCHMARKS: dict[str, tuple[str, str, Callable[[dict], str]]] = {
     "decode_speed": ("Decoding against `model.generate` (random weights)", "python benchmarks/decode_speed.py",
                      bench_tables.decode_speed),
     "decode_speed_llama": ("Decoding against `model.generate` (a Llama shape, one thread)",
-                           "python benchmarks/decode_speed.py --shapes llama --threads 1 "
-                           "--out results/bench/decode_speed_llama.json", bench_tables.decode_speed),
+                           ("python benchmarks/decode_speed.py --shapes llama --threads 1 "
+                            "--out results/bench/decode_speed_llama.json"), bench_tables.decode_speed),
     "policy_speed_gpu": ("Speed of policies on a GPU", "benchmarks/gpu_suite.sh OUT (docs/GPU.md)", bench_tables.policy_speed),
     "decode_speed_gpu": ("Decoding against `model.generate` on a GPU", "benchmarks/gpu_suite.sh OUT (docs/GPU.md)",
                          bench_tables.decode_speed),
