@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run demo test test-fast bench campaign ship-campaign quickstart-busy gpu-suite-prepare gpu-suite gpu-suite-dry-run readme-leaderboard default-model monotonicity
+.PHONY: setup run demo test test-fast bench campaign ship-campaign quickstart-busy gpu-suite-prepare gpu-suite gpu-suite-dry-run quickstart-leaderboard results-page default-model monotonicity
 
 setup: $(VENV)/.installed
 
@@ -29,17 +29,26 @@ run: setup
 demo: setup
 	$(BIN)/mee-bench demo
 
-# Maintainers: regenerate the reference leaderboard committed in results/ and shown in README.md.
-readme-leaderboard: setup
+# Maintainers: regenerate the reference leaderboard committed in results/quickstart (its summary is
+# the README's table, the whole of it is in docs/RESULTS.md).
+quickstart-leaderboard: setup
 	$(BIN)/mee-bench sweep configs/quickstart.yaml
-	$(BIN)/mee-bench leaderboard results/quickstart --readme README.md --force
+	$(BIN)/mee-bench leaderboard results/quickstart
+	$(BIN)/mee-bench results-page
+
+# docs/RESULTS.md and the README's summary table, generated from results/ (every target that writes
+# results/ ends with it; `mee-bench results-page --check` says whether they are up to date).
+results-page: setup
+	$(BIN)/mee-bench results-page
 
 # Maintainers: the same quickstart while a CPU-bound process holds one of the cores for the whole
-# run (results/quickstart-busy); `benchmarks/compare_speedups.py results/quickstart results/quickstart-busy`
-# checks it against the idle run, and `benchmarks/busy_check.py` takes the hog alone, in one process.
+# run (results/quickstart-busy), then its agreement with the idle run (`benchmarks/compare_speedups.py`);
+# `benchmarks/busy_check.py` takes the hog alone, in one process.
 quickstart-busy: setup
 	$(BIN)/python benchmarks/cpu_hog.py --seconds 1800 & hog=$$!; \
 	$(BIN)/mee-bench sweep configs/quickstart.yaml name=quickstart-busy; status=$$?; kill $$hog; exit $$status
+	$(BIN)/python benchmarks/compare_speedups.py results/quickstart results/quickstart-busy
+	$(BIN)/mee-bench results-page
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -50,12 +59,13 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/decode_speed.py
-	$(BIN)/python benchmarks/policy_speed.py --readme README.md
+	$(BIN)/python benchmarks/policy_speed.py
 	$(BIN)/python benchmarks/pruned_checks.py
 	$(BIN)/python benchmarks/token_profile.py
 	$(BIN)/python benchmarks/first_read.py
 	$(BIN)/python benchmarks/pairing_check.py
 	$(BIN)/python benchmarks/busy_check.py
+	$(BIN)/mee-bench results-page
 
 # The GPU suite (docs/GPU.md): prepare here (data + wheels into build/gpu/, prints the run line),
 # run on the GPU machine under its own python3, or dry-run here at tiny sizes.
@@ -83,6 +93,7 @@ default-model: setup
 	for run in $(TRAIN_RUNS); do cp runs/$$run/training.json $(DEFAULT_MODEL)/training/$$run.json || exit 1; done
 	$(BIN)/mee-bench train-heads $(DEFAULT_MODEL) --force
 	$(BIN)/mee-bench model-report $(DEFAULT_MODEL) --out results/default_model.md --force
+	$(BIN)/mee-bench results-page
 
 # Maintainers: the monotonicity study of the three fine-tunes (needs `make default-model`'s runs/).
 MONOTONICITY_MODELS := --model runs/default-final --label vanilla --model $(DEFAULT_MODEL) --label weighted-ce \
@@ -93,6 +104,7 @@ monotonicity: setup
 		$(BIN)/mee-bench analyze $(MONOTONICITY_MODELS) --task $$task --limit 200 --out results/monotonicity/$$task || exit 1; done
 	$(BIN)/mee-bench analyze $(MONOTONICITY_MODELS) --task tatoeba_enfr_mee --limit 200 --mode free_running \
 		--out results/monotonicity/tatoeba_enfr_mee-free-running
+	$(BIN)/mee-bench results-page
 
 # Maintainers: the default-model campaign (configs/train/campaign.yaml), one run per session, each
 # started from the newest shipped default. `campaign` starts or resumes this session's run in the
@@ -108,3 +120,4 @@ ship-campaign: setup
 	$(BIN)/mee-bench train-heads $(DEFAULT_MODEL) --force
 	OMP_NUM_THREADS=1 $(BIN)/mee-bench calibrate configs/calibrate_quickstart.yaml --save-to $(DEFAULT_MODEL) --force
 	$(BIN)/mee-bench model-report $(DEFAULT_MODEL) --out results/default_model.md --force
+	$(BIN)/mee-bench results-page

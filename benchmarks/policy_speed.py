@@ -1,14 +1,8 @@
 """Speed of real exit policies on the embedded default model and real sentences, at batch 1, 4 and 16.
 
-A speedup read from runs minutes apart carries the machine's drift between them (about
-+-10% on a 2-core machine). Here every policy decodes the same held-out Tatoeba
-sentences with the model's own exit heads, one batch at a time, and each batch is timed in
-lockstep with `full` on the same batch, the two taking turns one generated token at a time,
-alternating which goes first, `full` stopping where an early-exit policy stopped (at batch 1
-after decoding on past its own end, so both cover the same positions;
-`mee_bench.timing.PairedBlocks`): the speedup is the ratio of `full`'s ms per generated token
-to the policy's over all batches, with a 95% timing-noise interval from the batches timed
-twice or more. Reported per policy and batch size: the speedup interval, the
+Every policy decodes the same held-out Tatoeba sentences with the model's own exit heads, one
+batch at a time, each batch paired with `full` in lockstep (`mee_bench.timing.PairedBlocks`;
+docs/TIMING.md says how and why). Reported per policy and batch size: the speedup interval, the
 candidate's decoder ms/token in its first timed pass (for scale only: `full`'s comes from an
 untimed reference pass, so compare policies by the paired speedup), the average exit layer, decoder layers computed per token,
 whether its output equals `full`'s on every sentence (`identical_to_full`), and for
@@ -16,19 +10,15 @@ self-speculative policies the acceptance rate and mean accepted draft length. La
 pass through every layer and the head costs over 1, 2, 3, 4 and 8 positions (`width_cost`):
 the price of verifying drafts in one pass, or of decoding several rows at once.
 
-    python benchmarks/policy_speed.py [--quick] [--sentences 48] [--batches 1 4 16] [--threads 1] [--readme README.md]
-    python benchmarks/policy_speed.py --from-json --readme README.md   # refill the README table only
+    python benchmarks/policy_speed.py [--quick] [--sentences 48] [--batches 1 4 16] [--threads 1]
 
-Writes results/bench/policy_speed.json; with --readme, the table between the README's
-`policy-speed` markers.
+Writes results/bench/policy_speed.json, which `mee-bench results-page` shows in docs/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import re
 import statistics
 import sys
 import time
@@ -46,12 +36,12 @@ from mee_bench.timing import LoadMonitor, PairedBlocks
 from mee_bench.harness.catalogue import TATOEBA_ENFR, TaskSpec
 from mee_bench.harness.data import local_split_path, read_jsonl
 from mee_bench.paths import DATA_DIR_ENV, DEFAULT_MODEL_DIR
+from mee_bench.study.bench_tables import width_line
 from bench_io import write_result
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_NEW_TOKENS = 64
 WIDTHS = (1, 2, 3, 4, 8)  # positions per pass whose cost `width_costs` measures
-README_START, README_END = "<!-- policy-speed:start -->", "<!-- policy-speed:end -->"
 POLICIES = {
     "fixed, layer 2": ExitPolicy("fixed", min_exit_layer=2),
     "lstm 0.5, from 2": ExitPolicy("lstm", threshold=0.5, min_exit_layer=2),
@@ -157,52 +147,6 @@ def width_costs(generator: EarlyExitGenerator, prompt: str, repeats: int) -> dic
             for w in WIDTHS}
 
 
-def width_line(costs: dict[str, dict[str, float]]) -> str:
-    """One sentence: what a pass over w positions costs relative to one."""
-    one = costs["1"]["layers_ms"] + costs["1"]["head_ms"]
-    relative = ", ".join(f"{w}: {(c['layers_ms'] + c['head_ms']) / one:.2f}x" for w, c in costs.items() if w != "1")
-    return (f"One pass through every layer and the head costs {one:.2f} ms over 1 position "
-            f"(layers {costs['1']['layers_ms']:.2f}, head {costs['1']['head_ms']:.2f}); over w positions, "
-            f"relative to 1 ({relative}).")
-
-
-def readme_table(result: dict) -> str:
-    """The README's speed table: one row per policy, one speedup column per batch size."""
-    batches = [entry["batch"] for entry in result["batches"]]
-    by_policy: dict[str, dict[int, dict]] = {}
-    for entry in result["batches"]:
-        for row in entry["policies"]:
-            by_policy.setdefault(row["policy"], {})[entry["batch"]] = row
-
-    def figure(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
-
-    header = ["policy", *(f"speedup, batch {b}" for b in batches), "layers/token", "identical to full",
-              "acceptance", "accepted drafts/round"]
-    rows = []
-    for name, per_batch in by_policy.items():
-        first = per_batch[batches[0]]
-        rows.append([f"`{name}`", *(per_batch[b]["speedup_vs_full"] for b in batches), figure(first["layers_per_token"]),
-                     "yes" if all(r["identical_to_full"] for r in per_batch.values()) else "no",
-                     figure(first["acceptance_rate"]), figure(first["mean_accepted_draft"])])
-    settings = result["settings"]
-    note = (f"<!-- generated by `python benchmarks/policy_speed.py --from-json --readme README.md` from "
-            f"results/bench/policy_speed.json; do not edit by hand -->\n\n"
-            f"{settings['sentences']} Tatoeba sentences, `{settings['model']}`, {settings['dtype']}, "
-            f"{result['machine']['threads']} torch thread; speedup = ratio of paired ms/token against `full` "
-            f"[95% interval]; layers/token and the speculation figures at batch {batches[0]}."
-            + (f" {width_line(result['width_cost'])}" if "width_cost" in result else "") + "\n\n")
-    return note + tabulate(rows, headers=header, tablefmt="github")
-
-
-def fill_readme(path: Path, table: str) -> None:
-    text = path.read_text()
-    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.DOTALL)
-    if not pattern.search(text):
-        raise SystemExit(f"{path} has no {README_START} ... {README_END} block; add the two markers where the table goes")
-    path.write_text(pattern.sub(lambda _: f"{README_START}\n{table}\n{README_END}", text))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 sentences, batch 1 and 4, loose intervals (a smoke run)")
@@ -215,15 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "policy_speed.json")
-    parser.add_argument("--readme", type=Path, default=None, help="refill this README's policy-speed table")
-    parser.add_argument("--from-json", action="store_true", help="do not time anything: read --out and refill --readme")
     args = parser.parse_args(argv)
-    if args.from_json:
-        if args.readme is None:
-            raise SystemExit("--from-json only refills a README: pass --readme README.md")
-        fill_readme(args.readme, readme_table(json.loads(args.out.read_text())))
-        print(f"-> {args.readme}")
-        return 0
     sentences, batches, allowance = (8, [1, 4], 0.0) if args.quick else (args.sentences, args.batches, args.allowance)
     torch.set_num_threads(args.threads)
 
@@ -265,9 +201,6 @@ def main(argv: list[str] | None = None) -> int:
                      "max_new_tokens": MAX_NEW_TOKENS, "dtype": args.dtype},
     }
     write_result(args.out, result)
-    if args.readme is not None:
-        fill_readme(args.readme, readme_table(result))
-        print(f"-> {args.readme}")
     return 0
 
 

@@ -23,6 +23,7 @@ COMMANDS = {
     "analyze": ("mee_bench.study.analysis", "the monotonicity study (the paper's Figures 1-3) on any model"),
     "ship": ("mee_bench.train.ship", "make a finished training run the embedded default model when it clearly leads"),
     "model-report": ("mee_bench.study.model_report", "a model's full-depth quality, per-layer agreement and training curves"),
+    "results-page": ("mee_bench.study.results_page", "regenerate docs/RESULTS.md and the README's summary table from results/"),
 }
 
 

@@ -1,19 +1,10 @@
 """Paired timing: speedups that survive a busy machine.
 
-A speedup read from two runs taken minutes apart carries whatever changed on the machine
-in between. Here the baseline (`full`) and the candidate decode the same block of work
-back to back, in alternating order. The speedup is the ratio of total times, or of time per
-unit of work (generated tokens) when the caller counts units; its interval is how far timing noise could move that ratio, estimated
-from pieces of work timed more than once. After one pass over the work, timing-only
-rounds re-time it until the interval is as narrow as asked, or the time allowance is
-spent, in which case the result says it is imprecise instead of pretending.
-
-Lockstep pairing interleaves finer still: given step generators (a decode's
-`decode_steps`), the two sides take turns one generated token at a time, and each side's
-time is the sum of its own steps. The machine's drift then lands on both sides within
-milliseconds of each other: on this project's 2-core machine, `full` timed against itself
-per sentence scattered by about 3% in lockstep against 10% when the sentences ran one
-after the other.
+The baseline (`full`) and the candidate decode the same blocks of work in the same process,
+alternating which goes first, or in lockstep (step generators advanced in turn, one generated
+token each), so the machine's drift lands on both alike. The speedup is the ratio of time per
+unit of work with a timing-noise interval from blocks timed more than once, re-timed until it
+is as narrow as asked or the allowance is spent. docs/TIMING.md explains the method once.
 """
 
 from __future__ import annotations

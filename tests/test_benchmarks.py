@@ -53,6 +53,7 @@ def test_token_profile_puts_each_head_read_where_it_happened(benchmark, tmp_path
 def test_policy_speed_prices_each_verification_width_and_prints_it_with_the_table(benchmark):
     from mee_bench.engine.loading import load_generator
     from mee_bench.paths import DEFAULT_MODEL_DIR
+    from mee_bench.study import bench_tables
 
     policy_speed = benchmark("policy_speed")
     generator = load_generator(DEFAULT_MODEL_DIR, "float32", "cpu")
@@ -63,9 +64,9 @@ def test_policy_speed_prices_each_verification_width_and_prints_it_with_the_tabl
            "acceptance_rate": None, "mean_accepted_draft": None}
     result = {"batches": [{"batch": 1, "policies": [row]}], "machine": {"threads": 1},
               "settings": {"sentences": 1, "model": "m", "dtype": "float32"}}
-    assert "over w positions" not in policy_speed.readme_table(result)  # a record from before widths were priced
-    with_widths = policy_speed.readme_table({**result, "width_cost": costs})
-    assert policy_speed.width_line(costs) in with_widths and "8: " in policy_speed.width_line(costs)
+    assert "over w positions" not in bench_tables.policy_speed(result)  # a record from before widths were priced
+    with_widths = bench_tables.policy_speed({**result, "width_cost": costs})
+    assert bench_tables.width_line(costs) in with_widths and "8: " in bench_tables.width_line(costs)
 
 
 def test_decode_speed_reports_a_check_cost_with_an_interval_around_its_median(benchmark):

@@ -155,9 +155,9 @@ class HeadReads:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """The head as the model applies it; at inference on a CPU through a column-major copy of its
-        weight: a `[d, vocab]` read streams about three times faster there than the `[vocab, d]`
-        layout the BLAS gemv gets from `nn.Linear` (0.37 against 1.05 ms for the default model's head,
-        cold, measured), for the same products up to the order of their sums."""
+        weight: at one to three rows the BLAS gemv streams a `[d, vocab]` layout several times faster
+        than the `[vocab, d]` one `nn.Linear` hands it, for the same products up to the order of
+        their sums."""
         head = self.model.lm_head
         if torch.is_grad_enabled() or head.weight.device.type != "cpu":
             return head(self.head_input(hidden))
@@ -187,10 +187,9 @@ class HeadReads:
 
     def approximate_logits(self, hidden: Tensor) -> Tensor:
         """On a CPU with x86 int8 kernels, through the head's rows rounded to int8 (the state is
-        quantized per call): a 32k x 512 head reads in 0.5 against 2.4 ms, cold, where a 16-bit copy
-        saves little over the column-major float read; in the decoding loop that makes pruned checks
-        1.05x faster on such a head, and no faster on the default model's 8k x 256 one
-        (`benchmarks/first_read.py`)."""
+        quantized per call): a quarter of the bytes, where a 16-bit copy saves little over the
+        column-major float read; it pays on large heads only, whose read dominates a check
+        (`benchmarks/first_read.py`). Elsewhere through a float16 copy."""
         head = self.model.lm_head
         if head.weight.device.type == "cpu" and torch.backends.quantized.engine in INT8_ENGINES:
             packed = self._head_copy("int8", _int8_rows)
