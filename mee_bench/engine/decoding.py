@@ -1,37 +1,37 @@
-"""Early-exit greedy decoding: the hot path.
+"""Greedy generation with an exit policy over an unmodified Hugging Face model: the entry point.
 
-One token per step, one decoder layer at a time. After each layer the policy's measure
-may let rows exit; exited rows leave the active set, so they cost nothing in deeper
-layers. Skipped layers get their self-attention K/V either copied from the exit state
-(CALM) or computed later in one parallel catch-up call with the next token that goes
-deep (FREE's synchronized parallel decoding, `deferred`). A `self_speculative` policy takes
-the lossless draft-and-verify path of `speculative.py` instead.
-
-`decode_steps` is the same decoding one step at a time (a generator), so that a timer can
-interleave two decodes token by token (`mee_bench.timing`, lockstep pairing).
+`EarlyExitGenerator` tokenizes, checks its inputs, takes the prompt in, and hands the rest of the
+call to the policy's decoding strategy, chosen once: `early_exit` (`early_exit.py`: rows leave the
+decoder at the layer their measure is confident at) or `self_speculative` (`speculative.py`:
+lossless draft-and-verify). Each strategy is a step generator over a `Decode` (`generation.py`), so
+that a timer can interleave two decodes token by token (lockstep pairing, docs/TIMING.md).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections import Counter
-from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from mee_bench.engine.early_exit import early_exit_steps
+from mee_bench.engine.generation import Decode, GenerationOutput, GenerationStats
 from mee_bench.engine.heads import ExitHeads
-from mee_bench.engine.policy import ExitPolicy, exit_decision
-from mee_bench.engine.runner import HeadRows, LayerRunner, active_rows, build_runner
-from mee_bench.engine.speculative import SpeculationCounts, self_speculative_generate
-from mee_bench.engine.steps import ActiveClock, Steps, Truncate, run_steps
+from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.runner import build_runner
+from mee_bench.engine.speculative import self_speculative_steps
+from mee_bench.engine.steps import ActiveClock, Steps, run_steps
 
 log = logging.getLogger(__name__)
 
 FALLBACK_INPUT_LIMIT = 512  # T5's own limit, for tokenizers that state none
+# `ExitPolicy.decoding` -> its strategy: a step generator over one call's `Decode`
+STRATEGIES: dict[str, Callable[[Decode], Steps[GenerationOutput]]] = {
+    "early_exit": early_exit_steps,
+    "self_speculative": self_speculative_steps,
+}
 
 
 def input_limit(tokenizer, requested: int | None = None) -> int:
@@ -43,132 +43,9 @@ def input_limit(tokenizer, requested: int | None = None) -> int:
     return int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else FALLBACK_INPUT_LIMIT
 
 
-@dataclass
-class GenerationStats:
-    """Efficiency figures of one or more generate calls (they add up with `merge`)."""
-
-    num_layers: int
-    tokens: int = 0
-    exit_histogram: Counter = field(default_factory=Counter)
-    encoder_s: float = 0.0
-    decoder_s: float = 0.0
-    measure_s: float = 0.0  # checks: the measure and the exit decision it feeds
-    layer_positions: int = 0  # decoder layers run x positions (catch-up and verification included, prefill not)
-    speculation: SpeculationCounts = field(default_factory=SpeculationCounts)
-
-    @property
-    def avg_exit_layer(self) -> float:
-        return sum(layer * n for layer, n in self.exit_histogram.items()) / max(self.tokens, 1)
-
-    @property
-    def layers_per_token(self) -> float:
-        """Decoder layers computed per generated token, whatever the policy (full: the depth; for a
-        decoder-only model (N - 1) / N of it over N tokens, as the prefill computed the first)."""
-        return self.layer_positions / max(self.tokens, 1)
-
-    @property
-    def acceptance_rate(self) -> float | None:
-        """Self-speculation: the share of proposed draft tokens the full model accepted."""
-        proposed = self.speculation.proposed
-        return self.speculation.accepted / proposed if proposed else None
-
-    @property
-    def mean_accepted_draft(self) -> float | None:
-        """Self-speculation: accepted draft tokens per row-round (each round also emits one token of its own)."""
-        rounds = self.speculation.rounds
-        return self.speculation.accepted / rounds if rounds else None
-
-    def merge(self, other: "GenerationStats") -> "GenerationStats":
-        return GenerationStats(
-            num_layers=self.num_layers,
-            tokens=self.tokens + other.tokens,
-            exit_histogram=self.exit_histogram + other.exit_histogram,
-            encoder_s=self.encoder_s + other.encoder_s,
-            decoder_s=self.decoder_s + other.decoder_s,
-            measure_s=self.measure_s + other.measure_s,
-            layer_positions=self.layer_positions + other.layer_positions,
-            speculation=SpeculationCounts(
-                *(a + b for a, b in zip(astuple(self.speculation), astuple(other.speculation)))
-            ),
-        )
-
-    def as_dict(self) -> dict:
-        return {
-            "tokens": self.tokens,
-            "num_layers": self.num_layers,
-            "avg_exit_layer": self.avg_exit_layer,
-            "exit_histogram": {str(k): self.exit_histogram[k] for k in sorted(self.exit_histogram)},
-            "encoder_ms": 1e3 * self.encoder_s,
-            "decoder_ms": 1e3 * self.decoder_s,
-            "measure_ms": 1e3 * self.measure_s,
-            "decode_ms_per_token": 1e3 * self.decoder_s / max(self.tokens, 1),
-            "layers_per_token": self.layers_per_token,
-            "acceptance_rate": self.acceptance_rate,
-            "mean_accepted_draft": self.mean_accepted_draft,
-        }
-
-
-@dataclass
-class GenerationOutput:
-    tokens: list[list[int]]  # generated ids per row, EOS included when produced
-    exit_layers: list[list[int]]  # 1-based layer each token left the decoder at
-    confidences: list[list[float]]  # the measure's value at the exit (or last check) layer; nan if never checked
-    stats: GenerationStats
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class CheckLogits:
-    """The logits a measure reads for the current token at the current layer, memoised.
-
-    With `top_k` (the policy's `vocab_top_k`), a token's first read is the whole vocabulary
-    through the runner's rounded copy of the head (int8 rows on a CPU), and keeps each row's k
-    best token ids; the later reads of that token compute those k rows of the head only (CALM's
-    vocabulary-pruned softmax). The head is the largest matrix a check touches; the int8 copy
-    moves a quarter of its bytes, and a pruned read k rows of it. The first check still sees the
-    whole vocabulary's softmax: reading it through the k exact rows instead (the softmax of the k
-    only) changes more exit decisions than the rounding does (`benchmarks/pruned_checks.py`).
-    Only the exit decision is approximated: an exit's token is the argmax of the full-precision,
-    full-vocabulary head at the exit layer.
-    """
-
-    def __init__(self, runner: LayerRunner, top_k: int) -> None:
-        self.runner, self.top_k = runner, top_k
-        self.rows: HeadRows | None = None  # the k head rows per running row, after the token's first read
-        self.hidden: Tensor | None = None
-        self.memo: Tensor | None = None
-
-    def new_token(self) -> None:
-        self.rows = None
-
-    def at_layer(self, hidden: Tensor) -> None:
-        self.hidden, self.memo = hidden, None
-
-    def __call__(self) -> Tensor:
-        if self.memo is None:
-            if not self.top_k:
-                self.memo = self.runner.logits(self.hidden)
-            elif self.rows is None:
-                self.memo = self.runner.approximate_logits(self.hidden).float()
-                kept = self.memo[:, -1].topk(min(self.top_k, self.memo.shape[-1]), dim=-1).indices
-                self.rows = self.runner.head_rows(kept)
-            else:
-                self.memo = self.runner.logits_for(self.hidden, self.rows)
-        return self.memo
-
-    def full_logits_read(self, leaving: slice | Tensor) -> Tensor | None:
-        """The full-precision, full-vocabulary logits of the exiting rows `leaving` when this layer's
-        check already read them; else None (the exit's token then needs a head read of its own)."""
-        if self.memo is not None and not self.top_k:
-            return self.memo[leaving]
-        return None
-
-    def select(self, keep: Tensor) -> None:
-        if self.rows is not None:
-            self.rows = self.rows.select(keep)
 
 
 class EarlyExitGenerator:
@@ -287,7 +164,9 @@ class EarlyExitGenerator:
         measure.last_check_layer = num_layers - 1
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        batch, device = input_ids.shape[0], runner.device
+        device = runner.device
+        one_row_baseline = until_truncated and input_ids.shape[0] == 1
+        is_finished = (lambda row: False) if one_row_baseline else self._finished_check(stop_strings)
         stats = GenerationStats(num_layers=num_layers)
         clock = ActiveClock()
 
@@ -298,154 +177,11 @@ class EarlyExitGenerator:
         yield from clock.pause()
 
         started = clock.now()
-        if policy.decoding == "self_speculative":
-            drafted = yield from clock.relay(self_speculative_generate(
-                runner, cache, last_tokens, policy, measure, max_new_tokens, self._finished_check(stop_strings)
-            ))
-            _sync(device)
-            stats.decoder_s = clock.now() - started
-            stats.speculation, stats.layer_positions = drafted.counts, drafted.counts.layer_positions
-            stats.tokens = sum(len(row) for row in drafted.tokens)
-            exit_layers = [[num_layers] * len(row) for row in drafted.tokens]
-            stats.exit_histogram.update({num_layers: stats.tokens})
-            confidences = [[float("nan")] * len(row) for row in drafted.tokens]
-            return GenerationOutput(drafted.tokens, exit_layers, confidences, stats)
-        checks = CheckLogits(runner, policy.vocab_top_k)
-        is_finished = (lambda row: False) if until_truncated and batch == 1 else self._finished_check(stop_strings)
-        deferred = policy.kv_strategy == "deferred" and measure.can_exit
-        done_layers = torch.full((batch, max_new_tokens), num_layers, dtype=torch.long, device=device)
-        pending_states = (
-            torch.zeros(batch, max_new_tokens, runner.hidden_size, dtype=runner.dtype, device=device) if deferred else None
-        )
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        exit_layers: list[list[int]] = [[] for _ in range(batch)]
-        confidences: list[list[float]] = [[] for _ in range(batch)]
-        alive = torch.arange(batch, device=device)
-
-        for step in range(max_new_tokens):
-            threshold = policy.threshold_at(step, max_new_tokens)
-            rows, slot = alive, torch.arange(alive.numel(), device=device)
-            hidden = runner.embed(last_tokens[rows])[:, None]
-            token = torch.zeros(rows.numel(), dtype=torch.long, device=device)
-            exit_layer = torch.full_like(token, num_layers)
-            confidence = torch.full(token.shape, float("nan"), device=device)
-            measure.threshold = threshold
-            measure.start(hidden, policy.min_exit_layer)
-            checks.new_token()
-            last_score = None  # the measure's latest values for the rows still running
-            # (slots, states) whose token is still to be read: one head call for the whole step, not one
-            # per exit layer (at batch > 1 the head, the largest matrix, is read once, not up to L times)
-            unread: list[tuple[Tensor | slice, Tensor]] = []
-            catching_up = deferred and step > 0 and bool((done_layers[rows, :step] < num_layers).any())
-            # the prefill ran this step through every layer: its states are read back, its K/V are real
-            prefilled = step == 0 and runner.prefills_first_step
-            for index in range(num_layers):
-                row_arg = active_rows(rows, batch)
-                if catching_up:
-                    hidden, caught_up = self._layer_with_catch_up(
-                        index, hidden, cache, rows, row_arg, step, done_layers, pending_states
-                    )
-                    stats.layer_positions += caught_up
-                else:
-                    hidden = runner.layer(index, hidden, cache, row_arg, step, step)
-                if not prefilled:
-                    stats.layer_positions += rows.numel()
-                layer = index + 1
-                if layer == num_layers:
-                    break
-                checks.at_layer(hidden)
-                measured = time.perf_counter()  # a check's cost: the measure and the decision it feeds
-                score = measure.step(layer, hidden, checks)
-                exits, exiting = (None, 0) if score is None else exit_decision(score, threshold)
-                stats.measure_s += time.perf_counter() - measured
-                if score is None:
-                    continue
-                last_score = score
-                if exiting == 0:
-                    continue
-                everyone = exiting == rows.numel()  # always so at batch size 1: no indexing
-                leaving = slice(None) if everyone else exits.nonzero().squeeze(1)
-                exit_hidden = hidden if everyone else hidden[leaving]
-                exit_logits = checks.full_logits_read(leaving)
-                exit_slot = slot if everyone else slot[leaving]
-                if exit_logits is not None:
-                    token[exit_slot] = exit_logits[:, -1].argmax(-1)
-                else:
-                    unread.append((exit_slot, exit_hidden))
-                exit_layer[exit_slot] = layer
-                confidence[exit_slot] = (score if everyone else score[leaving]).float()
-                if not prefilled:  # a prefilled step skipped no layer: nothing to copy or defer
-                    leaving_rows = rows if everyone else rows[leaving]
-                    if deferred:
-                        done_layers[leaving_rows, step] = layer
-                        pending_states[leaving_rows, step] = exit_hidden[:, 0]
-                    else:
-                        runner.copy_skipped_kv(layer, exit_hidden, cache, leaving_rows, step)
-                if everyone:
-                    rows = rows[:0]
-                    break
-                staying = ~exits
-                rows, slot, hidden, last_score = rows[staying], slot[staying], hidden[staying], score[staying]
-                measure.select(staying)
-                checks.select(staying)
-            if rows.numel():
-                unread.append((slot, hidden))
-                if last_score is not None:
-                    confidence[slot] = last_score.float()
-            if len(unread) == 1:
-                token[unread[0][0]] = runner.logits(unread[0][1])[:, -1].argmax(-1)
-            elif unread:
-                slots, states = zip(*unread)
-                token[torch.cat(slots)] = runner.logits(torch.cat(states))[:, -1].argmax(-1)
-            exit_layer = measure.finish(token, exit_layer, num_layers)
-
-            finished = self._record(alive, token, exit_layer, confidence, tokens, exit_layers, confidences, is_finished)
-            last_tokens[alive] = token
-            alive = alive[~finished]
-            if alive.numel() == 0 or step + 1 == max_new_tokens:
-                break
-            try:
-                yield from clock.pause()
-            except Truncate:  # a timing baseline that has taken as many steps as its candidate
-                break
+        decode = Decode(runner, cache, last_tokens, policy, measure, max_new_tokens, is_finished, stats, clock)
+        output = yield from STRATEGIES[policy.decoding](decode)
         _sync(device)
         stats.decoder_s = clock.now() - started
-        for row_layers in exit_layers:
-            stats.exit_histogram.update(row_layers)
-        stats.tokens = sum(len(row) for row in tokens)
-        return GenerationOutput(tokens, exit_layers, confidences, stats)
-
-    def _layer_with_catch_up(
-        self,
-        index: int,
-        hidden: Tensor,
-        cache: Any,
-        rows: Tensor,
-        row_arg: Tensor | None,
-        step: int,
-        done_layers: Tensor,
-        pending_states: Tensor,
-    ) -> tuple[Tensor, int]:
-        """Run layer `index` for the current token together with every earlier token of the
-        same row that exited before this layer, in one call with an explicit causal mask; the
-        current token's output and how many earlier positions caught up."""
-        pending = done_layers[rows, :step] == index
-        counts = pending.sum(1)
-        caught_up = int(counts.sum())
-        if caught_up == 0:
-            return self.runner.layer(index, hidden, cache, row_arg, step, step), 0
-        width = int(counts.max()) + 1
-        candidates = torch.arange(step, device=hidden.device).expand_as(pending)
-        ordered = torch.where(pending, candidates, step).sort(dim=1).values[:, : width - 1]
-        positions = torch.cat([ordered, ordered.new_full((rows.numel(), 1), step)], dim=1)
-        is_pending = positions < step
-        block_rows = rows[:, None].expand_as(positions)
-        block = pending_states[block_rows, positions.clamp(max=step - 1)]
-        block = torch.where(is_pending[..., None], block, hidden)
-        block = self.runner.layer(index, block, cache, row_arg, positions, step)
-        pending_states[block_rows[is_pending], positions[is_pending]] = block[is_pending]
-        done_layers[block_rows[is_pending], positions[is_pending]] = index + 1
-        return block[:, -1:], caught_up
+        return output
 
     def _finished_check(self, stop_strings: Sequence[str]) -> Callable[[list[int]], bool]:
         """Whether a row's tokens so far end its generation: EOS last, or a stop string in its text."""
@@ -459,23 +195,3 @@ class EarlyExitGenerator:
             return any(stop in text for stop in stop_strings)
 
         return finished
-
-    def _record(
-        self,
-        alive: Tensor,
-        token: Tensor,
-        exit_layer: Tensor,
-        confidence: Tensor,
-        tokens: list[list[int]],
-        exit_layers: list[list[int]],
-        confidences: list[list[float]],
-        is_finished: Callable[[list[int]], bool],
-    ) -> Tensor:
-        """Append this step's results per row; return which rows are now finished."""
-        finished = []
-        for row, tok, layer, conf in zip(alive.tolist(), token.tolist(), exit_layer.tolist(), confidence.tolist()):
-            tokens[row].append(tok)
-            exit_layers[row].append(layer)
-            confidences[row].append(conf)
-            finished.append(is_finished(tokens[row]))
-        return torch.tensor(finished, dtype=torch.bool, device=alive.device)

@@ -24,19 +24,11 @@ from typing import Any, Callable, Generator
 import torch
 from torch import Tensor
 
+from mee_bench.engine.generation import Decode, GenerationOutput, SpeculationCounts
 from mee_bench.engine.measures import ExitMeasure
 from mee_bench.engine.policy import ExitPolicy, exit_decision
 from mee_bench.engine.runner import LayerRunner, active_rows
-
-
-@dataclass
-class SpeculationCounts:
-    """What drafting and verification did, summed over rows and rounds."""
-
-    rounds: int = 0  # row-rounds: one draft-then-verify of one row
-    proposed: int = 0  # draft tokens offered to verification
-    accepted: int = 0  # proposals the full model agreed with (and that were emitted)
-    layer_positions: int = 0  # decoder layers run x positions, padding excluded
+from mee_bench.engine.steps import Steps
 
 
 @dataclass
@@ -51,6 +43,22 @@ def _position_arg(positions: list[int], device: torch.device) -> tuple[Tensor | 
     if min(positions) == last:
         return last, last
     return torch.tensor(positions, device=device)[:, None], last
+
+
+def self_speculative_steps(decode: Decode) -> Steps[GenerationOutput]:
+    """The self-speculative decoding strategy: every emitted token is the full model's (exit layer L,
+    no confidence), with the drafting and verification counts in the call's stats."""
+    drafted = yield from decode.clock.relay(self_speculative_generate(
+        decode.runner, decode.cache, decode.last_tokens, decode.policy, decode.measure, decode.max_new_tokens,
+        decode.is_finished,
+    ))
+    stats, num_layers = decode.stats, decode.runner.num_layers
+    stats.speculation, stats.layer_positions = drafted.counts, drafted.counts.layer_positions
+    stats.tokens = sum(len(row) for row in drafted.tokens)
+    stats.exit_histogram.update({num_layers: stats.tokens})
+    exit_layers = [[num_layers] * len(row) for row in drafted.tokens]
+    confidences = [[float("nan")] * len(row) for row in drafted.tokens]
+    return GenerationOutput(drafted.tokens, exit_layers, confidences, stats)
 
 
 def self_speculative_generate(

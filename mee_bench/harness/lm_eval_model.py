@@ -34,7 +34,8 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, has_bos_prefix
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from mee_bench.engine.decoding import GenerationStats, input_limit
+from mee_bench.engine.decoding import input_limit
+from mee_bench.engine.generation import GenerationStats
 from mee_bench.engine.steps import Steps, run_steps
 from mee_bench.timing import LoadMonitor, PairedBlocks, Speedup
 from mee_bench.engine.loading import ModelLoadError, load_generator, resolve_device, resolve_dtype

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from tests.helpers import StepSchedule, tiny_model
-from mee_bench.engine import decoding
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.policy import exit_decision, rounded_to
 from mee_bench.engine.steps import Truncate, run_steps
@@ -275,7 +276,7 @@ def test_decode_steps_yields_between_steps_and_its_timings_leave_out_the_waits(p
     ids, mask = padded_batch([9, 5], seed=8)
     expected = generator.generate(ids, mask, policy, MAX_NEW)
     clock = [0.0]
-    monkeypatch.setattr(decoding.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     steps, yields = generator.decode_steps(ids, mask, policy, MAX_NEW), 0
     while True:
         try:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mee_bench.engine.decoding import CheckLogits, EarlyExitGenerator
+from mee_bench.engine.decoding import EarlyExitGenerator
+from mee_bench.engine.early_exit import CheckLogits
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import build_runner
