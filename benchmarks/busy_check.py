@@ -33,7 +33,8 @@ from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.harness.catalogue import TASKS
 from mee_bench.paths import DEFAULT_MODEL_DIR
-from mee_bench.timing import LoadMonitor, PairedTimer
+from mee_bench.timing.load import LoadMonitor
+from mee_bench.timing.pairing import PairedTimer
 from bench_io import write_result
 from cpu_hog import hog_running
 from pairing_check import shift_interval

@@ -19,7 +19,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from mee_bench.sweep.store import load_records
-from mee_bench.timing import Speedup
+from mee_bench.timing.statistics import Speedup
 
 
 def paired_speedups(directory: Path) -> dict[tuple, tuple[Speedup, dict]]:

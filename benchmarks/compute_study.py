@@ -86,7 +86,7 @@ def decode_ratio(label: str, prompts: int, tokens: int) -> dict:
     from mee_bench.engine.decoding import EarlyExitGenerator
     from mee_bench.engine.loading import load_generator
     from mee_bench.engine.policy import ExitPolicy
-    from mee_bench.timing import PairedBlocks
+    from mee_bench.timing.pairing import PairedBlocks
     from policy_speed import task_prompts
 
     default, candidate = load_generator(DEFAULT_MODEL_DIR, dtype=torch.float32), load_generator(RUNS / label, dtype=torch.float32)
@@ -104,15 +104,13 @@ def decode_ratio(label: str, prompts: int, tokens: int) -> dict:
 
 
 def report(campaign_tokens: float, prompts: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     torch.set_num_threads(2)
     result = {"date": date.today().isoformat(), "machine": hardware_info(2)["cpu_model"],
               "campaign_tokens": campaign_tokens, "common_overrides": COMMON, "arms": {}}
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    axes = figure.subplots(1, 2)
     for label, overrides in ARMS.items():
         history = evaluations(label)
         if not history:
@@ -142,7 +140,6 @@ def report(campaign_tokens: float, prompts: int) -> None:
     for axis in axes:
         axis.legend()
         axis.grid(alpha=0.3)
-    figure.tight_layout()
     OUTPUT.mkdir(parents=True, exist_ok=True)
     figure.savefig(OUTPUT / "curves.png", dpi=110)
     write_result(OUTPUT / "study.json", result)

@@ -46,7 +46,7 @@ from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.heads import ExitHeads
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.timing import speedup_interval
+from mee_bench.timing.statistics import speedup_interval
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {

@@ -29,7 +29,7 @@ from tabulate import tabulate
 import mee_bench.engine.runner as runner_module
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.timing import time_paired
+from mee_bench.timing.pairing import time_paired
 from bench_io import write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

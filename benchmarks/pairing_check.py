@@ -35,7 +35,8 @@ from mee_bench.engine.steps import run_steps
 from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.paths import DEFAULT_MODEL_DIR
-from mee_bench.timing import LoadMonitor, PairedTimer
+from mee_bench.timing.load import LoadMonitor
+from mee_bench.timing.pairing import PairedTimer
 from policy_speed import MAX_NEW_TOKENS, REPO, task_prompts
 from bench_io import write_result
 

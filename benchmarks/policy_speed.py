@@ -32,7 +32,8 @@ from tabulate import tabulate
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.timing import LoadMonitor, PairedBlocks
+from mee_bench.timing.load import LoadMonitor
+from mee_bench.timing.pairing import PairedBlocks
 from mee_bench.harness.catalogue import TATOEBA_ENFR, TaskSpec
 from mee_bench.harness.data import local_split_path, read_jsonl
 from mee_bench.paths import DATA_DIR_ENV, DEFAULT_MODEL_DIR

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
 
-from mee_bench import timing
 from mee_bench.engine.steps import Truncate
-from mee_bench.timing import LoadMonitor, PairedBlocks, PairedTimer, Speedup, in_turn, speedup_interval, time_paired
+from mee_bench.timing.load import LoadMonitor
+from mee_bench.timing.pairing import PairedBlocks, PairedTimer, in_turn, time_paired
+from mee_bench.timing.statistics import Speedup, speedup_interval
 
 
 class FakeClock:
@@ -106,7 +108,7 @@ def test_lockstep_takes_turns_a_step_at_a_time_and_times_each_side_by_its_own_st
     first, the next block's candidate first), the longer one finishes alone, each side's time is the
     sum of its own steps, and the results are the generators' return values."""
     clock = FakeClock()
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(time, "perf_counter", clock)
     order: list[str] = []
 
     def steps(name: str, count: int, seconds: float):
@@ -128,7 +130,7 @@ def test_lockstep_takes_turns_a_step_at_a_time_and_times_each_side_by_its_own_st
 
 def test_in_turn_runs_any_number_of_step_generators_in_the_given_order(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(time, "perf_counter", clock)
     order: list[int] = []
 
     def steps(index: int, count: int):
@@ -148,7 +150,7 @@ def test_a_truncated_baseline_stops_after_as_many_steps_as_the_candidate(monkeyp
     against a candidate of 2 is stopped after its own 2nd step whichever side goes first, and is
     timed on those 2 steps only; a baseline shorter than the candidate finishes as usual."""
     clock = FakeClock()
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(time, "perf_counter", clock)
     order: list[str] = []
 
     def steps(name: str, count: int, seconds: float):
@@ -207,7 +209,7 @@ def test_the_format_shows_both_ends():
 
 def test_stops_as_soon_as_the_interval_is_narrow_enough(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(time, "perf_counter", clock)
     blocks = [(clock.work(0.2), clock.work(0.1))] * 3
     speedup = time_paired(blocks, target_half_width=0.05, allowance_s=1e6, min_repeats=6)
     assert speedup.blocks == 9 and speedup.precise and speedup.ratio == pytest.approx(2.0)
@@ -215,7 +217,7 @@ def test_stops_as_soon_as_the_interval_is_narrow_enough(monkeypatch):
 
 def test_a_trial_out_of_time_reports_a_wide_interval_instead_of_failing(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(time, "perf_counter", clock)
     rng = np.random.default_rng(2)
 
     def noisy(seconds: float):
@@ -234,7 +236,7 @@ def test_a_trial_out_of_time_reports_a_wide_interval_instead_of_failing(monkeypa
 
 def test_every_block_is_timed_once_even_when_precision_comes_early(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(time, "perf_counter", clock)
     blocks = [(clock.work(0.2), clock.work(0.1))] * 9
     assert time_paired(blocks, target_half_width=0.5, min_repeats=2).blocks == 11
 
@@ -259,7 +261,7 @@ def test_load_monitor_sees_this_process_and_reports_the_machine():
 
 def test_paired_blocks_return_the_candidates_work_and_time_each_block_against_the_baseline(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(time, "perf_counter", clock)
     baseline_calls: list[int] = []
 
     def baseline(n: int) -> None:
@@ -300,7 +302,7 @@ def test_with_units_the_speedup_is_of_time_per_unit():
 
 def test_paired_blocks_count_the_units_each_side_produced(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(time, "perf_counter", clock)
 
     def decode(seconds: float, tokens: int):
         def run(work: int) -> int:

@@ -25,7 +25,7 @@ from mee_bench.calibrate.examples import Example, draw_splits, load_task
 from mee_bench.calibrate.ltt import CalibrationError, fixed_sequence_test
 from mee_bench.engine.steps import run_steps
 from mee_bench.engine.policy import POLICY_FILE, ExitPolicy
-from mee_bench.timing import in_turn
+from mee_bench.timing.pairing import in_turn
 
 RECORD_FILE = "calibration.json"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

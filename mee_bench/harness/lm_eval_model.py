@@ -37,7 +37,9 @@ from tqdm import tqdm
 from mee_bench.engine.decoding import input_limit
 from mee_bench.engine.generation import GenerationStats
 from mee_bench.engine.steps import Steps, run_steps
-from mee_bench.timing import LoadMonitor, PairedBlocks, Speedup
+from mee_bench.timing.load import LoadMonitor
+from mee_bench.timing.pairing import PairedBlocks
+from mee_bench.timing.statistics import Speedup
 from mee_bench.engine.loading import ModelLoadError, load_generator, resolve_device, resolve_dtype
 from mee_bench.harness.trained_for import untrained_note
 from mee_bench.paths import DEFAULT_MODEL_DIR

@@ -12,7 +12,7 @@ from fractions import Fraction
 from tabulate import tabulate
 
 from mee_bench.formatting import MISSING, fixed, percent
-from mee_bench.timing import Speedup
+from mee_bench.timing.statistics import Speedup
 
 
 def table(rows: list[list], header: list[str]) -> str:

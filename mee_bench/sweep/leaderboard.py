@@ -26,7 +26,7 @@ from mee_bench.markdown import block_content, fill_block, markers, relocate
 from mee_bench.harness.catalogue import TASKS
 from mee_bench.harness.trained_for import untrained_note
 from mee_bench.sweep.store import MANIFEST, SweepError, read_manifest, scan_records
-from mee_bench.timing import Speedup
+from mee_bench.timing.statistics import Speedup
 
 # The quality number a task is judged by is the catalogue's primary metric; other metrics are
 # shown beside it. Tasks outside the catalogue use the first metric of METRIC_PREFERENCE present.

@@ -13,7 +13,7 @@ from lm_eval.api.instance import Instance
 from mee_bench.harness.lm_eval_model import MEELM, TRAIN_DEFAULT_COMMAND, ModelArgsError, attach_efficiency, efficiency_table, task_manager
 from mee_bench.engine.loading import ModelLoadError
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.timing import speedup_interval
+from mee_bench.timing.statistics import speedup_interval
 
 FULL = ExitPolicy(measure="full")
 PROMPTS = [

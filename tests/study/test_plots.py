@@ -91,8 +91,9 @@ def test_study_figures_draw_every_text_inside_the_figure(make_figure, models):
 
 
 def test_training_curves_figure_draws_every_text_inside_the_figure():
-    curves = {name: [{"minutes": 10.0 * step + offset, "bleu": 5.0 + step, "val_ce_last": 3.0 - 0.1 * step}
-                     for step in range(4)] for offset, name in ((0, "default-base"), (40, "default-weighted-ce"))}
+    curves = {name: [{"minutes": 10.0 * step + offset, "tokens": 400_000 * step + 10_000 * offset, "bleu": 5.0 + step,
+                      "val_ce_last": 3.0 - 0.1 * step} for step in range(4)]
+              for offset, name in ((0, "default-base"), (40, "default-weighted-ce"))}
     assert clipped_texts(curves_figure(curves)) == []
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from mee_bench.engine.measures import measure_facts
-from mee_bench.timing import Speedup
+from mee_bench.timing.statistics import Speedup
 from mee_bench.sweep.leaderboard import build_leaderboard, cli, pareto_front, summary, summary_table, task_boards, task_table
 from tests.helpers import REPO
 
