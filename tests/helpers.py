@@ -3,12 +3,15 @@ tiny T5s built from a config in seconds."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
-from mee_bench.engine.measures import ExitMeasure
+from mee_bench.engine.measures import ExitMeasure, measure_facts
+from mee_bench.engine.t5 import growing_generate_cache
+from mee_bench.timing.statistics import Speedup
 from mee_bench.harness.lm_eval_hook import DISABLE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,3 +161,88 @@ def recorded_caches(generator) -> list:
 
     generator.runner.start = recording_start
     return caches
+
+
+# Decoding: prompts and Hugging Face's own greedy generate, the reference of every exactness test.
+
+MAX_NEW = 12
+SENTENCES = ["Why not start now?", "The boat capsized.", "Since there was nothing left to do, we left."]
+
+
+def padded_batch(lengths: list[int], side: str = "right", seed: int = 1, vocab: int = 32000):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        tokens = torch.randint(2, vocab, (n,), generator=generator)
+        tokens[-1] = 1
+        span = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[row, span], mask[row, span] = tokens, 1
+    return ids, mask
+
+
+def hf_greedy(model, ids, mask, max_new_tokens=MAX_NEW, lazy_cache=False) -> list[list[int]]:
+    cache = growing_generate_cache(model) if lazy_cache else {}
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, **cache
+    )
+    rows = []
+    for row in out[:, 1:].tolist():
+        if 1 in row:
+            row = row[: row.index(1) + 1]
+        rows.append(row)
+    return rows
+
+
+# Sweep records as the sweep writes them, for the leaderboard, calibration and results-page tests.
+
+HARDWARE = {"cpu_model": "Test CPU", "cpu_count": 2, "torch_threads": 1, "gpu": None}
+
+
+def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardware=HARDWARE, metric="bleu", runs="softmax",
+           paired=None, load=None):
+    """A trial record as the sweep writes it; `runs` is the measure a `calibrated` trial runs;
+    `paired` a paired speedup (ratio, low, high[, target half-width]), else the record is unpaired."""
+    rec = {
+        "trial_id": f"{task}-{measure}-{threshold}-{layer}",
+        "status": status,
+        "trial": {"task": task, "measure": measure, "threshold": threshold, "min_exit_layer": layer},
+        "config": {"model": {"pretrained": "/m/mee-t5-default", "dtype": "float32", "device": "cpu"}, "limit": 8, "batch_size": 1},
+        "hardware": hardware,
+        "measure_facts": measure_facts(runs if measure == "calibrated" else measure),
+    }
+    if status == "ok":
+        rec.update(
+            metrics={metric: quality, "chrf": quality + 20},
+            efficiency={"decode_ms_per_token": ms, "avg_exit_layer": avg, "num_layers": 6},
+            energy={"energy_kwh": 2e-6, "emissions_kg_co2eq": 1e-7, "power_source": "estimated",
+                    "power_detail": "CPU estimated (TDP x CPU load, TDP 8 W)", "country_iso_code": "FRA"},
+        )
+    if paired is not None:
+        ratio, low, high, *target = paired
+        rec["efficiency"]["paired_speedup"] = Speedup(
+            ratio, low, high, 12, target_half_width=(target or [0.1])[0], across_work=(low - 0.5, high + 0.5)
+        ).as_dict()
+    if load is not None:
+        rec["efficiency"]["load"] = load
+    return rec
+
+
+RECORDS = [
+    record("tatoeba_enfr_mee", "full", None, None, 20.0, 10.0, 6.0),
+    record("tatoeba_enfr_mee", "softmax", 0.9, 2, 19.5, 5.0, 3.0),  # within 1 point, 2x
+    record("tatoeba_enfr_mee", "softmax", 0.5, 2, 15.0, 2.5, 2.0),  # 4x but 5 points worse
+    record("tatoeba_enfr_mee", "saturation", 0.99, 4, 17.0, 8.0, 5.0),  # never within 1 point
+    record("tatoeba_enfr_mee", "oracle", None, 2, 20.0, 11.0, 2.5),
+    record("tatoeba_enfr_mee", "lstm", 0.5, 4, None, None, None, status="failed"),
+]
+
+
+def write_sweep(tmp_path, records, measures=None):
+    (tmp_path / "records").mkdir(parents=True)
+    for rec in records:
+        (tmp_path / "records" / f"{rec['trial_id']}.json").write_text(json.dumps(rec))
+    if measures:
+        (tmp_path / "sweep.json").write_text(json.dumps({"fingerprint": "x", "config": {"name": "demo", "measures": measures}}))
+    return tmp_path

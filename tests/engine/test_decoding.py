@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import StepSchedule, tiny_model
+from tests.helpers import MAX_NEW, SENTENCES, StepSchedule, hf_greedy, padded_batch, tiny_model
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.policy import exit_decision, rounded_to
 from mee_bench.engine.steps import Truncate, run_steps
@@ -15,37 +15,6 @@ from mee_bench.engine.heads import ExitHeads
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import load_model
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.engine.t5 import growing_generate_cache
-
-MAX_NEW = 12
-SENTENCES = ["Why not start now?", "The boat capsized.", "Since there was nothing left to do, we left."]
-
-
-def padded_batch(lengths: list[int], side: str = "right", seed: int = 1, vocab: int = 32000):
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        tokens = torch.randint(2, vocab, (n,), generator=generator)
-        tokens[-1] = 1
-        span = slice(0, n) if side == "right" else slice(width - n, width)
-        ids[row, span], mask[row, span] = tokens, 1
-    return ids, mask
-
-
-def hf_greedy(model, ids, mask, max_new_tokens=MAX_NEW, lazy_cache=False) -> list[list[int]]:
-    cache = growing_generate_cache(model) if lazy_cache else {}
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, **cache
-    )
-    rows = []
-    for row in out[:, 1:].tolist():
-        if 1 in row:
-            row = row[: row.index(1) + 1]
-        rows.append(row)
-    return rows
-
 
 BATCH_OF_EIGHT = [9, 5, 7, 3, 8, 6, 4, 9]
 

@@ -11,7 +11,7 @@ from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.loading import ModelLoadError, load_model
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import supported_model_types
-from tests.engine.test_decoding import MAX_NEW, hf_greedy, padded_batch
+from tests.helpers import MAX_NEW, hf_greedy, padded_batch
 
 TINY = dict(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=4, num_heads=4,
             decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, dropout_rate=0.0, initializer_factor=4.0)

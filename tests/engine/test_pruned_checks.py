@@ -11,7 +11,7 @@ from mee_bench.engine.early_exit import CheckLogits
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import build_runner
-from tests.engine.test_decoding import padded_batch
+from tests.helpers import padded_batch
 from tests.helpers import StepSchedule, tiny_causal_model, tiny_model
 
 MAX_NEW = 12

@@ -8,7 +8,7 @@ import torch
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.loading import load_model
 from mee_bench.engine.policy import ExitPolicy
-from tests.engine.test_decoding import SENTENCES, padded_batch
+from tests.helpers import SENTENCES, padded_batch
 from tests.helpers import recorded_caches, tiny_model
 
 MAX_NEW = 16

@@ -8,7 +8,7 @@ from mee_bench.harness.catalogue import TASK_NAMES
 from mee_bench.harness.trained_for import untrained_note, untrained_tasks
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.sweep.leaderboard import summary, summary_table, task_boards
-from tests.sweep.test_leaderboard import record
+from tests.helpers import record
 
 
 def test_the_embedded_default_was_trained_for_translation_and_squad_only():

@@ -12,7 +12,7 @@ import pytest
 from mee_bench.study import results_page
 from mee_bench.sweep.leaderboard import build_leaderboard
 from tests.helpers import REPO
-from tests.sweep.test_leaderboard import RECORDS, write_sweep
+from tests.helpers import RECORDS, write_sweep
 
 POLICY_SPEED = {
     "batches": [{"batch": 1, "policies": [

@@ -11,7 +11,7 @@ from mee_bench.engine.policy import POLICY_FILE, ExitPolicy
 from mee_bench.sweep.config import ConfigError, Trial, expand_grid, to_config
 from mee_bench.sweep.leaderboard import task_boards, task_table
 from mee_bench.sweep.store import trial_id
-from tests.sweep.test_leaderboard import record
+from tests.helpers import record
 
 CALIBRATED = ExitPolicy("softmax", 0.8, 2)
 SUMMARY = {"delta": 0.1, "epsilon": 0.05, "chosen_threshold": 0.8, "test_risk": 0.07, "within_delta": True}

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.helpers import REPO
-from tests.sweep.test_leaderboard import record, write_sweep
+from tests.helpers import record, write_sweep
 
 spec = importlib.util.spec_from_file_location("compare_speedups", REPO / "benchmarks" / "compare_speedups.py")
 compare_speedups = importlib.util.module_from_spec(spec)

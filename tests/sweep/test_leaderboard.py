@@ -10,61 +10,8 @@ import sys
 
 import pytest
 
-from mee_bench.engine.measures import measure_facts
-from mee_bench.timing.statistics import Speedup
 from mee_bench.sweep.leaderboard import build_leaderboard, cli, pareto_front, summary, summary_table, task_boards, task_table
-from tests.helpers import REPO
-
-HARDWARE = {"cpu_model": "Test CPU", "cpu_count": 2, "torch_threads": 1, "gpu": None}
-
-
-def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardware=HARDWARE, metric="bleu", runs="softmax",
-           paired=None, load=None):
-    """A trial record as the sweep writes it; `runs` is the measure a `calibrated` trial runs;
-    `paired` a paired speedup (ratio, low, high[, target half-width]), else the record is unpaired."""
-    rec = {
-        "trial_id": f"{task}-{measure}-{threshold}-{layer}",
-        "status": status,
-        "trial": {"task": task, "measure": measure, "threshold": threshold, "min_exit_layer": layer},
-        "config": {"model": {"pretrained": "/m/mee-t5-default", "dtype": "float32", "device": "cpu"}, "limit": 8, "batch_size": 1},
-        "hardware": hardware,
-        "measure_facts": measure_facts(runs if measure == "calibrated" else measure),
-    }
-    if status == "ok":
-        rec.update(
-            metrics={metric: quality, "chrf": quality + 20},
-            efficiency={"decode_ms_per_token": ms, "avg_exit_layer": avg, "num_layers": 6},
-            energy={"energy_kwh": 2e-6, "emissions_kg_co2eq": 1e-7, "power_source": "estimated",
-                    "power_detail": "CPU estimated (TDP x CPU load, TDP 8 W)", "country_iso_code": "FRA"},
-        )
-    if paired is not None:
-        ratio, low, high, *target = paired
-        rec["efficiency"]["paired_speedup"] = Speedup(
-            ratio, low, high, 12, target_half_width=(target or [0.1])[0], across_work=(low - 0.5, high + 0.5)
-        ).as_dict()
-    if load is not None:
-        rec["efficiency"]["load"] = load
-    return rec
-
-
-RECORDS = [
-    record("tatoeba_enfr_mee", "full", None, None, 20.0, 10.0, 6.0),
-    record("tatoeba_enfr_mee", "softmax", 0.9, 2, 19.5, 5.0, 3.0),  # within 1 point, 2x
-    record("tatoeba_enfr_mee", "softmax", 0.5, 2, 15.0, 2.5, 2.0),  # 4x but 5 points worse
-    record("tatoeba_enfr_mee", "saturation", 0.99, 4, 17.0, 8.0, 5.0),  # never within 1 point
-    record("tatoeba_enfr_mee", "oracle", None, 2, 20.0, 11.0, 2.5),
-    record("tatoeba_enfr_mee", "lstm", 0.5, 4, None, None, None, status="failed"),
-]
-
-
-def write_sweep(tmp_path, records, measures=None):
-    (tmp_path / "records").mkdir(parents=True)
-    for rec in records:
-        (tmp_path / "records" / f"{rec['trial_id']}.json").write_text(json.dumps(rec))
-    if measures:
-        (tmp_path / "sweep.json").write_text(json.dumps({"fingerprint": "x", "config": {"name": "demo", "measures": measures}}))
-    return tmp_path
-
+from tests.helpers import HARDWARE, REPO, RECORDS, record, write_sweep
 
 def rows_by_policy(board):
     return {(r.measure, r.threshold): r for r in board.rows}
