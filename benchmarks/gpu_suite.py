@@ -305,6 +305,14 @@ def package_model(model_dir: Path, records: Path, out: Path, scratch: Path) -> l
     return pieces
 
 
+def energy_prompts(count: int) -> list[str]:
+    """The energy step's workload: the first `count` distinct held-out Tatoeba prompts."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from policy_speed import task_prompts
+
+    return task_prompts(count)
+
+
 def gpu_energy(args: argparse.Namespace) -> int:
     """One evaluation (the lstm policy on 200 Tatoeba sentences, batch 16) with the GPU's energy counted."""
     import torch
@@ -313,11 +321,8 @@ def gpu_energy(args: argparse.Namespace) -> int:
     from mee_bench.engine.policy import ExitPolicy
     from mee_bench.paths import DEFAULT_MODEL_DIR
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from policy_speed import tatoeba_prompts
-
     generator = load_generator(DEFAULT_MODEL_DIR, "bfloat16", "cuda", require_heads=True)
-    prompts = tatoeba_prompts(200)
+    prompts = energy_prompts(200)
     policy = ExitPolicy("lstm", threshold=0.5, min_exit_layer=2)
 
     def evaluation() -> int:

@@ -60,3 +60,12 @@ def test_dry_run_produces_every_step_and_a_summary(tmp_path):
     agreement = summary["steps"]["training"]["agreement"]["no_change_after_layer"]
     assert len(agreement) == 3 and agreement[-1] == 1.0
     assert "| training | ok |" in (out / "gpu.md").read_text()
+
+
+def test_the_energy_steps_workload_is_built_without_a_gpu():
+    """The energy step runs only on a GPU, so its prompts are built by a function the CPU can call."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_suite
+
+    prompts = gpu_suite.energy_prompts(200)
+    assert len(prompts) == len(set(prompts)) == 200 and all(p.startswith("translate English to French: ") for p in prompts)
