@@ -7,7 +7,8 @@ import json
 from mee_bench.harness.catalogue import TASK_NAMES
 from mee_bench.harness.trained_for import untrained_note, untrained_tasks
 from mee_bench.paths import DEFAULT_MODEL_DIR
-from mee_bench.sweep.leaderboard import summary, summary_table, task_boards
+from mee_bench.sweep.boards import summary, task_boards
+from mee_bench.sweep.leaderboard import summary_table
 from tests.helpers import record
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from mee_bench.engine.policy import POLICY_FILE, ExitPolicy
 from mee_bench.sweep.config import ConfigError, Trial, expand_grid, to_config
-from mee_bench.sweep.leaderboard import task_boards, task_table
+from mee_bench.sweep.boards import task_boards
+from mee_bench.sweep.leaderboard import task_table
 from mee_bench.sweep.store import trial_id
 from tests.helpers import record
 

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from mee_bench.sweep.leaderboard import build_leaderboard, cli, pareto_front, summary, summary_table, task_boards, task_table
+from mee_bench.sweep.boards import pareto_front, summary, task_boards
+from mee_bench.sweep.leaderboard import build_leaderboard, cli, summary_table, task_table
 from tests.helpers import HARDWARE, REPO, RECORDS, record, write_sweep
 
 def rows_by_policy(board):
