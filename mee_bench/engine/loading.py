@@ -21,6 +21,16 @@ from mee_bench.paths import DEFAULT_MODEL_DIR
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# What FREE (Bae et al. 2023, `util/additional_args.py`) writes into the configs of its T5 checkpoints
+# to drive its forked `modeling_t5.py`; transformers keeps them as plain attributes and nothing reads them.
+FREE_CONFIG_KEYS = (
+    "use_synchronize", "output_hidden_states_decoder", "intermediate_loss_fn", "distill_layer_alpha",
+    "do_layer_transformation", "static_exit_layer", "use_early_exit", "exit_conf_type", "exit_conf_threshold",
+    "exit_position_temp", "exit_min_layer", "train_meta_cm_head", "max_answer_length", "use_shallow_deep",
+    "shallow_exit_layer", "shallow2deep_conf_type", "shallow2deep_conf_threshold", "parallel_gen_token",
+    "copy_skipped_hidden_states", "rollback_conf_threshold", "parallel_causal_mask", "use_adapt_threshold",
+    "use_lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
+)
 DEVICE_TYPES = ("cpu", "cuda")
 
 
@@ -160,6 +170,7 @@ def load_model(
             f"cannot load a config from {pretrained!r} ({one_line(err)}): re-download or re-save the checkpoint"
         ) from None
     runner = runner_for_config(config, pretrained)
+    log_ignored_config_keys(config, pretrained)
     fix = "re-download or re-save the checkpoint"
     for weights in sorted(local.glob("*.safetensors")) if local else ():
         if weights.name != HEADS_FILE:  # heads are checked when a policy needs them
@@ -187,6 +198,22 @@ def load_model(
         ) from None
     log.info("loaded %s: a %s %s model (%s)", pretrained, model_kind(config), config.model_type, runner.__name__)
     return model.to(dev).eval(), tokenizer
+
+
+def ignored_config_keys(config) -> dict:
+    """The early-exit settings another framework left in a checkpoint's config (FREE's T5s), which
+    mee-bench ignores: its exits follow its own policy, so a user should not think these apply."""
+    return {key: getattr(config, key) for key in FREE_CONFIG_KEYS if hasattr(config, key)}
+
+
+def log_ignored_config_keys(config, source: str | Path) -> None:
+    ignored = ignored_config_keys(config)
+    if ignored:
+        log.warning(
+            "%s carries FREE's early-exit config keys, which mee-bench ignores (its exit policy comes from "
+            "model_args, a calibration or exit_policy.json): %s",
+            source, ", ".join(f"{key}={value!r}" for key, value in ignored.items()),
+        )
 
 
 def model_kind(config) -> str:
