@@ -15,7 +15,7 @@ import torch
 
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.heads import HEADS_FILE, ExitHeads, find_heads
-from mee_bench.engine.runner import runner_class, supported_model_types
+from mee_bench.engine.runner import REFUSED, RUNNERS, runner_class, supported_model_types
 from mee_bench.paths import DEFAULT_MODEL_DIR
 
 log = logging.getLogger(__name__)
@@ -223,11 +223,19 @@ def model_kind(config) -> str:
 
 def runner_for_config(config, source: str | Path) -> type:
     """The runner class for a checkpoint's config, or one line naming what is supported."""
-    try:
-        return runner_class(config.model_type)
-    except ValueError:
-        pass
     families = _families()
+    if config.model_type in RUNNERS:
+        runner = runner_class(config.model_type)
+        reason = getattr(runner, "refusal", lambda _: None)(config)
+        if reason:
+            raise ModelLoadError(f"{str(source)!r} is a {config.model_type!r} model mee-bench cannot run: {reason}")
+        return runner
+    if config.model_type in REFUSED:
+        raise ModelLoadError(
+            f"{str(source)!r} is a {config.model_type!r} model, which mee-bench does not run: "
+            f"{REFUSED[config.model_type]}; supported: encoder-decoder {families['encoder-decoder']}; "
+            f"decoder-only {families['decoder-only']}"
+        )
     if _is_encoder_only(config):
         raise ModelLoadError(
             f"{str(source)!r} is an encoder-only {config.model_type!r} model, which cannot generate text; use an "
