@@ -41,6 +41,7 @@ from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy, read_policy_file, shipped_policy_path
 from mee_bench.harness import catalogue
 from mee_bench.harness.catalogue import TASKS_DIR
+from mee_bench.harness.chat import apply_chat_template
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -295,6 +296,11 @@ class MEELM(TemplateLM):
     @property
     def tokenizer_name(self) -> str:
         return self.tokenizer.name_or_path.replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's `--apply_chat_template` (with `--system_instruction`, `--fewshot_as_multiturn`): the
+        history rendered as lm-eval's `hf` model renders it (`chat.py`)."""
+        return apply_chat_template(self.tokenizer, self.pretrained, chat_history, add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """Token ids with the tokenizer's special tokens unless told otherwise (T5's encoder side keeps its
