@@ -1,6 +1,8 @@
 """The lm-eval hook: lets the stock `lm_eval` command find `--model mee` and the `*_mee` tasks.
 
-lm-eval 0.4.13 has no plugin entry points. `mee_bench_lm_eval.pth` in site-packages (see
+lm-eval 0.4.13 loads no model plugins (newer versions load `--model mee` from the
+`lm_eval.models` entry point pyproject.toml declares, but not the tasks, nor what follows).
+`mee_bench_lm_eval.pth` in site-packages (see
 `install_lm_eval_hook`) therefore puts a trigger finder on `sys.meta_path` whenever Python
 starts, unless `MEE_BENCH_NO_LM_EVAL_HOOK=1`. The trigger imports nothing; it only checks
 each imported name against `WATCHED` and, for those lm-eval modules, calls `find_spec`
