@@ -59,12 +59,27 @@ def tiny_model(seed: int = 0, **config_overrides):
     return T5ForConditionalGeneration(tiny_config(**config_overrides)).eval()
 
 
-CAUSAL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+CAUSAL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "granite", "olmo2", "phi3", "smollm3", "gemma3_text")
+# Each family's own quirks. Values that keep a random tiny model varied and clear of the near-ties
+# that bf16 rounding flips (`full` vs `generate` is compared token for token in bf16 too):
+# Granite's multipliers away from 1 but not at Granite 3's 12 / 0.22, an untied Gemma 3 (tied, its
+# scaled embedding makes a random model repeat its input) whose logit cap bends its logits.
+FAMILY_EXTRAS = {
+    "mistral": {"sliding_window": 6},
+    "qwen3": {"head_dim": 16, "tie_word_embeddings": True},
+    "granite": {"embedding_multiplier": 1.5, "residual_multiplier": 1.2, "attention_multiplier": 0.25,
+                "logits_scaling": 4.0, "tie_word_embeddings": True},
+    "phi3": {"partial_rotary_factor": 0.5},  # as Phi-4-mini, which rotates part of each head
+    "smollm3": {"no_rope_layers": [1, 1, 0, 1], "tie_word_embeddings": True},  # layer 3 without rotary (NoPE)
+    "gemma3_text": {"head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 16, "final_logit_softcapping": 3.0,
+                    "tie_word_embeddings": False,
+                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]},
+}
 
 
 def tiny_causal_config(family: str, vocab_size: int = 512, layers: int = 4, **overrides):
-    """A tiny decoder-only config of `family` (grouped-query attention where the family has it;
-    Mistral with a sliding window shorter than the tests' sequences, Qwen3 with tied embeddings)."""
+    """A tiny decoder-only config of `family` (grouped-query attention where the family has it, and the
+    family's own quirks: `FAMILY_EXTRAS`)."""
     import transformers
 
     tokens = dict(bos_token_id=2, eos_token_id=1, pad_token_id=0, initializer_range=0.2)
@@ -76,12 +91,13 @@ def tiny_causal_config(family: str, vocab_size: int = 512, layers: int = 4, **ov
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, **tokens,
     )
-    extra = {"mistral": {"sliding_window": 6}, "qwen3": {"head_dim": 16, "tie_word_embeddings": True}}
-    values.update(extra.get(family, {}))
+    values.update(FAMILY_EXTRAS.get(family, {}))
     values.update(overrides)
     config_class = {
         "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config, "granite": transformers.GraniteConfig,
+        "olmo2": transformers.Olmo2Config, "phi3": transformers.Phi3Config, "smollm3": transformers.SmolLM3Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
     }[family]
     return config_class(**values)
 

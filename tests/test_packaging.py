@@ -34,8 +34,12 @@ BUILD_INPUTS = ("pyproject.toml", "README.md", PTH_NAME)
 TIMEOUT_S = 480
 PROBE = """
 import json, sysconfig
+from importlib.metadata import entry_points
 import mee_bench, mee_bench.paths as paths
+import lm_eval.models
+from lm_eval.api.registry import get_model
 print(json.dumps({
+    "entry_point_is_the_registered_model": entry_points(group="lm_eval.models")["mee"].load() is get_model("mee"),
     "site_packages": sysconfig.get_paths()["purelib"],
     "package": mee_bench.__file__,
     "default_model": str(paths.DEFAULT_MODEL_DIR),
@@ -49,8 +53,14 @@ def in_wheel(path: Path) -> str:
     return f"{PACKAGE_DIR.name}/{path.relative_to(PACKAGE_DIR).as_posix()}"
 
 
+@dataclass(frozen=True)
+class Built:
+    wheel: Path
+    log: str  # what pip and setuptools printed while building it
+
+
 @pytest.fixture(scope="session")
-def wheel(tmp_path_factory) -> Path:
+def built(tmp_path_factory) -> Built:
     """`pip wheel . --no-deps`, offline (setuptools from this environment, no build isolation)."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "src"
@@ -63,14 +73,20 @@ def wheel(tmp_path_factory) -> Path:
         capture_output=True, text=True, timeout=TIMEOUT_S,
     )
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-4000:]
-    (built,) = (root / "dist").glob("*.whl")
-    return built
+    (wheel,) = (root / "dist").glob("*.whl")
+    return Built(wheel, build.stdout + build.stderr)
+
+
+@pytest.fixture(scope="session")
+def wheel(built) -> Path:
+    return built.wheel
 
 
 @dataclass(frozen=True)
 class Virtualenv:
     python: Path
     site_packages: Path
+    install_log: str  # what pip printed while installing the wheel
 
     def installed(self, path: Path) -> Path:
         """Where a file of the repository's package lies in this virtualenv."""
@@ -94,7 +110,7 @@ def venv(wheel, tmp_path_factory) -> Virtualenv:
         capture_output=True, text=True, timeout=TIMEOUT_S,
     )
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-4000:]
-    return Virtualenv(python, site_packages)
+    return Virtualenv(python, site_packages, install.stdout + install.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +157,17 @@ def test_mee_bench_and_its_default_model_resolve_inside_the_virtualenv(installed
     assert Path(found["default_model"]) == venv.installed(DEFAULT_MODEL_DIR)
     expected = {"config.json", "model.safetensors", "exit_heads.safetensors", "tokenizer.json"}
     assert expected <= set(found["default_model_files"])
+    assert found["entry_point_is_the_registered_model"]
+
+
+WARNING = re.compile(r"warn|deprecat", re.IGNORECASE)
+
+
+def test_an_offline_build_and_install_print_no_warning(built, venv):
+    """Neither setuptools (it warned on every build while `project.license` was a TOML table) nor pip
+    has anything to warn about or call deprecated."""
+    for what, log in (("build", built.log), ("install", venv.install_log)):
+        assert not [line for line in log.splitlines() if WARNING.search(line)], f"{what}:\n{log[-4000:]}"
 
 
 def test_lm_eval_runs_the_installed_task_on_the_installed_default_model(installed_runs, venv):

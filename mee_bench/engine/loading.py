@@ -15,12 +15,22 @@ import torch
 
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.heads import HEADS_FILE, ExitHeads, find_heads
-from mee_bench.engine.runner import runner_class, supported_model_types
+from mee_bench.engine.runner import REFUSED, RUNNERS, runner_class, supported_model_types
 from mee_bench.paths import DEFAULT_MODEL_DIR
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# What FREE (Bae et al. 2023, `util/additional_args.py`) writes into the configs of its T5 checkpoints
+# to drive its forked `modeling_t5.py`; transformers keeps them as plain attributes and nothing reads them.
+FREE_CONFIG_KEYS = (
+    "use_synchronize", "output_hidden_states_decoder", "intermediate_loss_fn", "distill_layer_alpha",
+    "do_layer_transformation", "static_exit_layer", "use_early_exit", "exit_conf_type", "exit_conf_threshold",
+    "exit_position_temp", "exit_min_layer", "train_meta_cm_head", "max_answer_length", "use_shallow_deep",
+    "shallow_exit_layer", "shallow2deep_conf_type", "shallow2deep_conf_threshold", "parallel_gen_token",
+    "copy_skipped_hidden_states", "rollback_conf_threshold", "parallel_causal_mask", "use_adapt_threshold",
+    "use_lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
+)
 DEVICE_TYPES = ("cpu", "cuda")
 
 
@@ -160,6 +170,7 @@ def load_model(
             f"cannot load a config from {pretrained!r} ({one_line(err)}): re-download or re-save the checkpoint"
         ) from None
     runner = runner_for_config(config, pretrained)
+    log_ignored_config_keys(config, pretrained)
     fix = "re-download or re-save the checkpoint"
     for weights in sorted(local.glob("*.safetensors")) if local else ():
         if weights.name != HEADS_FILE:  # heads are checked when a policy needs them
@@ -189,6 +200,22 @@ def load_model(
     return model.to(dev).eval(), tokenizer
 
 
+def ignored_config_keys(config) -> dict:
+    """The early-exit settings another framework left in a checkpoint's config (FREE's T5s), which
+    mee-bench ignores: its exits follow its own policy, so a user should not think these apply."""
+    return {key: getattr(config, key) for key in FREE_CONFIG_KEYS if hasattr(config, key)}
+
+
+def log_ignored_config_keys(config, source: str | Path) -> None:
+    ignored = ignored_config_keys(config)
+    if ignored:
+        log.warning(
+            "%s carries FREE's early-exit config keys, which mee-bench ignores (its exit policy comes from "
+            "model_args, a calibration or exit_policy.json): %s",
+            source, ", ".join(f"{key}={value!r}" for key, value in ignored.items()),
+        )
+
+
 def model_kind(config) -> str:
     """'encoder-decoder' or 'decoder-only', as the registered runner treats `config`."""
     return "encoder-decoder" if runner_class(config.model_type).is_encoder_decoder else "decoder-only"
@@ -196,11 +223,19 @@ def model_kind(config) -> str:
 
 def runner_for_config(config, source: str | Path) -> type:
     """The runner class for a checkpoint's config, or one line naming what is supported."""
-    try:
-        return runner_class(config.model_type)
-    except ValueError:
-        pass
     families = _families()
+    if config.model_type in RUNNERS:
+        runner = runner_class(config.model_type)
+        reason = getattr(runner, "refusal", lambda _: None)(config)
+        if reason:
+            raise ModelLoadError(f"{str(source)!r} is a {config.model_type!r} model mee-bench cannot run: {reason}")
+        return runner
+    if config.model_type in REFUSED:
+        raise ModelLoadError(
+            f"{str(source)!r} is a {config.model_type!r} model, which mee-bench does not run: "
+            f"{REFUSED[config.model_type]}; supported: encoder-decoder {families['encoder-decoder']}; "
+            f"decoder-only {families['decoder-only']}"
+        )
     if _is_encoder_only(config):
         raise ModelLoadError(
             f"{str(source)!r} is an encoder-only {config.model_type!r} model, which cannot generate text; use an "

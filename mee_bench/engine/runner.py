@@ -113,6 +113,12 @@ class LayerRunner(Protocol):
 
 
 RUNNERS: dict[str, type] = {}
+# Families tried and refused, with the reason: a user with such a checkpoint learns why, not only that.
+REFUSED: dict[str, str] = {
+    "gemma2": "its attention soft-caps scores (attn_logit_softcapping), which needs eager attention, and the "
+              "decoder-only runners hand sdpa an explicit mask",
+    "umt5": "it has a relative position bias in every layer, which the T5 runner does not compute",
+}
 INT8_ENGINES = ("x86", "fbgemm")  # quantized engines whose int8 linear kernels make `approximate_logits` cheap
 
 
@@ -145,6 +151,11 @@ class HeadReads:
         """What the LM head multiplies: the model's final norm of a raw layer output (and any scaling)."""
         raise NotImplementedError
 
+    def head_output(self, logits: Tensor) -> Tensor:
+        """The model's own last step after the head (Gemma's logit soft-capping); elementwise, so it
+        applies to any subset of the vocabulary alike."""
+        return logits
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.lm_head.weight.dtype
@@ -160,9 +171,9 @@ class HeadReads:
         their sums."""
         head = self.model.lm_head
         if torch.is_grad_enabled() or head.weight.device.type != "cpu":
-            return head(self.head_input(hidden))
+            return self.head_output(head(self.head_input(hidden)))
         logits = self.head_input(hidden) @ self._head_copy("columns", lambda weight: weight.t().contiguous())
-        return logits if head.bias is None else logits + head.bias
+        return self.head_output(logits if head.bias is None else logits + head.bias)
 
     def rms_head_gain(self) -> tuple[Tensor, float] | None:
         """(g, eps) when `head_input(h)` is `g * h / sqrt(mean(h^2) + eps)` (an RMS final norm, any output
@@ -183,7 +194,7 @@ class HeadReads:
             logits = self.head_input(hidden) @ rows.weight
         else:
             logits = (hidden @ rows.weight) * torch.rsqrt(hidden.float().pow(2).mean(-1, keepdim=True) + rows.rms_eps)
-        return logits if rows.bias is None else logits + rows.bias
+        return self.head_output(logits if rows.bias is None else logits + rows.bias)
 
     def approximate_logits(self, hidden: Tensor) -> Tensor:
         """On a CPU with x86 int8 kernels, through the head's rows rounded to int8 (the state is
@@ -194,10 +205,10 @@ class HeadReads:
         if head.weight.device.type == "cpu" and torch.backends.quantized.engine in INT8_ENGINES:
             packed = self._head_copy("int8", _int8_rows)
             logits = torch.ops.quantized.linear_dynamic(self.head_input(hidden).float(), packed, True)
-            return logits if head.bias is None else logits + head.bias.float()
+            return self.head_output(logits if head.bias is None else logits + head.bias.float())
         half = self._head_copy("half", lambda weight: weight if weight.element_size() <= 2 else weight.to(torch.float16))
         logits = self.head_input(hidden).to(half.dtype) @ half.T
-        return logits if head.bias is None else logits + head.bias.to(half.dtype)
+        return self.head_output(logits if head.bias is None else logits + head.bias.to(half.dtype))
 
     def _head_copy(self, kind: str, build: Callable[[Tensor], Any]) -> Any:
         """The head's weight as `build` remakes it (column-major, int8, half precision), kept per `kind`
@@ -239,6 +250,11 @@ def supported_model_types() -> list[str]:
 
 def runner_class(model_type: str) -> type:
     """The runner registered for a Hugging Face `config.model_type`, or a clear error."""
+    if model_type in REFUSED:
+        raise ValueError(
+            f"model type {model_type!r} is not supported: {REFUSED[model_type]}; supported model types: "
+            f"{', '.join(supported_model_types())}"
+        )
     if model_type not in RUNNERS:
         raise ValueError(
             f"no layer runner for model type {model_type!r}; supported model types: "

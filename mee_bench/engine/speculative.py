@@ -119,6 +119,8 @@ def self_speculative_generate(
                 return memo[0]
 
             score = measure.step(draft_depth, hidden, draft_logits)
+            if score is None:  # no score yet at the draft layer (the monotonic heuristic's three layers): no proposal
+                break
             threshold = [policy.threshold_at(lengths[s] + offset, max_new_tokens) for s in drafting]
             exits, exiting = exit_decision(score, threshold)
             confident = [bool(exiting)] if exits is None else exits.tolist()

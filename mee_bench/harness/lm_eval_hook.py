@@ -1,6 +1,8 @@
 """The lm-eval hook: lets the stock `lm_eval` command find `--model mee` and the `*_mee` tasks.
 
-lm-eval 0.4.13 has no plugin entry points. `mee_bench_lm_eval.pth` in site-packages (see
+lm-eval 0.4.13 loads no model plugins (newer versions load `--model mee` from the
+`lm_eval.models` entry point pyproject.toml declares, but not the tasks, nor what follows).
+`mee_bench_lm_eval.pth` in site-packages (see
 `install_lm_eval_hook`) therefore puts a trigger finder on `sys.meta_path` whenever Python
 starts, unless `MEE_BENCH_NO_LM_EVAL_HOOK=1`. The trigger imports nothing; it only checks
 each imported name against `WATCHED` and, for those lm-eval modules, calls `find_spec`
@@ -16,9 +18,11 @@ here, which wraps the real loader so that `patch` runs right after lm-eval execu
   `lm_eval --output_path` writes into the results JSON;
 - `lm_eval.utils`: `make_table` appends the efficiency table after lm-eval's last table
   (the CLI prints the task table, then the group table when there is one);
-- `lm_eval.__main__`: a bad `--model_args` value for `mee` (the adapter's `ModelArgsError`)
-  ends the `lm_eval` command in one line and exit status 2 instead of a traceback
-  (`MEE_BENCH_DEBUG=1` shows it).
+- `lm_eval._cli.harness`: whatever mee-bench refuses while lm-eval runs a subcommand (a bad
+  `--model_args` value, task data without records or fields, generation kwargs that ask for
+  sampling: see `refusal_line`) ends the `lm_eval` command in one line and exit status 2
+  instead of a traceback (`MEE_BENCH_DEBUG=1` shows it). The CLI class, not `cli_evaluate`, is
+  wrapped: `python -m lm_eval` runs `lm_eval/__main__.py` as `__main__`, which no import hook sees.
 
 A patch that fails (say, a future lm-eval moved something) warns instead of breaking lm-eval.
 """
@@ -43,6 +47,7 @@ MODEL_TARGET = "mee_bench.harness.lm_eval_model:MEELM"
 ADAPTER_MODULE = "mee_bench.harness.lm_eval_model"
 TRIGGER_NAME = "MeeBenchLmEvalTrigger"
 DEBUG_ENV = "MEE_BENCH_DEBUG"
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # mee_bench/: where a refusal's raise must be
 
 
 def register_model(module: ModuleType) -> None:
@@ -119,23 +124,47 @@ def append_efficiency_table(module: ModuleType) -> None:
     module.make_table = make_table_with_efficiency
 
 
-def exit_on_model_args_errors(module: ModuleType) -> None:
-    """`cli_evaluate` (the `lm_eval` command) ends a `ModelArgsError` of the adapter in one line, exit 2."""
-    cli_evaluate = module.cli_evaluate
+def refusal_line(err: BaseException) -> str | None:
+    """The one line to end `lm_eval` with when `err` is mee-bench refusing bad input, else None.
 
-    @functools.wraps(cli_evaluate)
-    def cli_evaluate_with_clear_errors(*args: Any, **kwargs: Any) -> Any:
+    A refusal is a usage error (as `mee-bench` itself counts them: a bad value, a missing or
+    unreadable file) raised by mee-bench's own code, wherever lm-eval called it from: a bad
+    model arg, task data without records or fields, a task's local data missing, generation
+    kwargs that ask for sampling. The same types raised inside lm-eval or a library are not
+    ours to shorten and keep their traceback.
+    """
+    from mee_bench.cli import USAGE_ERRORS, one_line
+
+    if not isinstance(err, USAGE_ERRORS) or err.__traceback__ is None:
+        return None
+    frame = err.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    try:
+        Path(frame.tb_frame.f_code.co_filename).resolve().relative_to(PACKAGE_DIR)
+    except ValueError:
+        return None
+    return one_line(err)
+
+
+def exit_on_refusals(module: ModuleType) -> None:
+    """`HarnessCLI.execute` (every `lm_eval` subcommand, as the console script or `python -m lm_eval`)
+    ends on a mee-bench refusal (`refusal_line`) with `lm_eval: error: <the line>` and exit status 2;
+    `MEE_BENCH_DEBUG=1` keeps the traceback."""
+    execute = module.HarnessCLI.execute
+
+    @functools.wraps(execute)
+    def execute_with_clear_errors(*args: Any, **kwargs: Any) -> Any:
         try:
-            return cli_evaluate(*args, **kwargs)
+            return execute(*args, **kwargs)
         except Exception as err:
-            adapter_module = sys.modules.get(ADAPTER_MODULE)
-            debug = os.environ.get(DEBUG_ENV, "0") not in ("", "0")
-            if debug or adapter_module is None or not isinstance(err, adapter_module.ModelArgsError):
+            line = None if os.environ.get(DEBUG_ENV, "0") not in ("", "0") else refusal_line(err)
+            if line is None:
                 raise
-            print(f"lm_eval: error: {' '.join(str(err).split())}", file=sys.stderr)
+            print(f"lm_eval: error: {line}", file=sys.stderr)
             raise SystemExit(2) from None
 
-    module.cli_evaluate = cli_evaluate_with_clear_errors
+    module.HarnessCLI.execute = execute_with_clear_errors
 
 
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
@@ -143,12 +172,15 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "lm_eval.tasks.manager": index_package_tasks,
     "lm_eval.evaluator": attach_efficiency,
     "lm_eval.utils": append_efficiency_table,
-    "lm_eval.__main__": exit_on_model_args_errors,
+    "lm_eval._cli.harness": exit_on_refusals,
 }
 
 
 def patch(module: ModuleType) -> None:
-    """Apply the patch for `module`; a failure becomes a warning naming the way out."""
+    """Apply the patch for `module`; a failure becomes a warning naming the way out. A module with no
+    patch (watched by the `.pth` trigger of an older mee-bench) is left as it is."""
+    if module.__name__ not in PATCHES:
+        return
     try:
         PATCHES[module.__name__](module)
     except Exception as err:  # a changed lm-eval must not stop lm-eval itself from working

@@ -46,6 +46,8 @@ from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy, read_policy_file, shipped_policy_path
 from mee_bench.harness import catalogue
 from mee_bench.harness.catalogue import TASKS_DIR
+from mee_bench.harness.batch_size import BatchSize
+from mee_bench.harness.chat import apply_chat_template
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -55,13 +57,15 @@ log = logging.getLogger(__name__)
 
 TRAIN_DEFAULT_COMMAND = "mee-bench train configs/train/default.yaml"
 WARM_UP_TOKENS = 4  # generated per row by the untimed warm-up of paired timing
+PROBE_STEPS = 3  # decode steps of batch_size=auto's memory probe
 TIMING_ARGS = ("paired_timing", "timing_precision", "timing_allowance_s", "timing_min_repeats")
 POLICY_ARGS = (
     "measure", "threshold", "min_exit_layer", "threshold_schedule", "tau", "kv_strategy", "vocab_top_k", "decoding",
     "max_draft",
 )
 MODEL_ARGS = (
-    "pretrained", *POLICY_ARGS, "calibration", "dtype", "device", "batch_size", "max_length", "heads", "max_gen_toks",
+    "pretrained", *POLICY_ARGS, "calibration", "dtype", "device", "batch_size", "max_batch_size", "max_length", "heads",
+    "max_gen_toks",
     "trust_remote_code", *TIMING_ARGS,
 )
 GREEDY_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature"}
@@ -113,7 +117,8 @@ class MEELM(TemplateLM):
     model_args: pretrained (directory or hub id of either kind; default: the embedded default model),
     measure, threshold, min_exit_layer, threshold_schedule, tau, kv_strategy, vocab_top_k,
     decoding, max_draft (the `ExitPolicy`), calibration (a `mee-bench calibrate` record or exit_policy.json whose policy
-    to run), dtype, device, batch_size, max_length (encoder input tokens; for a decoder-only model prompt and
+    to run), dtype, device, batch_size (a number, `auto` or `auto:N` as lm-eval's `hf` model reads them:
+    `batch_size.py`), max_batch_size (where `auto` starts), max_length (encoder input tokens; for a decoder-only model prompt and
     generated tokens together, as lm-eval's `hf` model counts them), heads (exit heads
     file; default: beside the model), max_gen_toks (when a task sets none), trust_remote_code;
     paired_timing (time every batch against `full` on the same inputs, token by token in turn, and report
@@ -143,6 +148,7 @@ class MEELM(TemplateLM):
         dtype: str = "float32",
         device: str | None = None,
         batch_size: int | str = 8,
+        max_batch_size: int | str | None = None,
         max_length: int | None = None,
         heads: str | None = None,
         max_gen_toks: int = 256,
@@ -162,7 +168,7 @@ class MEELM(TemplateLM):
             measure, threshold, min_exit_layer, threshold_schedule, tau, kv_strategy, vocab_top_k, decoding, max_draft
         )))
         given = {name: value for name, value in given.items() if value is not None}
-        self._batch_size = _positive_int("batch_size", batch_size)
+        self._batch = BatchSize.parse(batch_size, max_batch_size)
         self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         requested_max_length = None if max_length is None else _positive_int("max_length", max_length)
         self.paired_timing = _flag("paired_timing", paired_timing)
@@ -212,9 +218,7 @@ class MEELM(TemplateLM):
         for name, value in (additional_config or {}).items():
             if value is None:
                 continue
-            if name == "max_batch_size":
-                log.info("lm-eval's max_batch_size=%s is ignored: mee runs the batch_size it is given", value)
-            elif name in args:
+            if name in args:
                 if str(args[name]) != str(value):
                     log.warning("model_args %s=%s wins over lm-eval's --%s %s", name, args[name], name, value)
             else:
@@ -294,12 +298,23 @@ class MEELM(TemplateLM):
         return self._max_gen_toks
 
     @property
-    def batch_size(self) -> int:
-        return self._batch_size
+    def batch_size(self) -> int | str:
+        """The batch size, or `auto` / `auto:N` as given (what lm-eval's `hf` model reports)."""
+        return self._batch.fixed or self._batch.describe()
+
+    @property
+    def batch_sizes(self) -> dict[int, int]:
+        """Every size `auto` chose so far: lm-eval records them with the results (`batch_sizes`)."""
+        return self._batch.chosen
 
     @property
     def tokenizer_name(self) -> str:
         return self.tokenizer.name_or_path.replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's `--apply_chat_template` (with `--system_instruction`, `--fewshot_as_multiturn`): the
+        history rendered as lm-eval's `hf` model renders it (`chat.py`)."""
+        return apply_chat_template(self.tokenizer, self.pretrained, chat_history, add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """Token ids with the tokenizer's special tokens unless told otherwise (T5's encoder side keeps its
@@ -374,7 +389,12 @@ class MEELM(TemplateLM):
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests (mee)")
         timers: dict[str, PairedBlocks] = {}
         monitors: dict[str, LoadMonitor] = {}
-        for batch in collator.get_batched(n=self.batch_size):
+        def probe(size: int, item: tuple[Instance, list[int]]) -> None:
+            until, max_gen_toks = settings[_kwargs_key(item[0])]
+            self._probe(self._batch_steps([item[1]] * size, until, max_gen_toks, ExitPolicy("full")))
+
+        batch_fn = None if self._batch.fixed else self._batch.scheduler(probe, self.device)
+        for batch in collator.get_batched(n=self._batch.fixed or 0, batch_fn=batch_fn):
             first = batch[0][0]
             task = first.task_name or UNNAMED_TASK
             until, max_gen_toks = settings[_kwargs_key(first)]
@@ -432,6 +452,16 @@ class MEELM(TemplateLM):
             truncate_baseline=early_exit,
         )
 
+    @staticmethod
+    def _probe(steps: Steps) -> None:
+        """A few steps of a batch's decode, its whole cache allocated (`batch_size=auto`'s memory probe)."""
+        for _ in range(PROBE_STEPS):
+            try:
+                next(steps)
+            except StopIteration:
+                break
+        steps.close()
+
     def _generate_batch(
         self, encoded: Sequence[list[int]], until: list[str], max_gen_toks: int, policy: ExitPolicy | None = None
     ) -> tuple[list[str], GenerationStats]:
@@ -470,12 +500,19 @@ class MEELM(TemplateLM):
         decoding would have produced it; batches sorted by length, answers in request order."""
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
-        for start in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="Scoring (mee, full model)"):
-            batch = order[start : start + self.batch_size]
+        pairs = [requests[i][1:] for i in order]
+        batch_size = self._batch.scheduler(lambda size, pair: self._score_batch([pair] * size), self.device)
+        progress = tqdm(total=len(order), disable=disable_tqdm, desc="Scoring (mee, full model)")
+        start = 0
+        while start < len(order):
+            batch = order[start : start + batch_size(start, pairs)]
             for index, result in zip(batch, self._score_batch([requests[i][1:] for i in batch])):
                 results[index] = result
                 if requests[index][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], result)
+            start += len(batch)
+            progress.update(len(batch))
+        progress.close()
         return results
 
     @torch.inference_mode()
@@ -574,7 +611,7 @@ def _describe_policy(policy: ExitPolicy) -> str:
 
 
 def _positive_int(name: str, value: Any) -> int:
-    """`value` as an int >= 1; model_args may arrive as strings (`batch_size=auto` is refused here)."""
+    """`value` as an int >= 1; model_args may arrive as strings."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

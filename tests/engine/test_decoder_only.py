@@ -1,4 +1,9 @@
-"""Decoder-only runners (Llama family, GPT-2) against Hugging Face's generate and slow references."""
+"""Decoder-only runners (Llama family and its variants, GPT-2) against Hugging Face's generate and slow references.
+
+Every family in `CAUSAL_FAMILIES` passes the same checks: `full` equals `generate` at batch 1 and 4
+(fp32 and bf16), scheduled (forced) exits with copied or deferred K/V equal a slow reference that runs
+the model's own `forward`, the layer states and logits are the model's own, pruned logits equal full
+ones, and self-speculation is lossless where tested."""
 
 from __future__ import annotations
 
@@ -138,46 +143,49 @@ def scheduled_layer(step: int, num_layers: int) -> int:
 
 
 class HFLayers:
-    """One row's forward through the model's own modules over a whole sequence, layer by layer."""
+    """One row through the model's own `forward` (its embedding scale, masks, rotary tables, layer
+    types), with forward hooks that replace a layer's output by its input at the positions that
+    exited before it: such a position hands its exit state on unchanged to every deeper layer, which
+    is what copying K/V projected from the exit state amounts to."""
 
     def __init__(self, model):
         self.model = model
-        self.gpt2 = model.config.model_type == "gpt2"
-        self.layers = model.transformer.h if self.gpt2 else model.model.layers
-
-    def embed(self, tokens: list[int]) -> torch.Tensor:
-        ids = torch.tensor([tokens])
-        if self.gpt2:
-            return self.model.transformer.wte(ids) + self.model.transformer.wpe(torch.arange(len(tokens))[None])
-        return self.model.model.embed_tokens(ids)
-
-    def layer(self, index: int, sequence: torch.Tensor) -> torch.Tensor:
-        length = sequence.shape[1]
-        query, key = torch.arange(length)[:, None], torch.arange(length)[None]
-        window = getattr(self.model.config, "sliding_window", None) or length
-        mask = ((key <= query) & (key > query - window))[None, None]
-        if self.gpt2:
-            out = self.layers[index](sequence, attention_mask=mask)
-        else:
-            rotary = self.model.model.rotary_emb(sequence, torch.arange(length)[None])
-            out = self.layers[index](sequence, attention_mask=mask, position_embeddings=rotary)
-        return out[0] if isinstance(out, tuple) else out
+        base = model.base_model
+        self.layers = base.h if hasattr(base, "h") else base.layers
+        self.norm = base.ln_f if hasattr(base, "ln_f") else base.norm
 
     def token(self, state: torch.Tensor) -> int:
-        norm = self.model.transformer.ln_f if self.gpt2 else self.model.model.norm
-        return int(self.model.lm_head(norm(state)).argmax())
+        """The greedy token of a raw layer output (Granite's logit scaling and Gemma's soft-capping
+        leave the argmax as it is)."""
+        return int(self.model.lm_head(self.norm(state)).argmax())
 
 
 def layer_states(hf: HFLayers, tokens: list[int], exits: list[int]) -> list[torch.Tensor]:
     """Inputs of every layer (then the last output) at every position, [P, d] each, when position p
-    runs layers 1..exits[p] and hands its exit state on to every deeper layer (what copying K/V
-    projected from the exit state amounts to). Recomputed from scratch: causal, so it equals the
-    incremental computation."""
-    states = [hf.embed(tokens)[0]]
-    for j in range(len(hf.layers)):
-        out = hf.layer(j, states[j][None])[0]
-        runs = torch.tensor([j < e for e in exits])[:, None]
-        states.append(torch.where(runs, out, states[j]))
+    runs layers 1..exits[p] and hands its exit state on to every deeper layer. Recomputed from
+    scratch: causal, so it equals the incremental computation."""
+    states: list[torch.Tensor] = []
+
+    def replacing(index: int):
+        runs = torch.tensor([index < e for e in exits])[None, :, None]
+
+        def hook(_module, args, kwargs, output):
+            given = args[0] if args else kwargs["hidden_states"]
+            if index == 0:
+                states.append(given[0])
+            out = output[0] if isinstance(output, tuple) else output
+            kept = torch.where(runs, out, given)
+            states.append(kept[0])
+            return (kept, *output[1:]) if isinstance(output, tuple) else kept
+
+        return hook
+
+    hooks = [layer.register_forward_hook(replacing(j), with_kwargs=True) for j, layer in enumerate(hf.layers)]
+    try:
+        hf.model(torch.tensor([tokens]), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return states
 
 
@@ -203,10 +211,15 @@ def reference_decode(model, prompt: list[int], max_new_tokens: int, strategy: st
     return generated
 
 
+# A model on which copy and deferred K/V take different paths for the prompt below (checked by the
+# guard test): most families' seed-7 tiny models do; these families' random models are calmer.
+REFERENCE_SEEDS = {"granite": 10, "olmo2": 10, "gemma3_text": 11}
+
+
 @pytest.mark.parametrize("strategy", ["copy", "deferred"])
 @pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 def test_scheduled_exits_match_slow_reference(step_schedule, family, strategy):
-    model = tiny_causal_model(family, seed=7)
+    model = tiny_causal_model(family, seed=REFERENCE_SEEDS.get(family, 7))
     ids, _ = padded_batch([8], seed=5)
     policy = ExitPolicy(StepSchedule.name, threshold=0.5, min_exit_layer=1, kv_strategy=strategy)
     out = EarlyExitGenerator(model).generate(ids, None, policy, MAX_NEW)
@@ -219,7 +232,7 @@ def test_scheduled_exits_match_slow_reference(step_schedule, family, strategy):
 @pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 def test_copy_and_deferred_differ_when_deep_tokens_follow_exits(step_schedule, family):
     """Guards the references above: on their models and prompt the two strategies really take different paths."""
-    model = tiny_causal_model(family, seed=7)
+    model = tiny_causal_model(family, seed=REFERENCE_SEEDS.get(family, 7))
     ids, _ = padded_batch([8], seed=5)
     runs = {
         strategy: EarlyExitGenerator(model).generate(
@@ -251,12 +264,13 @@ def test_catch_up_block_equals_sequential_layers(family):
 
 @pytest.mark.parametrize("lengths", [[9, 4, 7, 6], [7, 7, 7, 7]], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("strategy", ["copy", "deferred"])
-@pytest.mark.parametrize("family", ["mistral", "gpt2"])
+@pytest.mark.parametrize("family", ["mistral", "gpt2", "olmo2", "phi3", "gemma3_text"])
 def test_per_row_exits_in_a_batch_equal_batch_of_one(family, strategy, lengths):
     """Unpadded rows attend with no mask at all (sdpa's fast path); padded ones through the explicit mask."""
     model = tiny_causal_model(family, seed=7)
     ids, mask = padded_batch(lengths, seed=8)
-    policy = ExitPolicy("softmax", threshold=0.01, min_exit_layer=1, kv_strategy=strategy)
+    threshold = 0.001 if family == "gemma3_text" else 0.01  # its tiny logit cap flattens the softmax
+    policy = ExitPolicy("softmax", threshold=threshold, min_exit_layer=1, kv_strategy=strategy)
     generator = EarlyExitGenerator(model)
     batched = generator.generate(ids, mask, policy, MAX_NEW)
     layers = [layer for row in batched.exit_layers for layer in row]
@@ -267,7 +281,7 @@ def test_per_row_exits_in_a_batch_equal_batch_of_one(family, strategy, lengths):
         assert batched.exit_layers[row] == alone.exit_layers[0]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 def test_all_layer_states_are_the_models_own_hidden_states(family):
     """Teacher-forced states at the generation steps: the prompt's last token stands for step 0."""
     model = tiny_causal_model(family, seed=9)
@@ -302,7 +316,7 @@ def test_pruned_logits_are_the_full_logits_at_those_ids(family):
 
 
 @pytest.mark.parametrize("lengths", [[9], [9, 5, 7, 3]], ids=["batch1", "batch4"])
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 def test_self_speculation_is_lossless_on_decoder_only_models(family, lengths):
     generator = EarlyExitGenerator(tiny_causal_model(family))
     ids, mask = padded_batch(lengths)

@@ -52,7 +52,8 @@ def test_non_t5_checkpoint_is_refused(tmp_path):
 
     BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match=r"'bart' model, which mee-bench has no layer runner for; supported: "
-                       r"encoder-decoder mt5, t5; decoder-only gpt2, llama, mistral, qwen2, qwen3"):
+                       r"encoder-decoder mt5, t5; decoder-only gemma3_text, gpt2, granite, llama, mistral, olmo2, phi3, qwen2, qwen3, "
+                       r"smollm3"):
         load_model(tmp_path)
 
 

@@ -1,6 +1,8 @@
 """Every model type the loader accepts, on tiny configs: `full` equals Hugging Face's greedy
-`generate` token for token, and early exits run (T5 v1.0, T5 v1.1 / Flan-T5, mT5); a type
-the loader does not accept (UMT5: a relative position bias in every layer) is refused by name."""
+`generate` token for token, and early exits run (T5 v1.0, T5 v1.1 / Flan-T5, mT5); saved checkpoints
+of every decoder-only family load (their decoding: `test_decoder_only.py`); a type the loader does
+not accept (UMT5: a relative position bias in every layer; Gemma 2: soft-capped attention scores)
+is refused by name with the reason."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ import torch
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.loading import ModelLoadError, load_model
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.engine.runner import supported_model_types
-from tests.helpers import MAX_NEW, hf_greedy, padded_batch
+from mee_bench.engine.runner import build_runner, supported_model_types
+from tests.helpers import CAUSAL_FAMILIES, MAX_NEW, hf_greedy, padded_batch, tiny_causal_model
 
 TINY = dict(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=4, num_heads=4,
             decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, dropout_rate=0.0, initializer_factor=4.0)
@@ -65,3 +67,40 @@ def test_umt5_is_refused_by_name_with_the_supported_types(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ValueError, match="umt5"):
         EarlyExitGenerator(UMT5ForConditionalGeneration(UMT5Config(**TINY)))
+
+
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
+def test_a_saved_checkpoint_of_every_decoder_only_family_loads_with_its_runner(family, tmp_path, t5_tokenizer):
+    """The loader path (config, safetensors, tokenizer) of every decoder-only family; its decoding is
+    held to `generate` and to slow references in `test_decoder_only.py`."""
+    tiny_causal_model(family).save_pretrained(tmp_path)
+    t5_tokenizer.save_pretrained(tmp_path)
+    model, _ = load_model(tmp_path)
+    assert model.config.model_type == family
+    assert type(build_runner(model)).__name__ != "T5LayerRunner"
+
+
+def test_gemma2_is_refused_by_name_with_the_reason(tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"is a 'gemma2' model, which mee-bench does not run: its attention soft-caps"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match=r"model type 'gemma2' is not supported: its attention soft-caps scores"):
+        EarlyExitGenerator(Gemma2ForCausalLM(config))
+
+
+@pytest.mark.parametrize(("override", "reason"), [
+    ({"attn_logit_softcapping": 50.0}, "its attention soft-caps scores"),
+    ({"use_bidirectional_attention": True}, "its attention is bidirectional"),
+])
+def test_a_gemma3_checkpoint_the_runner_cannot_serve_is_refused_with_the_reason(override, reason, tmp_path, t5_tokenizer):
+    model = tiny_causal_model("gemma3_text", **override)
+    model.save_pretrained(tmp_path)
+    t5_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=rf"is a 'gemma3_text' model mee-bench cannot run: {reason}"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match=reason):
+        EarlyExitGenerator(model)

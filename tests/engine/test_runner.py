@@ -133,7 +133,8 @@ def test_mt5_checkpoints_run_through_the_t5_runner():
 
 
 def test_an_unsupported_model_is_a_clear_error_listing_the_supported_types():
-    with pytest.raises(ValueError, match=r"no layer runner for model type 'bart'; supported model types: gpt2, llama, mistral, mt5, qwen2, qwen3, t5"):
+    supported = "gemma3_text, gpt2, granite, llama, mistral, mt5, olmo2, phi3, qwen2, qwen3, smollm3, t5"
+    with pytest.raises(ValueError, match=rf"no layer runner for model type 'bart'; supported model types: {supported}"):
         build_runner(SimpleNamespace(config=SimpleNamespace(model_type="bart")))
 
 

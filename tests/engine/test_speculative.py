@@ -97,6 +97,17 @@ def test_a_measure_decides_how_far_to_draft():
     assert 0 < sometimes.stats.speculation.proposed < 4 * sometimes.stats.speculation.rounds
 
 
+def test_a_measure_with_no_score_yet_at_the_draft_layer_proposes_nothing():
+    """The monotonic heuristic compares three layers' scores, so at draft layer 2 it has none: every
+    round verifies its one position (no proposal), and the output is still the full model's."""
+    generator = EarlyExitGenerator(tiny_model(seed=0))
+    ids, mask = padded_batch([9, 5])
+    full = generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW)
+    out = generator.generate(ids, mask, speculative(2, 3, "monotonic_heuristic", threshold=0.1), MAX_NEW)
+    assert out.tokens == full.tokens
+    assert out.stats.speculation.proposed == 0 and out.stats.speculation.rounds > 0
+
+
 def test_eos_and_stop_strings_end_rows_as_in_full(t5_tokenizer):
     model, tokenizer = load_model()
     generator = EarlyExitGenerator(model, tokenizer)

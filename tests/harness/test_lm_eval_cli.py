@@ -1,7 +1,8 @@
 """The stock `lm_eval` command with no flags of ours and the start-up hook (what a wheel ships:
-`tests/test_packaging.py`).
+`tests/test_packaging.py`): its three subcommands `run`, `ls` and `validate` (lm-eval >= 0.4.10;
+the form without a subcommand, which lm-eval reads as `run`, is what `tests/test_packaging.py` runs).
 
-The two `lm_eval` subprocesses each index lm-eval's ~14k built-in tasks (tens of seconds on
+The three `lm_eval` subprocesses each index lm-eval's ~14k built-in tasks (tens of seconds on
 a busy machine), so they run concurrently and cover all five tasks and the group at once.
 """
 
@@ -36,14 +37,15 @@ TIMEOUT_S = 480
 
 @pytest.fixture(scope="module")
 def cli(tiny_model_dir, tmp_path_factory):
-    """`lm_eval run` (softmax exits, the `mee` group + tatoeba, 16 new tokens at most) and
-    `lm_eval ls tasks`, run side by side."""
+    """`lm_eval run` (softmax exits, the `mee` group + tatoeba, 16 new tokens at most), `lm_eval ls tasks`
+    and `lm_eval validate` of a task and the group, run side by side."""
     work = tmp_path_factory.mktemp("lm-eval-cli")
     model_args = f"pretrained={tiny_model_dir},measure=softmax,threshold=0.5,min_exit_layer=1"
     commands = {
-        "run": [str(LM_EVAL), "--model", "mee", "--model_args", model_args, "--tasks", f"{GROUP_NAME},{TATOEBA_ENFR.name}",
+        "run": [str(LM_EVAL), "run", "--model", "mee", "--model_args", model_args, "--tasks", f"{GROUP_NAME},{TATOEBA_ENFR.name}",
                 "--limit", "4", "--batch_size", "4", "--gen_kwargs", "max_gen_toks=16", "--output_path", str(work / "results")],
         "ls": [str(LM_EVAL), "ls", "tasks"],
+        "validate": [str(LM_EVAL), "validate", "--tasks", f"{TATOEBA_ENFR.name},{GROUP_NAME}"],
     }
     processes = {
         name: subprocess.Popen(command, cwd=work, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -82,6 +84,14 @@ def test_lm_eval_ls_tasks_lists_the_five_tasks_and_the_group(cli):
     rows = {line.split("|")[1].strip(): line for line in listing.splitlines() if line.startswith("|")}
     for name in (*TASK_NAMES, GROUP_NAME):
         assert name in rows and str(TASKS_DIR) in rows[name], name
+
+
+def test_lm_eval_validate_finds_a_task_and_the_group(cli):
+    _, outputs = cli
+    log, returncode = outputs["validate"]
+    assert returncode == 0, log[-4000:]
+    assert f"Validating tasks: {[TATOEBA_ENFR.name, GROUP_NAME]}" in log
+    assert log.strip().splitlines()[-1] == "All tasks found and valid"
 
 
 PROBE = """

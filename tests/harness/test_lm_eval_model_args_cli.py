@@ -40,7 +40,7 @@ def lm_eval_run(model_args: str, *flags: str, cwd) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """Every model arg set at once (colliding with lm-eval's --device and --batch_size; `calibration`
-    names a policy, so it runs without the policy args), and a bad one."""
+    names a policy, so it runs without the policy args), a bad one, and lm-eval's --batch_size auto:2."""
     work = tmp_path_factory.mktemp("model-args")
     heads = ExitHeads(d_model=32).save(work, metadata={"num_layers": 4})
     policy_file = work / "exit_policy.json"
@@ -48,7 +48,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     every_arg = {
         "pretrained": tiny_model_dir, "measure": "lstm", "threshold": 0.5, "min_exit_layer": 1,
         "threshold_schedule": "decaying", "tau": 2.0, "kv_strategy": "deferred", "dtype": "float32",
-        "device": "cpu", "batch_size": 2, "max_length": 128, "heads": heads, "max_gen_toks": 4,
+        "device": "cpu", "batch_size": 2, "max_batch_size": 4, "max_length": 128, "heads": heads, "max_gen_toks": 4,
         "trust_remote_code": False, "paired_timing": True, "timing_precision": 0.2, "timing_allowance_s": 1,
         "timing_min_repeats": 3, "vocab_top_k": 0, "decoding": "early_exit", "max_draft": 2,
     }
@@ -59,6 +59,7 @@ def runs(tiny_model_dir, tmp_path_factory):
         "good": lm_eval_run(good, "--device", "cuda:0", "--batch_size", "1", cwd=work),
         "calibrated": lm_eval_run(",".join(f"{name}={value}" for name, value in calibrated.items()), cwd=work),
         "bad": lm_eval_run(f"pretrained={tiny_model_dir},measure=softmax,threshold=1.5", cwd=work),
+        "auto": lm_eval_run(f"pretrained={tiny_model_dir}", "--batch_size", "auto:2", cwd=work),
     }
     return {name: (*process.communicate(timeout=TIMEOUT_S), process.returncode) for name, process in processes.items()}
 
@@ -85,3 +86,10 @@ def test_a_bad_model_arg_ends_the_cli_in_one_line_and_exit_status_2(runs):
     assert stderr.strip().splitlines()[-1] == (
         "lm_eval: error: --model mee: threshold=1.5 is outside [0.0, 1.0] for measure 'softmax'; pick a value in that range"
     )
+
+
+def test_lm_evals_batch_size_auto_runs_and_says_what_it_chose_on_a_cpu(runs):
+    stdout, stderr, returncode = runs["auto"]
+    assert returncode == 0, stderr[-4000:]
+    assert stderr.count("mee: batch_size=auto:2 on the CPU: running batch_size 8 (the adapter's default") == 1
+    assert "batch_size: auto:2 (8,8)" in stdout  # lm-eval's own summary line lists the sizes chosen
