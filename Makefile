@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run demo test test-fast bench campaign ship-campaign quickstart-busy gpu-suite-prepare gpu-suite gpu-suite-dry-run quickstart-leaderboard results-page default-model monotonicity
+.PHONY: setup run demo lint test test-fast bench campaign ship-campaign quickstart-busy gpu-suite-prepare gpu-suite gpu-suite-dry-run quickstart-leaderboard results-page default-model monotonicity
 
 setup: $(VENV)/.installed
 
@@ -50,7 +50,11 @@ quickstart-busy: setup
 	$(BIN)/python benchmarks/compare_speedups.py results/quickstart results/quickstart-busy
 	$(BIN)/mee-bench results-page
 
-test: setup
+lint: setup
+	$(BIN)/ruff check mee_bench benchmarks tests
+	$(BIN)/ruff format --check mee_bench benchmarks tests
+
+test: setup lint
 	$(BIN)/python -m pytest -q
 
 # The inner loop: everything but the tests that start Ray, subprocesses or the lm-eval CLI.

@@ -26,6 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_io import write_result
+from cpu_hog import hog_running
+from pairing_check import shift_interval
+from policy_speed import REPO, task_prompts
 from tabulate import tabulate
 
 from mee_bench.engine.decoding import EarlyExitGenerator
@@ -35,10 +39,6 @@ from mee_bench.harness.catalogue import TASKS
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.timing.load import LoadMonitor
 from mee_bench.timing.pairing import PairedTimer
-from bench_io import write_result
-from cpu_hog import hog_running
-from pairing_check import shift_interval
-from policy_speed import REPO, task_prompts
 
 POLICIES = {
     "softmax 0.5, from 2": ExitPolicy("softmax", threshold=0.5, min_exit_layer=2),
@@ -55,13 +55,16 @@ def lockstep_ratio(generator: EarlyExitGenerator, encoded: list, policy: ExitPol
     timer = PairedTimer(lockstep=True, truncate_baseline=True, units=lambda out: out.stats.tokens)
     full = ExitPolicy("full")
     for ids, mask in encoded:  # one sentence per block: `full` decodes on past its own end, as at batch 1 in a sweep
-        timer.block(lambda: generator.decode_steps(ids, mask, full, max_new_tokens, until_truncated=True),
-                    lambda: generator.decode_steps(ids, mask, policy, max_new_tokens))
+        timer.block(
+            lambda: generator.decode_steps(ids, mask, full, max_new_tokens, until_truncated=True),
+            lambda: generator.decode_steps(ids, mask, policy, max_new_tokens),
+        )
     return timer.speedup().ratio
 
 
-def busy_rounds(generator: EarlyExitGenerator, encoded: list, policies: dict[str, ExitPolicy], rounds: int,
-                max_new_tokens: int) -> tuple[dict, dict]:
+def busy_rounds(
+    generator: EarlyExitGenerator, encoded: list, policies: dict[str, ExitPolicy], rounds: int, max_new_tokens: int
+) -> tuple[dict, dict]:
     """Per policy and condition, the speedup of each round; per condition, the other processes'
     CPU (cores) during each round."""
     ratios = {name: {condition: [] for condition in CONDITIONS} for name in policies}
@@ -94,21 +97,56 @@ def main(argv: list[str] | None = None) -> int:
         generator.generate(*encoded[0], policy, spec.max_gen_toks)
     ratios, others = busy_rounds(generator, encoded, policies, args.rounds, spec.max_gen_toks)
     hog_cores = float(np.mean(others["busy"]) - np.mean(others["idle"]))
-    rows = [{"policy": name, "policy_settings": policy.as_dict(), "ratios": ratios[name],
-             **{f"mean_{condition}": float(np.mean(ratios[name][condition])) for condition in CONDITIONS},
-             **shift_interval(ratios[name]["busy"], ratios[name]["idle"])} for name, policy in policies.items()]
-    print(tabulate([[row["policy"], row["mean_busy"], row["mean_idle"], f"{100 * row['shift']:+.1f}%",
-                     f"[{100 * row['low']:+.1f}%, {100 * row['high']:+.1f}%]"] for row in rows],
-                   headers=["policy", "busy", "idle", "shift", "95% interval"], floatfmt=".3f"))
-    print(f"other processes took {np.mean(others['busy']):.2f} cores in busy rounds, {np.mean(others['idle']):.2f} in idle ones")
+    rows = [
+        {
+            "policy": name,
+            "policy_settings": policy.as_dict(),
+            "ratios": ratios[name],
+            **{f"mean_{condition}": float(np.mean(ratios[name][condition])) for condition in CONDITIONS},
+            **shift_interval(ratios[name]["busy"], ratios[name]["idle"]),
+        }
+        for name, policy in policies.items()
+    ]
+    print(
+        tabulate(
+            [
+                [
+                    row["policy"],
+                    row["mean_busy"],
+                    row["mean_idle"],
+                    f"{100 * row['shift']:+.1f}%",
+                    f"[{100 * row['low']:+.1f}%, {100 * row['high']:+.1f}%]",
+                ]
+                for row in rows
+            ],
+            headers=["policy", "busy", "idle", "shift", "95% interval"],
+            floatfmt=".3f",
+        )
+    )
+    print(
+        f"other processes took {np.mean(others['busy']):.2f} cores in busy rounds, {np.mean(others['idle']):.2f} in "
+        "idle ones"
+    )
     if hog_cores < HOG_VISIBLE_CORES:
-        print(f"warning: the hog added only {hog_cores:.2f} cores of load; these rounds did not test a busy machine",
-              file=sys.stderr)
-    result = {"policies": rows, "other_processes_cpu_cores": others, "hog_cores": hog_cores,
-              "hog_visible": hog_cores >= HOG_VISIBLE_CORES,
-              "settings": {"task": spec.name, "sentences": args.sentences, "rounds": args.rounds,
-                           "max_new_tokens": spec.max_gen_toks, "threads": 1, "model": DEFAULT_MODEL_DIR.name},
-              "machine": {"platform": platform.platform(), "torch": torch.__version__}}
+        print(
+            f"warning: the hog added only {hog_cores:.2f} cores of load; these rounds did not test a busy machine",
+            file=sys.stderr,
+        )
+    result = {
+        "policies": rows,
+        "other_processes_cpu_cores": others,
+        "hog_cores": hog_cores,
+        "hog_visible": hog_cores >= HOG_VISIBLE_CORES,
+        "settings": {
+            "task": spec.name,
+            "sentences": args.sentences,
+            "rounds": args.rounds,
+            "max_new_tokens": spec.max_gen_toks,
+            "threads": 1,
+            "model": DEFAULT_MODEL_DIR.name,
+        },
+        "machine": {"platform": platform.platform(), "torch": torch.__version__},
+    }
     write_result(args.out, result)
     return 0
 

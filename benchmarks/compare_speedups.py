@@ -68,8 +68,10 @@ def compare(first: Path, second: Path) -> tuple[str, dict]:
             holds = expected is not None and b.low <= expected <= b.high
             never_exit_at_checks += holds
             note = f"1.00x within: {'yes' if b.low <= 1 <= b.high else 'NO'}; " + (
-                "no check time recorded" if expected is None else
-                f"1 - checks' share = {expected:.3f} within: {'yes' if holds else 'NO'}")
+                "no check time recorded"
+                if expected is None
+                else f"1 - checks' share = {expected:.3f} within: {'yes' if holds else 'NO'}"
+            )
         busy = "yes" if eff_b.get("load", {}).get("busy") else "no"
         rows.append([*map(str, key), a.format(), b.format(), busy, "yes" if same else "NO", note])
     summary = {
@@ -82,18 +84,34 @@ def compare(first: Path, second: Path) -> tuple[str, dict]:
         "full_against_itself_at_one": full_at_one,
         "max_half_width": max(max(one[k][0].half_width, two[k][0].half_width) for k in shared),
     }
-    header = ["task", "measure", "threshold", "min exit layer", first.name, second.name, f"{second.name} busy",
-              "intervals overlap", "never exits"]
-    text = "\n".join([
-        f"# Paired speedups: {first} vs {second}", "",
-        f"{agree} of {len(shared)} rows overlap ({100 * agree / len(shared):.0f}%); {never_exit_at_one} of "
-        f"{never_exit} never-exiting rows of {second.name} read 1.00x within their interval and "
-        f"{never_exit_at_checks} read 1 - their checks' share of their time (what their checks alone would cost); `full` timed "
-        f"against itself reads 1.00x within its interval in {full_at_one} of {2 * sum(k[1] == 'full' for k in shared)} "
-        f"cases (both runs); widest interval "
-        f"+-{100 * summary['max_half_width']:.1f}%.", "",
-        tabulate(rows, header, tablefmt="github", disable_numparse=True), "",
-    ])
+    header = [
+        "task",
+        "measure",
+        "threshold",
+        "min exit layer",
+        first.name,
+        second.name,
+        f"{second.name} busy",
+        "intervals overlap",
+        "never exits",
+    ]
+    text = "\n".join(
+        [
+            f"# Paired speedups: {first} vs {second}",
+            "",
+            f"{agree} of {len(shared)} rows overlap ({100 * agree / len(shared):.0f}%); {never_exit_at_one} of "
+            f"{never_exit} never-exiting rows of {second.name} read 1.00x within their interval and "
+            f"{never_exit_at_checks} read 1 - their checks' share of their time (what their checks alone would "
+            "cost); `full` timed "
+            f"against itself reads 1.00x within its interval in {full_at_one} of "
+            f"{2 * sum(k[1] == 'full' for k in shared)} "
+            f"cases (both runs); widest interval "
+            f"+-{100 * summary['max_half_width']:.1f}%.",
+            "",
+            tabulate(rows, header, tablefmt="github", disable_numparse=True),
+            "",
+        ]
+    )
     return text, summary
 
 

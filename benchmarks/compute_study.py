@@ -21,8 +21,8 @@ from datetime import date
 
 import numpy as np
 import torch
-
 from bench_io import write_result
+
 from mee_bench.paths import DEFAULT_MODEL_DIR, REPO_ROOT
 from mee_bench.provenance import hardware_info
 
@@ -32,8 +32,12 @@ COMMON = ["optim.schedule=constant", "eval_every_steps=100", "checkpoint_minutes
 ARMS = {
     "base": ["objective.name=weighted_ce"],
     # today's fp32 reference path (every position at every layer, 50-batch buckets): the A/B of the fast path
-    "reference": ["objective.name=weighted_ce", "objective.shallow_token_fraction=1.0", "data.bucket_batches=50",
-                  "precision=fp32"],
+    "reference": [
+        "objective.name=weighted_ce",
+        "objective.shallow_token_fraction=1.0",
+        "data.bucket_batches=50",
+        "precision=fp32",
+    ],
     "deep": ["objective.name=weighted_ce", "model.num_layers=3", "model.num_decoder_layers=8"],
     "wide-ff": ["objective.name=weighted_ce", "model.num_layers=3", "model.num_decoder_layers=7", "model.d_ff=1024"],
 }
@@ -43,8 +47,17 @@ DECODE_LIMIT = 1.2  # time per token against today's default
 
 def run_arms(arms: list[str], steps: int) -> None:
     for label in arms:
-        command = [sys.executable, "-m", "mee_bench.cli", "train", "default", *ARMS[label], *COMMON,
-                   f"budget.steps={steps}", f"output_dir={RUNS / label}"]
+        command = [
+            sys.executable,
+            "-m",
+            "mee_bench.cli",
+            "train",
+            "default",
+            *ARMS[label],
+            *COMMON,
+            f"budget.steps={steps}",
+            f"output_dir={RUNS / label}",
+        ]
         print(" ".join(command), flush=True)
         subprocess.run(command, check=True)
 
@@ -83,32 +96,52 @@ def bf16_file_mb(label: str) -> float:
 
 def decode_ratio(label: str, prompts: int, tokens: int) -> dict:
     """Time per generated token of the arm's model over today's default's (full depth, batch 1, lockstep)."""
+    from policy_speed import task_prompts
+
     from mee_bench.engine.decoding import EarlyExitGenerator
     from mee_bench.engine.loading import load_generator
     from mee_bench.engine.policy import ExitPolicy
     from mee_bench.timing.pairing import PairedBlocks
-    from policy_speed import task_prompts
 
-    default, candidate = load_generator(DEFAULT_MODEL_DIR, dtype=torch.float32), load_generator(RUNS / label, dtype=torch.float32)
+    default, candidate = (
+        load_generator(DEFAULT_MODEL_DIR, dtype=torch.float32),
+        load_generator(RUNS / label, dtype=torch.float32),
+    )
     full = ExitPolicy("full")
 
     def steps(generator: EarlyExitGenerator):
         return lambda text: generator.decode_steps(*generator.tokenize([text]), full, tokens, until_truncated=True)
 
-    paired = PairedBlocks(steps(default), steps(candidate), target_half_width=0.03, allowance_s=60, min_repeats=10,
-                          units=lambda output: output.stats.tokens, lockstep=True)
+    paired = PairedBlocks(
+        steps(default),
+        steps(candidate),
+        target_half_width=0.03,
+        allowance_s=60,
+        min_repeats=10,
+        units=lambda output: output.stats.tokens,
+        lockstep=True,
+    )
     for text in task_prompts(prompts):
         paired.run(text)
     speedup = paired.speedup()  # default time / candidate time
-    return {"time_ratio": round(1 / speedup.ratio, 3), "low": round(1 / speedup.high, 3), "high": round(1 / speedup.low, 3)}
+    return {
+        "time_ratio": round(1 / speedup.ratio, 3),
+        "low": round(1 / speedup.high, 3),
+        "high": round(1 / speedup.low, 3),
+    }
 
 
 def report(campaign_tokens: float, prompts: int) -> None:
     from matplotlib.figure import Figure
 
     torch.set_num_threads(2)
-    result = {"date": date.today().isoformat(), "machine": hardware_info(2)["cpu_model"],
-              "campaign_tokens": campaign_tokens, "common_overrides": COMMON, "arms": {}}
+    result = {
+        "date": date.today().isoformat(),
+        "machine": hardware_info(2)["cpu_model"],
+        "campaign_tokens": campaign_tokens,
+        "common_overrides": COMMON,
+        "arms": {},
+    }
     figure = Figure(figsize=(11, 4), layout="constrained")
     axes = figure.subplots(1, 2)
     for label, overrides in ARMS.items():
@@ -152,14 +185,30 @@ def write_table(result: dict) -> None:
     rows = []
     for label, arm in result["arms"].items():
         decode = arm["decode_time_vs_default"]
-        rows.append([
-            label, ", ".join(arm["overrides"]), f"{arm['tokens'] / 1e6:.2f}M", arm["tokens_per_s"],
-            " ".join(f"{c:.2f}" for c in arm["val_ce_per_layer"]), arm["bleu"],
-            arm["extrapolated_last_ce"], f"{decode['time_ratio']:.2f}x [{decode['low']:.2f}, {decode['high']:.2f}]",
-            arm["bf16_file_mb"],
-        ])
-    headers = ["arm", "overrides of `default`", "tokens", "tokens/s", "val CE per layer", "BLEU (200)",
-               f"last CE at {result['campaign_tokens'] / 1e6:.0f}M (fit)", "decode time vs default", "bf16 MB"]
+        rows.append(
+            [
+                label,
+                ", ".join(arm["overrides"]),
+                f"{arm['tokens'] / 1e6:.2f}M",
+                arm["tokens_per_s"],
+                " ".join(f"{c:.2f}" for c in arm["val_ce_per_layer"]),
+                arm["bleu"],
+                arm["extrapolated_last_ce"],
+                f"{decode['time_ratio']:.2f}x [{decode['low']:.2f}, {decode['high']:.2f}]",
+                arm["bf16_file_mb"],
+            ]
+        )
+    headers = [
+        "arm",
+        "overrides of `default`",
+        "tokens",
+        "tokens/s",
+        "val CE per layer",
+        "BLEU (200)",
+        f"last CE at {result['campaign_tokens'] / 1e6:.0f}M (fit)",
+        "decode time vs default",
+        "bf16 MB",
+    ]
     page = [
         "# Compute study for the default-model campaign",
         "",

@@ -44,20 +44,38 @@ from transformers import AutoModelForCausalLM, LlamaConfig, T5Config, T5ForCondi
 
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.heads import ExitHeads
-from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.engine.policy import ExitPolicy
+from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.timing.statistics import speedup_interval
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {
-    "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=6, num_decoder_layers=6, vocab_size=32128),
+    "t5-small": dict(
+        d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=6, num_decoder_layers=6, vocab_size=32128
+    ),
     "default": dict(d_model=256, d_kv=64, d_ff=1024, num_heads=4, num_layers=4, num_decoder_layers=6, vocab_size=8192),
-    "t5-large": dict(d_model=1024, d_kv=64, d_ff=4096, num_heads=16, num_layers=24, num_decoder_layers=24, vocab_size=32128),
+    "t5-large": dict(
+        d_model=1024, d_kv=64, d_ff=4096, num_heads=16, num_layers=24, num_decoder_layers=24, vocab_size=32128
+    ),
     "tiny": dict(d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=6, num_decoder_layers=6, vocab_size=512),
-    "llama": dict(family="llama", hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2,
-                  intermediate_size=1536, vocab_size=32000),
+    "llama": dict(
+        family="llama",
+        hidden_size=512,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1536,
+        vocab_size=32000,
+    ),
 }
-NEVER = {"softmax": 1.0, "saturation": 1.0, "classifier": 1.0, "lstm": 1.0, "last_three_mlp": 1.0, "monotonic_heuristic": 1.0}
+NEVER = {
+    "softmax": 1.0,
+    "saturation": 1.0,
+    "classifier": 1.0,
+    "lstm": 1.0,
+    "last_three_mlp": 1.0,
+    "monotonic_heuristic": 1.0,
+}
 PRUNED_TOP_K = 64
 PRUNED = ("softmax", "monotonic_heuristic")
 
@@ -88,7 +106,8 @@ def width(shape: dict) -> int:
 
 
 def random_model(shape: dict, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """Built on the device itself and kept for the next batch size: a t5-large takes tens of seconds to initialise on a CPU."""
+    """Built on the device itself and kept for the next batch size: a t5-large takes tens of seconds to initialise
+    on a CPU."""
     key = (tuple(sorted(shape.items())), dtype, device)
     if key not in _built:
         _built.clear()  # one model in memory at a time
@@ -96,10 +115,14 @@ def random_model(shape: dict, dtype: torch.dtype, device: str) -> torch.nn.Modul
         with torch.device(device):
             if is_decoder_only(shape):
                 values = {k: v for k, v in shape.items() if k != "family"}
-                config = LlamaConfig(**values, bos_token_id=None, eos_token_id=None, pad_token_id=0, max_position_embeddings=512)
+                config = LlamaConfig(
+                    **values, bos_token_id=None, eos_token_id=None, pad_token_id=0, max_position_embeddings=512
+                )
                 model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
             else:
-                config = T5Config(**shape, decoder_start_token_id=0, eos_token_id=None, pad_token_id=0, dropout_rate=0.0)
+                config = T5Config(
+                    **shape, decoder_start_token_id=0, eos_token_id=None, pad_token_id=0, dropout_rate=0.0
+                )
                 model = T5ForConditionalGeneration(config)
             model = model.eval().to(dtype=dtype)
         model.generation_config.eos_token_id = None  # every variant generates exactly max_new_tokens
@@ -144,7 +167,9 @@ def forced_exit_layers(layers: int) -> list[int]:
     return sorted({max(1, round(layers / 3)), max(1, round(2 * layers / 3))})
 
 
-def speed_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_tokens: int, repeats: int, device: str) -> dict:
+def speed_case(
+    name: str, shape: dict, dtype: torch.dtype, batch: int, new_tokens: int, repeats: int, device: str
+) -> dict:
     model = random_model(shape, dtype, device)
     generator = EarlyExitGenerator(model)
     ids = torch.randint(2, shape["vocab_size"], (batch, 24), generator=torch.Generator().manual_seed(1)).to(device)
@@ -153,12 +178,19 @@ def speed_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_token
     variants = {"full": lambda: generator.generate(ids, mask, ExitPolicy("full"), new_tokens)}
     if is_decoder_only(shape) or shape["num_layers"] == layers:  # T5: generate sizes its cache by the encoder depth
         variants["hf_generate"] = lambda: model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
         )
     for exit_layer in forced_exit_layers(layers):
         for strategy, suffix in (("copy", ""), ("deferred", "_deferred")):
             policy = ExitPolicy("fixed", min_exit_layer=exit_layer, kv_strategy=strategy)
-            variants[f"exit{exit_layer}{suffix}"] = lambda policy=policy: generator.generate(ids, mask, policy, new_tokens)
+            variants[f"exit{exit_layer}{suffix}"] = lambda policy=policy: generator.generate(
+                ids, mask, policy, new_tokens
+            )
     with torch.inference_mode():
         samples = interleaved_samples(variants, repeats, device)
     tokens = batch * new_tokens
@@ -169,7 +201,9 @@ def speed_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_token
     )
     for key in samples:
         if key.startswith("exit"):
-            row[f"speedup_{key}_of_{layers}"], row[f"speedup_{key}_of_{layers}_ci95"] = paired_ratio(samples, "full", key)
+            row[f"speedup_{key}_of_{layers}"], row[f"speedup_{key}_of_{layers}_ci95"] = paired_ratio(
+                samples, "full", key
+            )
     return row
 
 
@@ -189,7 +223,9 @@ def layer_time(generator: EarlyExitGenerator, ids: torch.Tensor, repeats: int, d
         return interleaved_medians({"layers": all_layers}, repeats, device, summary=min)["layers"] / runner.num_layers
 
 
-def overhead_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_tokens: int, repeats: int, device: str) -> dict:
+def overhead_case(
+    name: str, shape: dict, dtype: torch.dtype, batch: int, new_tokens: int, repeats: int, device: str
+) -> dict:
     model = random_model(shape, dtype, device)
     torch.manual_seed(0)
     heads = ExitHeads(width(shape)).to(device)
@@ -204,9 +240,13 @@ def overhead_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_to
     for measure in PRUNED:
         for first in (1, layers - 1):
             policy = ExitPolicy(measure, threshold=NEVER[measure], min_exit_layer=first, vocab_top_k=PRUNED_TOP_K)
-            variants[f"{measure}@top{PRUNED_TOP_K}/{first}"] = lambda policy=policy: generator.generate(ids, mask, policy, new_tokens)
+            variants[f"{measure}@top{PRUNED_TOP_K}/{first}"] = lambda policy=policy: generator.generate(
+                ids, mask, policy, new_tokens
+            )
     with torch.inference_mode():
-        samples = {name: np.asarray(times) for name, times in interleaved_samples(variants, repeats * 2, device).items()}
+        samples = {
+            name: np.asarray(times) for name, times in interleaved_samples(variants, repeats * 2, device).items()
+        }
     one_layer = layer_time(generator, ids, repeats * 4, device)
     checks = new_tokens * (layers - 1)
     row = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "layer_ms": 1e3 * one_layer}
@@ -219,7 +259,10 @@ def overhead_case(name: str, shape: dict, dtype: torch.dtype, batch: int, new_to
     for measure in NEVER:
         per_check(samples[measure] - samples["full"], checks, measure)
     for measure in PRUNED:
-        every, last_only = samples[f"{measure}@top{PRUNED_TOP_K}/1"], samples[f"{measure}@top{PRUNED_TOP_K}/{layers - 1}"]
+        every, last_only = (
+            samples[f"{measure}@top{PRUNED_TOP_K}/1"],
+            samples[f"{measure}@top{PRUNED_TOP_K}/{layers - 1}"],
+        )
         per_check(every - samples["full"], checks, f"{measure}@top{PRUNED_TOP_K}")
         # below its threshold the heuristic reads only layers that could still start an exit's three:
         # 1..L-3 when checking from layer 1, one layer when checking from the last
@@ -250,16 +293,24 @@ def headline_row(rows: list[dict]) -> dict:
 def machine(device: str) -> dict:
     import transformers
 
-    return {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "threads": torch.get_num_threads(), "device": device,
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-            "cuda": torch.version.cuda if device == "cuda" else None}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "cuda": torch.version.cuda if device == "cuda" else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and cases (a smoke run)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny shape, 2 repetitions, 4 tokens: exercises every path in seconds")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny shape, 2 repetitions, 4 tokens: exercises every path in seconds"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--large", action="store_true", help="add the t5-large shape (for a GPU)")
     parser.add_argument("--shapes", type=_names, default=None, help=f"comma-separated, from {', '.join(SHAPES)}")
@@ -276,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         repeats, new_tokens = 2, 4
     repeats = args.repeats or repeats
-    names = args.shapes or (["tiny"] if args.tiny else ["t5-small", "default", "llama"] + (["t5-large"] if args.large else []))
+    names = args.shapes or (
+        ["tiny"] if args.tiny else ["t5-small", "default", "llama"] + (["t5-large"] if args.large else [])
+    )
     unknown = [name for name in names if name not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {', '.join(unknown)}; use some of {', '.join(SHAPES)}")
@@ -292,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                 speed_rows.append(row)
                 print(f"{name} {row['dtype']} bs{batch}: done", file=sys.stderr)
     overhead_rows = [
-        overhead_case(name, shape, dtype, 1, new_tokens, repeats, device) for name, shape in shapes.items() for dtype in dtypes
+        overhead_case(name, shape, dtype, 1, new_tokens, repeats, device)
+        for name, shape in shapes.items()
+        for dtype in dtypes
     ]
 
     print(tabulate(speed_rows, headers="keys", floatfmt=".3f"))
@@ -301,27 +356,40 @@ def main(argv: list[str] | None = None) -> int:
     print(tabulate(overhead_rows, headers="keys", floatfmt=".3f"))
 
     headline = headline_row(speed_rows)
-    headline_overhead = next(r for r in overhead_rows if r["shape"] == headline["shape"] and r["dtype"] == headline["dtype"])
+    headline_overhead = next(
+        r for r in overhead_rows if r["shape"] == headline["shape"] and r["dtype"] == headline["dtype"]
+    )
     result = {
         "full_vs_hf_generate": headline["full_vs_hf_generate"],
         "speedup_exit2_of_6": headline.get("speedup_exit2_of_6"),
         "headline": {"shape": headline["shape"], "dtype": headline["dtype"], "batch": headline["batch"]},
         "llama": {
-            f"{r['dtype']}_bs{r['batch']}": {key: value for key, value in r.items() if "speedup" in key or "hf_generate" in key}
-            for r in speed_rows if r["shape"] == "llama"
+            f"{r['dtype']}_bs{r['batch']}": {
+                key: value for key, value in r.items() if "speedup" in key or "hf_generate" in key
+            }
+            for r in speed_rows
+            if r["shape"] == "llama"
         },
-        "measure_overhead_layers": {m: headline_overhead[m] for m in headline_overhead
-                                    if m.removesuffix("_ci95") in NEVER or "@" in m},
-        "targets": {"full_vs_hf_generate": "<= 1.0", "speedup_exit2_of_6": ">= 2.0", "measure_overhead_layers": "<= 0.10 (saturation, classifier, lstm, last_three_mlp); "
-                    f"<= 0.15 per pruned check (softmax, monotonic_heuristic @top{PRUNED_TOP_K})",
-                    "llama": "full_vs_hf_generate <= 1.0 per dtype and batch; a forced exit at 1/3 of the depth >= 1.8x at batch 1 "
-                             "(copy; deferred, which never pays for skipped layers, at least as fast)"},
+        "measure_overhead_layers": {
+            m: headline_overhead[m] for m in headline_overhead if m.removesuffix("_ci95") in NEVER or "@" in m
+        },
+        "targets": {
+            "full_vs_hf_generate": "<= 1.0",
+            "speedup_exit2_of_6": ">= 2.0",
+            "measure_overhead_layers": "<= 0.10 (saturation, classifier, lstm, last_three_mlp); "
+            f"<= 0.15 per pruned check (softmax, monotonic_heuristic @top{PRUNED_TOP_K})",
+            "llama": "full_vs_hf_generate <= 1.0 per dtype and batch; a forced exit at 1/3 of the depth >= 1.8x at "
+            "batch 1 "
+            "(copy; deferred, which never pays for skipped layers, at least as fast)",
+        },
         "speed": speed_rows,
         "overhead": overhead_rows,
         "machine": machine(device),
         "settings": {"repeats": repeats, "warmup": 1, "new_tokens": new_tokens, "input_tokens": 24},
     }
-    out = args.out or REPO / "results" / "bench" / ("decode_speed_gpu.json" if device == "cuda" else "decode_speed.json")
+    out = args.out or REPO / "results" / "bench" / (
+        "decode_speed_gpu.json" if device == "cuda" else "decode_speed.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     figures = {key: result[key] for key in ("full_vs_hf_generate", "speedup_exit2_of_6") if result[key] is not None}

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from bench_io import write_result
 from tabulate import tabulate
 
 import mee_bench.engine.runner as runner_module
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.timing.pairing import time_paired
-from bench_io import write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_speed import PRUNED_TOP_K, SHAPES, default_shape, random_model, width  # noqa: E402
@@ -60,6 +60,7 @@ def decoders(generator: EarlyExitGenerator, new_tokens: int) -> dict[str, Callab
         def run() -> list[list[int]]:
             with int8_engines(engines):
                 return generator.generate(ids, mask, policy, new_tokens).tokens
+
         return run
 
     return {
@@ -94,30 +95,56 @@ def main(argv: list[str] | None = None) -> int:
             pairs = [(runs[baseline], runs[candidate])] * rounds
             return time_paired(pairs, target_half_width=0.01, allowance_s=allowance, min_repeats=rounds).as_dict()
 
-        rows.append({
-            "shape": name,
-            "head": f"{shape['vocab_size']} x {width(shape)}",
-            "int8_vs_float16": paired("float16", "int8"),
-            "int8_vs_full": paired("full", "int8"),
-            "float16_vs_full": paired("full", "float16"),
-            "identical_to_full": outputs["int8"] == outputs["full"] == outputs["float16"],
-        })
+        rows.append(
+            {
+                "shape": name,
+                "head": f"{shape['vocab_size']} x {width(shape)}",
+                "int8_vs_float16": paired("float16", "int8"),
+                "int8_vs_full": paired("full", "int8"),
+                "float16_vs_full": paired("full", "float16"),
+                "identical_to_full": outputs["int8"] == outputs["full"] == outputs["float16"],
+            }
+        )
         print(f"{name}: done", file=sys.stderr)
 
     def shown(figures: dict) -> str:
         return f"{figures['ratio']:.2f}x [{figures['low']:.2f}, {figures['high']:.2f}]"
 
-    print(tabulate(
-        [[row["shape"], row["head"], shown(row["int8_vs_float16"]), shown(row["int8_vs_full"]),
-          shown(row["float16_vs_full"]), row["identical_to_full"]] for row in rows],
-        headers=["shape", "head", "int8 first read vs float16", "int8: vs full", "float16: vs full", "identical to full"],
-    ))
+    print(
+        tabulate(
+            [
+                [
+                    row["shape"],
+                    row["head"],
+                    shown(row["int8_vs_float16"]),
+                    shown(row["int8_vs_full"]),
+                    shown(row["float16_vs_full"]),
+                    row["identical_to_full"],
+                ]
+                for row in rows
+            ],
+            headers=[
+                "shape",
+                "head",
+                "int8 first read vs float16",
+                "int8: vs full",
+                "float16: vs full",
+                "identical to full",
+            ],
+        )
+    )
     result = {
         "shapes": rows,
-        "settings": {"dtype": "float32", "batch": 1, "prompt_tokens": 24, "new_tokens": new_tokens,
-                     "policy": f"softmax, threshold 1.0 (never exits), every layer checked, vocab_top_k {PRUNED_TOP_K}",
-                     "threads": args.threads, "rounds": rounds,
-                     "int8_kernels": torch.backends.quantized.engine in runner_module.INT8_ENGINES},
+        "settings": {
+            "dtype": "float32",
+            "batch": 1,
+            "prompt_tokens": 24,
+            "new_tokens": new_tokens,
+            "policy": f"softmax, threshold 1.0 (never exits), every layer checked, vocab_top_k {PRUNED_TOP_K}",
+            "threads": args.threads,
+            "rounds": rounds,
+            "int8_kernels": torch.backends.quantized.engine in runner_module.INT8_ENGINES,
+        },
     }
     write_result(args.out, result)
     return 0

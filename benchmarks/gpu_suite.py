@@ -50,8 +50,19 @@ SMALL_WHEELS = ("omegaconf==2.4.0", "nvidia-ml-py==13.615.71")
 CODECARBON = "codecarbon==3.3.2"
 IMAGE_HAS = {"numpy", "psutil", "pyyaml", "typing-extensions", "typing_extensions", "nvidia-ml-py", "nvidia_ml_py"}
 CARRY_LIMIT_MIB = 64
-PIP_TARGET = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--platform",
-              "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64"]
+PIP_TARGET = [
+    "--only-binary=:all:",
+    "--python-version",
+    "3.12",
+    "--implementation",
+    "cp",
+    "--platform",
+    "manylinux_2_17_x86_64",
+    "--platform",
+    "manylinux2014_x86_64",
+    "--platform",
+    "manylinux_2_28_x86_64",
+]
 STEPS = ("correctness", "decode_speed", "policy_speed", "training", "energy")
 # Shares of the wall budget per step: 480 s on the GPU (8 minutes, the pip install of carried wheels
 # included); a dry run on a small shared CPU gets 3000 s, which it should not need
@@ -59,9 +70,22 @@ STEPS = ("correctness", "decode_speed", "policy_speed", "training", "energy")
 BUDGET_SHARES = {"correctness": 0.08, "decode_speed": 0.18, "policy_speed": 0.05, "training": 0.60, "energy": 0.04}
 GPU_BUDGET_S, DRY_RUN_BUDGET_S = 480, 3000
 PIECE_BYTES = 15 * 2**20
-TINY_MODEL = ["model.d_model=32", "model.d_kv=8", "model.num_heads=4", "model.d_ff=64", "model.num_layers=1",
-              "model.num_decoder_layers=3", "data.batch_tokens=600", "data.limit=400", "data.validation.examples=8",
-              "objective.kd_exit_layer=1", "budget.steps=3", "device=cpu", "precision=fp32", "threads=1"]
+TINY_MODEL = [
+    "model.d_model=32",
+    "model.d_kv=8",
+    "model.num_heads=4",
+    "model.d_ff=64",
+    "model.num_layers=1",
+    "model.num_decoder_layers=3",
+    "data.batch_tokens=600",
+    "data.limit=400",
+    "data.validation.examples=8",
+    "objective.kd_exit_layer=1",
+    "budget.steps=3",
+    "device=cpu",
+    "precision=fp32",
+    "threads=1",
+]
 # Shares of the training step's budget (each stage also spends ~10-20 s loading and tokenizing).
 FINE_TUNES = {"gpu-weighted-ce": 0.2, "gpu-final": 0.09, "gpu-free": 0.09}
 BASE_SHARE, HEADS_SHARE = 0.45, 0.05
@@ -72,8 +96,13 @@ BASE_SHARE, HEADS_SHARE = 0.45, 0.05
 
 def tree_bytes() -> int:
     """Bytes of what travels with the working tree: tracked and untracked-not-ignored files."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                            check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     return sum((REPO / name).stat().st_size for name in listed if name and (REPO / name).is_file())
 
 
@@ -104,10 +133,13 @@ def codecarbon_closure(build: Path, room: int) -> dict:
         size = sum(w.stat().st_size for w in wheels)
         if size > room:
             biggest = sorted(wheels, key=lambda w: -w.stat().st_size)[:3]
-            return {"carried": False, "bytes": size,
-                    "reason": f"{CODECARBON} needs {size / 2**20:.1f} MiB of wheels the GPU image lacks "
-                              f"(largest: {', '.join(w.name.split('-')[0] for w in biggest)}), but only "
-                              f"{room / 2**20:.1f} MiB of the {CARRY_LIMIT_MIB} MiB that travel are left"}
+            return {
+                "carried": False,
+                "bytes": size,
+                "reason": f"{CODECARBON} needs {size / 2**20:.1f} MiB of wheels the GPU image lacks "
+                f"(largest: {', '.join(w.name.split('-')[0] for w in biggest)}), but only "
+                f"{room / 2**20:.1f} MiB of the {CARRY_LIMIT_MIB} MiB that travel are left",
+            }
         for wheel in wheels:
             shutil.copy(wheel, build / WHEELS / wheel.name)
         return {"carried": True, "bytes": size, "reason": None}
@@ -126,17 +158,28 @@ def prepare(args: argparse.Namespace) -> int:
     pip_download(list(SMALL_WHEELS), build / WHEELS, deps=False)
     used = tree_bytes() + sum(f.stat().st_size for f in build.rglob("*") if f.is_file())
     room = CARRY_LIMIT_MIB * 2**20 - used - 2 * 2**20  # a margin for files committed before the run
-    codecarbon = codecarbon_closure(build, room) if not args.no_codecarbon else {"carried": False, "reason": "prepare --no-codecarbon"}
+    codecarbon = (
+        codecarbon_closure(build, room)
+        if not args.no_codecarbon
+        else {"carried": False, "reason": "prepare --no-codecarbon"}
+    )
     carried = sum(f.stat().st_size for f in build.rglob("*") if f.is_file())
-    manifest = {"data": list(DATA_FILES), "wheels": sorted(w.name for w in (build / WHEELS).glob("*.whl")),
-                "codecarbon": codecarbon, "tree_mib": round(tree_bytes() / 2**20, 1),
-                "build_mib": round(carried / 2**20, 1), "prepared": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest = {
+        "data": list(DATA_FILES),
+        "wheels": sorted(w.name for w in (build / WHEELS).glob("*.whl")),
+        "codecarbon": codecarbon,
+        "tree_mib": round(tree_bytes() / 2**20, 1),
+        "build_mib": round(carried / 2**20, 1),
+        "prepared": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     (build / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     relative = build.relative_to(REPO)
     print(json.dumps(manifest, indent=2))
-    print(f"\nworking tree {manifest['tree_mib']} MiB + {relative} {manifest['build_mib']} MiB "
-          f"(limit {CARRY_LIMIT_MIB} MiB)")
-    print(f"carry: [\"{relative}\"]")
+    print(
+        f"\nworking tree {manifest['tree_mib']} MiB + {relative} {manifest['build_mib']} MiB "
+        f"(limit {CARRY_LIMIT_MIB} MiB)"
+    )
+    print(f'carry: ["{relative}"]')
     print(f"command: python3 benchmarks/gpu_suite.py run --out $OUT --build {relative}")
     return 0
 
@@ -163,8 +206,9 @@ class Suite:
             stream.write(f"$ {' '.join(command)}\n")
             stream.flush()
             try:
-                result = subprocess.run(command, cwd=REPO, env=self.env, stdout=stream, stderr=subprocess.STDOUT,
-                                        timeout=max(5.0, timeout))
+                result = subprocess.run(
+                    command, cwd=REPO, env=self.env, stdout=stream, stderr=subprocess.STDOUT, timeout=max(5.0, timeout)
+                )
             except subprocess.TimeoutExpired as err:
                 raise RuntimeError(f"{name}: over its {timeout:.0f} s budget (see logs/{log.name})") from err
         if result.returncode != 0:
@@ -177,8 +221,22 @@ class Suite:
         if not wheels:
             return {"installed": []}
         site = self.work / "site"
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site),
-                        *map(str, wheels)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--target",
+                str(site),
+                *map(str, wheels),
+            ],
+            check=True,
+            capture_output=True,
+        )
         self.env["PYTHONPATH"] = os.pathsep.join([self.env["PYTHONPATH"], str(site)])
         sys.path.append(str(site))
         return {"installed": [w.name for w in wheels]}
@@ -199,8 +257,21 @@ class Suite:
     def correctness(self, budget: float) -> dict:
         junit = self.work / "correctness.xml"
         selection = ["-k", "cpu"] if self.dry_run else ["-m", "cuda"]
-        self.call("correctness", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                  "tests/engine/test_decoding.py", *selection, f"--junitxml={junit}"], budget)
+        self.call(
+            "correctness",
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/engine/test_decoding.py",
+                *selection,
+                f"--junitxml={junit}",
+            ],
+            budget,
+        )
         import xml.etree.ElementTree as ElementTree
 
         suite = ElementTree.parse(junit).getroot().find("testsuite")
@@ -211,17 +282,26 @@ class Suite:
 
     def decode_speed(self, budget: float) -> dict:
         out = self.out / "decode_speed_gpu.json"
-        sizes = (["--tiny", "--batches", "1,2"] if self.dry_run else
-                 ["--shapes", "t5-small,t5-large", "--dtypes", "bfloat16", "--batches", "1,8,32", "--repeats", "3"])
-        self.call("decode_speed", [sys.executable, "benchmarks/decode_speed.py", "--device", self.device, *sizes,
-                                   "--out", str(out)], budget)
+        sizes = (
+            ["--tiny", "--batches", "1,2"]
+            if self.dry_run
+            else ["--shapes", "t5-small,t5-large", "--dtypes", "bfloat16", "--batches", "1,8,32", "--repeats", "3"]
+        )
+        self.call(
+            "decode_speed",
+            [sys.executable, "benchmarks/decode_speed.py", "--device", self.device, *sizes, "--out", str(out)],
+            budget,
+        )
         return {"outputs": [out.name]}
 
     def policy_speed(self, budget: float) -> dict:
         out = self.out / "policy_speed_gpu.json"
         sizes = ["--quick"] if self.dry_run else ["--sentences", "64", "--batches", "1", "16", "--dtype", "bfloat16"]
-        self.call("policy_speed", [sys.executable, "benchmarks/policy_speed.py", "--device", self.device, *sizes,
-                                   "--out", str(out)], budget)
+        self.call(
+            "policy_speed",
+            [sys.executable, "benchmarks/policy_speed.py", "--device", self.device, *sizes, "--out", str(out)],
+            budget,
+        )
         return {"outputs": [out.name]}
 
     def training(self, budget: float) -> dict:
@@ -232,18 +312,51 @@ class Suite:
         def stage(preset: str, share: float, *extra: str) -> Path:
             output = runs / preset.removeprefix("gpu-")
             minutes = [] if self.dry_run else [f"budget.minutes={share * budget / 60:.3f}"]
-            self.call(preset, [sys.executable, "-m", "mee_bench.cli", "train", preset, f"output_dir={output}",
-                               *minutes, *tiny, *extra], share * budget + 120)
+            self.call(
+                preset,
+                [
+                    sys.executable,
+                    "-m",
+                    "mee_bench.cli",
+                    "train",
+                    preset,
+                    f"output_dir={output}",
+                    *minutes,
+                    *tiny,
+                    *extra,
+                ],
+                share * budget + 120,
+            )
             return output
 
         stage("gpu-base", BASE_SHARE)
         init = f"model.init={runs / 'base'}"
         shipped = stage("gpu-weighted-ce", FINE_TUNES["gpu-weighted-ce"], init)
-        heads = ["--steps", "5", "--batch-tokens", "600", "--validation-examples", "16"] if self.dry_run else \
-                ["--steps", "300", "--batch-tokens", "16384", "--validation-examples", "500"]
-        self.call("train-heads", [sys.executable, "-m", "mee_bench.cli", "train-heads", str(shipped),
-                                  "--device", self.device, "--threads", "4", *heads], HEADS_SHARE * budget + 60)
-        facts = {"shipped_candidate": card_summary(shipped), "agreement": layer_agreement(shipped, 200 if not self.dry_run else 8)}
+        heads = (
+            ["--steps", "5", "--batch-tokens", "600", "--validation-examples", "16"]
+            if self.dry_run
+            else ["--steps", "300", "--batch-tokens", "16384", "--validation-examples", "500"]
+        )
+        self.call(
+            "train-heads",
+            [
+                sys.executable,
+                "-m",
+                "mee_bench.cli",
+                "train-heads",
+                str(shipped),
+                "--device",
+                self.device,
+                "--threads",
+                "4",
+                *heads,
+            ],
+            HEADS_SHARE * budget + 60,
+        )
+        facts = {
+            "shipped_candidate": card_summary(shipped),
+            "agreement": layer_agreement(shipped, 200 if not self.dry_run else 8),
+        }
         comparisons = {}
         for preset in ("gpu-final", "gpu-free"):
             left = budget - (time.monotonic() - started)
@@ -264,8 +377,9 @@ class Suite:
         if self.dry_run:
             return {"status": "skipped: no CUDA device in a dry run (NVML's energy counter needs a GPU)", "outputs": []}
         out = self.work / "energy.json"
-        self.call("energy", [sys.executable, __file__, "energy-step", "--out", str(out), "--build", str(self.build)],
-                  budget)
+        self.call(
+            "energy", [sys.executable, __file__, "energy-step", "--out", str(out), "--build", str(self.build)], budget
+        )
         facts = json.loads(out.read_text())
         return {"outputs": ["logs/energy.json"], **facts}
 
@@ -274,8 +388,15 @@ def card_summary(run: Path) -> dict:
     """A stage's model card in brief: steps, tokens, minutes and its last validation (BLEU, per-layer CE)."""
     card = json.loads((run / "training.json").read_text())
     last = card["evaluations"][-1] if card["evaluations"] else {}
-    return {"run": run.name, "status": card["status"], "steps": card["steps"], "tokens": card["tokens_seen"],
-            "minutes": card["wall_time_minutes"], "bleu_validation": last.get("bleu"), "val_ce": last.get("val_ce")}
+    return {
+        "run": run.name,
+        "status": card["status"],
+        "steps": card["steps"],
+        "tokens": card["tokens_seen"],
+        "minutes": card["wall_time_minutes"],
+        "bleu_validation": last.get("bleu"),
+        "val_ce": last.get("val_ce"),
+    }
 
 
 def layer_agreement(model_dir: Path, limit: int) -> dict:
@@ -283,9 +404,12 @@ def layer_agreement(model_dir: Path, limit: int) -> dict:
     from mee_bench.study.model_report import layer_agreement as agreement
 
     table = agreement(str(model_dir), limit)
-    return {"sequences": table["sequences"], "tokens": table["tokens"],
-            "no_change_after_layer": [round(row["no_change"], 4) for row in table["layers"]],
-            "matches_final": [round(row["matches_final"], 4) for row in table["layers"]]}
+    return {
+        "sequences": table["sequences"],
+        "tokens": table["tokens"],
+        "no_change_after_layer": [round(row["no_change"], 4) for row in table["layers"]],
+        "matches_final": [round(row["matches_final"], 4) for row in table["layers"]],
+    }
 
 
 def package_model(model_dir: Path, records: Path, out: Path, scratch: Path) -> list[str]:
@@ -334,11 +458,17 @@ def gpu_energy(args: argparse.Namespace) -> int:
 
     evaluation()  # warm-up
     manifest_file = args.build / MANIFEST
-    codecarbon = json.loads(manifest_file.read_text())["codecarbon"] if manifest_file.is_file() else {
-        "carried": False, "reason": "no build/gpu/manifest.json: run `gpu_suite.py prepare` first"}
-    result: dict = {"evaluation": "lstm 0.5 from layer 2, 200 Tatoeba sentences, batch 16, bf16, embedded default",
-                    "gpu": torch.cuda.get_device_name(), "codecarbon_carried": codecarbon["carried"],
-                    "codecarbon_reason": codecarbon.get("reason")}
+    codecarbon = (
+        json.loads(manifest_file.read_text())["codecarbon"]
+        if manifest_file.is_file()
+        else {"carried": False, "reason": "no build/gpu/manifest.json: run `gpu_suite.py prepare` first"}
+    )
+    result: dict = {
+        "evaluation": "lstm 0.5 from layer 2, 200 Tatoeba sentences, batch 16, bf16, embedded default",
+        "gpu": torch.cuda.get_device_name(),
+        "codecarbon_carried": codecarbon["carried"],
+        "codecarbon_reason": codecarbon.get("reason"),
+    }
     if codecarbon["carried"]:
         from mee_bench.sweep.config import CarbonConfig
         from mee_bench.sweep.energy import EnergyMeter
@@ -347,9 +477,14 @@ def gpu_energy(args: argparse.Namespace) -> int:
         with meter.measure() as measurement:
             result["tokens"] = evaluation()
         reading = measurement.reading
-        result.update(tool="codecarbon", power_source=reading.power_source, power_detail=reading.power_detail,
-                      gpu_energy_j=reading.gpu_energy_kwh * 3.6e6, energy_j=reading.energy_kwh * 3.6e6,
-                      duration_s=reading.duration_s)
+        result.update(
+            tool="codecarbon",
+            power_source=reading.power_source,
+            power_detail=reading.power_detail,
+            gpu_energy_j=reading.gpu_energy_kwh * 3.6e6,
+            energy_j=reading.energy_kwh * 3.6e6,
+            duration_s=reading.duration_s,
+        )
     else:
         import pynvml
 
@@ -359,8 +494,14 @@ def gpu_energy(args: argparse.Namespace) -> int:
         result["tokens"] = evaluation()
         seconds = time.perf_counter() - start
         joules = (pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) - before) / 1000.0  # the counter is in mJ
-        result.update(tool="nvml", power_source="measured", power_detail="NVML total energy counter (GPU board only)",
-                      gpu_energy_j=joules, duration_s=seconds, mean_gpu_power_w=joules / seconds)
+        result.update(
+            tool="nvml",
+            power_source="measured",
+            power_detail="NVML total energy counter (GPU board only)",
+            gpu_energy_j=joules,
+            duration_s=seconds,
+            mean_gpu_power_w=joules / seconds,
+        )
     result["gpu_energy_mj_per_token"] = 1000.0 * result["gpu_energy_j"] / result["tokens"]
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
@@ -383,33 +524,50 @@ def machine() -> dict:
 
     info = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
-                    gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+        info.update(
+            gpu=torch.cuda.get_device_name(),
+            cuda=torch.version.cuda,
+            gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        )
     return info
 
 
 def draft_report(summary: dict) -> str:
     """gpu.md: what ran, on what, and what each step gave (a draft to check before committing)."""
+
     def listed(facts: dict) -> str:
         return ", ".join(f"{key} {value}" for key, value in facts.items() if value is not None)
 
-    lines = ["# mee-bench on a GPU", "", f"Machine: {listed(summary['machine'])}.",
-             f"Versions: {listed(summary['versions'])}.",
-             f"Suite: `benchmarks/gpu_suite.py run` ({'dry run, tiny sizes' if summary['dry_run'] else 'full sizes'}), "
-             f"{summary['seconds']:.0f} s in all.", "", "| step | status | seconds | budget |", "|---|---|---:|---:|"]
+    lines = [
+        "# mee-bench on a GPU",
+        "",
+        f"Machine: {listed(summary['machine'])}.",
+        f"Versions: {listed(summary['versions'])}.",
+        f"Suite: `benchmarks/gpu_suite.py run` ({'dry run, tiny sizes' if summary['dry_run'] else 'full sizes'}), "
+        f"{summary['seconds']:.0f} s in all.",
+        "",
+        "| step | status | seconds | budget |",
+        "|---|---|---:|---:|",
+    ]
     for name, step in summary["steps"].items():
         lines.append(f"| {name} | {step['status']} | {step['seconds']:.0f} | {step['budget_s']:.0f} |")
     training = summary["steps"].get("training", {})
     if "shipped_candidate" in training:
         candidate = training["shipped_candidate"]
-        lines += ["", f"Shipped candidate (gpu-weighted-ce): {candidate['steps']} steps, {candidate['tokens']} tokens, "
-                      f"validation BLEU {candidate['bleu_validation']} (trainer's greedy BLEU on its validation slice; "
-                      f"the official figure is `mee-bench model-report` on tatoeba_enfr_mee).",
-                  f"Top-1 unchanged after each layer: {training['agreement']['no_change_after_layer']}."]
+        lines += [
+            "",
+            f"Shipped candidate (gpu-weighted-ce): {candidate['steps']} steps, {candidate['tokens']} tokens, "
+            f"validation BLEU {candidate['bleu_validation']} (trainer's greedy BLEU on its validation slice; "
+            f"the official figure is `mee-bench model-report` on tatoeba_enfr_mee).",
+            f"Top-1 unchanged after each layer: {training['agreement']['no_change_after_layer']}.",
+        ]
     energy = summary["steps"].get("energy", {})
     if "gpu_energy_j" in energy:
-        lines += ["", f"Energy ({energy['tool']}, {energy['power_source']}: {energy['power_detail']}): "
-                      f"{energy['gpu_energy_j']:.1f} J for {energy['tokens']} tokens of {energy['evaluation']}."]
+        lines += [
+            "",
+            f"Energy ({energy['tool']}, {energy['power_source']}: {energy['power_detail']}): "
+            f"{energy['gpu_energy_j']:.1f} J for {energy['tokens']} tokens of {energy['evaluation']}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -432,8 +590,12 @@ def run(args: argparse.Namespace) -> int:
             status = facts.pop("status", "ok")
         except Exception as err:  # a step's failure is recorded and the next step still runs
             facts, status = {"outputs": []}, f"failed: {err}"
-        summary["steps"][name] = {"status": status, "seconds": round(time.monotonic() - step_started, 1),
-                                  "budget_s": budget, **facts}
+        summary["steps"][name] = {
+            "status": status,
+            "seconds": round(time.monotonic() - step_started, 1),
+            "budget_s": budget,
+            **facts,
+        }
         print(f"[gpu-suite] {name}: {status} ({summary['steps'][name]['seconds']} s)", flush=True)
     summary["seconds"] = round(time.monotonic() - started, 1)
     with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
@@ -444,7 +606,11 @@ def run(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "gpu.md").write_text(draft_report(summary))
     shutil.rmtree(work, ignore_errors=True)
-    failed = [name for name, step in summary["steps"].items() if not (step["status"] == "ok" or step["status"].startswith("skipped"))]
+    failed = [
+        name
+        for name, step in summary["steps"].items()
+        if not (step["status"] == "ok" or step["status"].startswith("skipped"))
+    ]
     print(f"[gpu-suite] {summary['seconds']:.0f} s; " + (f"failed: {', '.join(failed)}" if failed else "all steps ok"))
     return 1 if failed else 0
 
@@ -458,10 +624,16 @@ def main(argv: list[str] | None = None) -> int:
     go = commands.add_parser("run", help="run the suite's steps, writing everything under --out")
     go.add_argument("--out", type=Path, required=True)
     go.add_argument("--build", type=Path, default=BUILD)
-    go.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: every step's code path in about a minute")
-    go.add_argument("--budget-s", type=float, default=None,
-                    help=f"wall budget of the whole suite, shared out among the steps ({GPU_BUDGET_S} on a GPU, "
-                         f"{DRY_RUN_BUDGET_S} in a dry run)")
+    go.add_argument(
+        "--dry-run", action="store_true", help="tiny sizes on the CPU: every step's code path in about a minute"
+    )
+    go.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help=f"wall budget of the whole suite, shared out among the steps ({GPU_BUDGET_S} on a GPU, "
+        f"{DRY_RUN_BUDGET_S} in a dry run)",
+    )
     go.add_argument("--steps", type=lambda text: text.split(","), default=None, help=f"a subset of {','.join(STEPS)}")
     energy = commands.add_parser("energy-step", help=argparse.SUPPRESS)
     energy.add_argument("--out", type=Path, required=True)

@@ -28,17 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_io import write_result
+from policy_speed import MAX_NEW_TOKENS, REPO, task_prompts
 from scipy import stats
 from tabulate import tabulate
 
-from mee_bench.engine.steps import run_steps
 from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.steps import run_steps
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.timing.load import LoadMonitor
 from mee_bench.timing.pairing import PairedTimer
-from policy_speed import MAX_NEW_TOKENS, REPO, task_prompts
-from bench_io import write_result
 
 POLICIES = {
     "full": ExitPolicy("full"),
@@ -49,22 +49,30 @@ POLICIES = {
 METHODS = ("lockstep", "whole examples")
 
 
-def paired_rounds(generator, encoded: list, lengths: list[int], policy: ExitPolicy, rounds: int) -> dict[str, list[float]]:
+def paired_rounds(
+    generator, encoded: list, lengths: list[int], policy: ExitPolicy, rounds: int
+) -> dict[str, list[float]]:
     """Per method, the speedup of `policy` over `full` in each round (ratio of ms per token);
     `lengths`: how many tokens the policy writes on each sentence."""
     full = ExitPolicy("full")
     ratios: dict[str, list[float]] = {method: [] for method in METHODS}
     for round_index in range(rounds):
-        timers = {"lockstep": PairedTimer(lockstep=True, truncate_baseline=True, units=lambda out: out.stats.tokens),
-                  "whole examples": PairedTimer(units=lambda out: out.stats.tokens)}
+        timers = {
+            "lockstep": PairedTimer(lockstep=True, truncate_baseline=True, units=lambda out: out.stats.tokens),
+            "whole examples": PairedTimer(units=lambda out: out.stats.tokens),
+        }
         for index, ((ids, mask), length) in enumerate(zip(encoded, lengths)):
             for method in METHODS[:: 1 if (index + round_index) % 2 == 0 else -1]:
                 if method == "lockstep":
-                    timers[method].block(lambda: generator.decode_steps(ids, mask, full, MAX_NEW_TOKENS, until_truncated=True),
-                                         lambda: generator.decode_steps(ids, mask, policy, MAX_NEW_TOKENS))
+                    timers[method].block(
+                        lambda: generator.decode_steps(ids, mask, full, MAX_NEW_TOKENS, until_truncated=True),
+                        lambda: generator.decode_steps(ids, mask, policy, MAX_NEW_TOKENS),
+                    )
                 else:
-                    timers[method].block(lambda: run_steps(generator.decode_steps(ids, mask, full, length, until_truncated=True)),
-                                         lambda: generator.generate(ids, mask, policy, MAX_NEW_TOKENS))
+                    timers[method].block(
+                        lambda: run_steps(generator.decode_steps(ids, mask, full, length, until_truncated=True)),
+                        lambda: generator.generate(ids, mask, policy, MAX_NEW_TOKENS),
+                    )
         for method, timer in timers.items():
             ratios[method].append(timer.speedup().ratio)
     return ratios
@@ -101,20 +109,56 @@ def main(argv: list[str] | None = None) -> int:
             # untimed: the first calls read heads and build buffers; the policy's output lengths
             lengths = [generator.generate(ids, mask, policy, MAX_NEW_TOKENS).stats.tokens for ids, mask in encoded]
             ratios = paired_rounds(generator, encoded, lengths, policy, args.rounds)
-            rows.append({"policy": name, "policy_settings": policy.as_dict(), "ratios": ratios,
-                         **{f"mean_{method}": float(np.mean(ratios[method])) for method in METHODS},
-                         **{f"round_scatter_{method}": float(np.std(ratios[method], ddof=1)) for method in METHODS},
-                         **shift_interval(ratios["lockstep"], ratios["whole examples"])})
+            rows.append(
+                {
+                    "policy": name,
+                    "policy_settings": policy.as_dict(),
+                    "ratios": ratios,
+                    **{f"mean_{method}": float(np.mean(ratios[method])) for method in METHODS},
+                    **{f"round_scatter_{method}": float(np.std(ratios[method], ddof=1)) for method in METHODS},
+                    **shift_interval(ratios["lockstep"], ratios["whole examples"]),
+                }
+            )
             print(f"{name} done", file=sys.stderr)
-    shown = [[row["policy"], row["mean_lockstep"], row["mean_whole examples"], f"{100 * row['shift']:+.1f}%",
-              f"[{100 * row['low']:+.1f}%, {100 * row['high']:+.1f}%]",
-              row["round_scatter_lockstep"], row["round_scatter_whole examples"]] for row in rows]
-    print(tabulate(shown, headers=["policy", "lockstep", "whole examples", "shift", "95% interval",
-                                   "scatter lockstep", "scatter whole"], floatfmt=".3f"))
-    result = {"policies": rows, "load": load.report(),
-              "settings": {"sentences": args.sentences, "rounds": args.rounds, "max_new_tokens": MAX_NEW_TOKENS,
-                           "threads": args.threads, "model": DEFAULT_MODEL_DIR.name},
-              "machine": {"platform": platform.platform(), "torch": torch.__version__}}
+    shown = [
+        [
+            row["policy"],
+            row["mean_lockstep"],
+            row["mean_whole examples"],
+            f"{100 * row['shift']:+.1f}%",
+            f"[{100 * row['low']:+.1f}%, {100 * row['high']:+.1f}%]",
+            row["round_scatter_lockstep"],
+            row["round_scatter_whole examples"],
+        ]
+        for row in rows
+    ]
+    print(
+        tabulate(
+            shown,
+            headers=[
+                "policy",
+                "lockstep",
+                "whole examples",
+                "shift",
+                "95% interval",
+                "scatter lockstep",
+                "scatter whole",
+            ],
+            floatfmt=".3f",
+        )
+    )
+    result = {
+        "policies": rows,
+        "load": load.report(),
+        "settings": {
+            "sentences": args.sentences,
+            "rounds": args.rounds,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "threads": args.threads,
+            "model": DEFAULT_MODEL_DIR.name,
+        },
+        "machine": {"platform": platform.platform(), "torch": torch.__version__},
+    }
     write_result(args.out, result)
     return 0
 

@@ -4,8 +4,8 @@ Every policy decodes the same held-out Tatoeba sentences with the model's own ex
 batch at a time, each batch paired with `full` in lockstep (`mee_bench.timing.PairedBlocks`;
 docs/TIMING.md says how and why). Reported per policy and batch size: the speedup interval, the
 candidate's decoder ms/token in its first timed pass (for scale only: `full`'s comes from an
-untimed reference pass, so compare policies by the paired speedup), the average exit layer, decoder layers computed per token,
-whether its output equals `full`'s on every sentence (`identical_to_full`), and for
+untimed reference pass, so compare policies by the paired speedup), the average exit layer, decoder
+layers computed per token, whether its output equals `full`'s on every sentence (`identical_to_full`), and for
 self-speculative policies the acceptance rate and mean accepted draft length. Last, what one
 pass through every layer and the head costs over 1, 2, 3, 4 and 8 positions (`width_cost`):
 the price of verifying drafts in one pass, or of decoding several rows at once.
@@ -27,18 +27,18 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from bench_io import write_result
 from tabulate import tabulate
 
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.loading import load_generator
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.timing.load import LoadMonitor
-from mee_bench.timing.pairing import PairedBlocks
 from mee_bench.harness.catalogue import TATOEBA_ENFR, TaskSpec
 from mee_bench.harness.data import local_split_path, read_jsonl
 from mee_bench.paths import DATA_DIR_ENV, DEFAULT_MODEL_DIR
 from mee_bench.study.bench_tables import width_line
-from bench_io import write_result
+from mee_bench.timing.load import LoadMonitor
+from mee_bench.timing.pairing import PairedBlocks
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_NEW_TOKENS = 64
@@ -67,7 +67,8 @@ POLICIES = {
 
 
 def task_prompts(count: int, spec: TaskSpec = TATOEBA_ENFR) -> list[str]:
-    """The task prompts of the first `count` distinct source sentences of `spec`'s split (held-out Tatoeba by default)."""
+    """The task prompts of the first `count` distinct source sentences of `spec`'s split (held-out Tatoeba by
+    default)."""
     path = local_split_path(spec.dataset, spec.split)
     if path is None:
         raise SystemExit(f"no {spec.dataset}/{spec.split}.jsonl: set {DATA_DIR_ENV} to a data root holding it")
@@ -75,19 +76,31 @@ def task_prompts(count: int, spec: TaskSpec = TATOEBA_ENFR) -> list[str]:
     return list(islice(distinct, count))
 
 
-def batches_of(generator: EarlyExitGenerator, prompts: list[str], batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches_of(
+    generator: EarlyExitGenerator, prompts: list[str], batch: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The prompts tokenized in batches of `batch` (a last, smaller batch is left out): each a timing block."""
     return [generator.tokenize(prompts[start : start + batch]) for start in range(0, len(prompts) - batch + 1, batch)]
 
 
-def policy_row(name: str, policy: ExitPolicy, generator: EarlyExitGenerator, blocks: list, full_outputs: list,
-               target_half_width: float, allowance_s: float, min_repeats: int) -> dict:
+def policy_row(
+    name: str,
+    policy: ExitPolicy,
+    generator: EarlyExitGenerator,
+    blocks: list,
+    full_outputs: list,
+    target_half_width: float,
+    allowance_s: float,
+    min_repeats: int,
+) -> dict:
     early_exit = policy.decoding == "early_exit"
     paired = PairedBlocks(
         # at batch 1 `full` decodes on past its own end until stopped: both cover the policy's positions
         lambda batch: generator.decode_steps(*batch, ExitPolicy("full"), MAX_NEW_TOKENS, until_truncated=early_exit),
         lambda batch: generator.decode_steps(*batch, policy, MAX_NEW_TOKENS),
-        target_half_width=target_half_width, allowance_s=allowance_s, min_repeats=min_repeats,
+        target_half_width=target_half_width,
+        allowance_s=allowance_s,
+        min_repeats=min_repeats,
         sync=torch.cuda.synchronize if generator.runner.device.type == "cuda" else lambda: None,
         units=lambda output: output.stats.tokens,
         lockstep=True,
@@ -144,13 +157,17 @@ def width_costs(generator: EarlyExitGenerator, prompt: str, repeats: int) -> dic
                 sync()
                 layers_s[w].append(between - started)
                 head_s[w].append(time.perf_counter() - between)
-    return {str(w): {"layers_ms": 1e3 * statistics.median(layers_s[w]), "head_ms": 1e3 * statistics.median(head_s[w])}
-            for w in WIDTHS}
+    return {
+        str(w): {"layers_ms": 1e3 * statistics.median(layers_s[w]), "head_ms": 1e3 * statistics.median(head_s[w])}
+        for w in WIDTHS
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8 sentences, batch 1 and 4, loose intervals (a smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="8 sentences, batch 1 and 4, loose intervals (a smoke run)"
+    )
     parser.add_argument("--sentences", type=int, default=48)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--target-half-width", type=float, default=0.05, help="relative; timing stops when reached")
@@ -172,18 +189,47 @@ def main(argv: list[str] | None = None) -> int:
             blocks = batches_of(generator, prompts, batch)
             full_outputs = [generator.generate(*block, ExitPolicy("full"), MAX_NEW_TOKENS) for block in blocks]
             full_stats = reduce(lambda a, b: a.merge(b), (out.stats for out in full_outputs))
-            rows = [{"policy": "full", "speedup_vs_full": "1 (baseline)", "verdict": "baseline",
-                     "ms_per_token": 1e3 * full_stats.decoder_s / full_stats.tokens, "avg_exit_layer": full_stats.avg_exit_layer,
-                     "layers_per_token": full_stats.layers_per_token, "identical_to_full": True, "acceptance_rate": None,
-                     "mean_accepted_draft": None, "speedup": None, "policy_settings": ExitPolicy("full").as_dict()}]
+            rows = [
+                {
+                    "policy": "full",
+                    "speedup_vs_full": "1 (baseline)",
+                    "verdict": "baseline",
+                    "ms_per_token": 1e3 * full_stats.decoder_s / full_stats.tokens,
+                    "avg_exit_layer": full_stats.avg_exit_layer,
+                    "layers_per_token": full_stats.layers_per_token,
+                    "identical_to_full": True,
+                    "acceptance_rate": None,
+                    "mean_accepted_draft": None,
+                    "speedup": None,
+                    "policy_settings": ExitPolicy("full").as_dict(),
+                }
+            ]
             for name, policy in POLICIES.items():
                 generator.generate(*blocks[0], policy, MAX_NEW_TOKENS)  # warm-up
-                rows.append(policy_row(name, policy, generator, blocks, full_outputs, args.target_half_width, allowance,
-                                       2 if args.quick else min(len(blocks), 10)))
+                rows.append(
+                    policy_row(
+                        name,
+                        policy,
+                        generator,
+                        blocks,
+                        full_outputs,
+                        args.target_half_width,
+                        allowance,
+                        2 if args.quick else min(len(blocks), 10),
+                    )
+                )
                 print(f"batch {batch}: {name} done", file=sys.stderr)
             print(f"\nbatch {batch}")
-            shown = ("policy", "speedup_vs_full", "ms_per_token", "avg_exit_layer", "layers_per_token", "identical_to_full",
-                     "acceptance_rate", "mean_accepted_draft")
+            shown = (
+                "policy",
+                "speedup_vs_full",
+                "ms_per_token",
+                "avg_exit_layer",
+                "layers_per_token",
+                "identical_to_full",
+                "acceptance_rate",
+                "mean_accepted_draft",
+            )
             print(tabulate([[row[k] for k in shown] for row in rows], headers=shown, floatfmt=".2f"))
             results.append({"batch": batch, "policies": rows})
         width_cost = width_costs(generator, prompts[0], 10 if args.quick else 100)
@@ -193,13 +239,24 @@ def main(argv: list[str] | None = None) -> int:
         "batches": results,
         "width_cost": width_cost,
         "load": load.report(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    **({"gpu": torch.cuda.get_device_name()} if args.device == "cuda" else {})},
-        "settings": {"model": args.model.name, "device": args.device, "task": TATOEBA_ENFR.name, "sentences": sentences,
-                     "timing": "paired blocks with full, ratio of ms/token over all blocks, 95% timing-noise interval",
-                     "target_half_width": args.target_half_width, "allowance_s": allowance,
-                     "max_new_tokens": MAX_NEW_TOKENS, "dtype": args.dtype},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            **({"gpu": torch.cuda.get_device_name()} if args.device == "cuda" else {}),
+        },
+        "settings": {
+            "model": args.model.name,
+            "device": args.device,
+            "task": TATOEBA_ENFR.name,
+            "sentences": sentences,
+            "timing": "paired blocks with full, ratio of ms/token over all blocks, 95% timing-noise interval",
+            "target_half_width": args.target_half_width,
+            "allowance_s": allowance,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "dtype": args.dtype,
+        },
     }
     write_result(args.out, result)
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import sacrebleu
 import torch
+from bench_io import write_result
 from tabulate import tabulate
 
 from mee_bench.engine.decoding import EarlyExitGenerator
@@ -35,7 +36,6 @@ from mee_bench.engine.policy import ExitPolicy
 from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.harness.data import local_split_path, read_jsonl
 from mee_bench.paths import DATA_DIR_ENV, DEFAULT_MODEL_DIR
-from bench_io import write_result
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = {
@@ -49,14 +49,18 @@ def tatoeba_pairs(count: int) -> list[tuple[str, str]]:
     """(prompt, first reference) of the first `count` distinct English sentences of the held-out split."""
     path = local_split_path(TATOEBA_ENFR.dataset, TATOEBA_ENFR.split)
     if path is None:
-        raise SystemExit(f"no {TATOEBA_ENFR.dataset}/{TATOEBA_ENFR.split}.jsonl: set {DATA_DIR_ENV} to a data root holding it")
+        raise SystemExit(
+            f"no {TATOEBA_ENFR.dataset}/{TATOEBA_ENFR.split}.jsonl: set {DATA_DIR_ENV} to a data root holding it"
+        )
     pairs: dict[str, str] = {}
     for row in read_jsonl(path):
         pairs.setdefault(TATOEBA_ENFR.prompt(row), TATOEBA_ENFR.target(row))
     return list(islice(pairs.items(), count))
 
 
-def decode(generator: EarlyExitGenerator, prompts: list[str], policy: ExitPolicy, batch: int) -> tuple[list[str], list[list[int]], list[list[int]]]:
+def decode(
+    generator: EarlyExitGenerator, prompts: list[str], policy: ExitPolicy, batch: int
+) -> tuple[list[str], list[list[int]], list[list[int]]]:
     """Texts, tokens and exit layers of every prompt, `batch` prompts per call."""
     texts, tokens, layers = [], [], []
     for start in range(0, len(prompts), batch):
@@ -108,25 +112,34 @@ def main(argv: list[str] | None = None) -> int:
             texts, tokens, layers = decode(generator, prompts, pruned, args.batch)
             bleu, chrf = quality(texts)
             differing, compared = differing_decisions(base_tokens, base_layers, tokens, layers)
-            rows.append({
-                "policy": name,
-                "vocab_top_k": k,
-                "decisions_differing": differing / compared,
-                "decisions_compared": compared,
-                "identical_outputs": sum(a == b for a, b in zip(base_tokens, tokens)) / len(prompts),
-                "bleu_unpruned": base_bleu,
-                "bleu_delta": bleu - base_bleu,
-                "chrf_delta": chrf - base_chrf,
-                "avg_exit_layer_unpruned": sum(map(sum, base_layers)) / sum(map(len, base_layers)),
-                "avg_exit_layer": sum(map(sum, layers)) / sum(map(len, layers)),
-            })
+            rows.append(
+                {
+                    "policy": name,
+                    "vocab_top_k": k,
+                    "decisions_differing": differing / compared,
+                    "decisions_compared": compared,
+                    "identical_outputs": sum(a == b for a, b in zip(base_tokens, tokens)) / len(prompts),
+                    "bleu_unpruned": base_bleu,
+                    "bleu_delta": bleu - base_bleu,
+                    "chrf_delta": chrf - base_chrf,
+                    "avg_exit_layer_unpruned": sum(map(sum, base_layers)) / sum(map(len, base_layers)),
+                    "avg_exit_layer": sum(map(sum, layers)) / sum(map(len, layers)),
+                }
+            )
             print(f"{name} top-{k}: done", file=sys.stderr)
     print(tabulate(rows, headers="keys", floatfmt=".3f"))
     result = {
         "policies": rows,
-        "settings": {"model": DEFAULT_MODEL_DIR.name, "task": TATOEBA_ENFR.name, "split": TATOEBA_ENFR.split,
-                     "sentences": len(prompts), "batch": args.batch, "max_new_tokens": TATOEBA_ENFR.max_gen_toks,
-                     "reference": "first reference per distinct English sentence", "dtype": "float32"},
+        "settings": {
+            "model": DEFAULT_MODEL_DIR.name,
+            "task": TATOEBA_ENFR.name,
+            "split": TATOEBA_ENFR.split,
+            "sentences": len(prompts),
+            "batch": args.batch,
+            "max_new_tokens": TATOEBA_ENFR.max_gen_toks,
+            "reference": "first reference per distinct English sentence",
+            "dtype": "float32",
+        },
     }
     write_result(args.out, result)
     return 0

@@ -26,8 +26,8 @@ from tabulate import tabulate
 
 from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.paths import DEFAULT_MODEL_DIR
-from mee_bench.sweep.runner import run_sweep
 from mee_bench.sweep.config import to_config
+from mee_bench.sweep.runner import run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = REPO.parent / "shared" / "models" / "t5-tokenizer"
@@ -40,8 +40,19 @@ def stand_in_model(directory: Path) -> Path:
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    config = T5Config(d_model=256, d_kv=64, d_ff=1024, num_heads=4, num_layers=4, num_decoder_layers=6,
-                      vocab_size=32128, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, dropout_rate=0.0)
+    config = T5Config(
+        d_model=256,
+        d_kv=64,
+        d_ff=1024,
+        num_heads=4,
+        num_layers=4,
+        num_decoder_layers=6,
+        vocab_size=32128,
+        decoder_start_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+        dropout_rate=0.0,
+    )
     T5ForConditionalGeneration(config).eval().save_pretrained(directory)
     AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)).save_pretrained(directory)
     return directory
@@ -51,20 +62,27 @@ def run_scenario(pretrained: str, args: argparse.Namespace, workers: int, cpus: 
     work = Path(tempfile.mkdtemp(prefix="meebench", dir="/tmp"))
     try:
         thresholds = [round(0.05 + 0.9 * i / max(args.trials - 2, 1), 3) for i in range(args.trials - 1)]
-        config = to_config({
-            "name": "throughput",
-            "model": {"pretrained": pretrained},
-            "tasks": [args.task],
-            "measures": ["softmax"],
-            "thresholds": {"softmax": thresholds},
-            "min_exit_layers": [2],
-            "limit": args.limit,
-            "max_gen_toks": args.max_gen_toks,
-            "batch_size": args.batch_size,
-            "output_dir": str(work / "out"),
-            "ray": {"num_cpus": 2, "cpus_per_trial": cpus, "max_concurrent": workers, "temp_dir": str(work / "ray")},
-            "carbon": {"country_iso_code": "USA"},
-        })
+        config = to_config(
+            {
+                "name": "throughput",
+                "model": {"pretrained": pretrained},
+                "tasks": [args.task],
+                "measures": ["softmax"],
+                "thresholds": {"softmax": thresholds},
+                "min_exit_layers": [2],
+                "limit": args.limit,
+                "max_gen_toks": args.max_gen_toks,
+                "batch_size": args.batch_size,
+                "output_dir": str(work / "out"),
+                "ray": {
+                    "num_cpus": 2,
+                    "cpus_per_trial": cpus,
+                    "max_concurrent": workers,
+                    "temp_dir": str(work / "ray"),
+                },
+                "carbon": {"country_iso_code": "USA"},
+            }
+        )
         result = run_sweep(config, progress=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -86,7 +104,9 @@ def run_scenario(pretrained: str, args: argparse.Namespace, workers: int, cpus: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pretrained", help="model directory (default: the embedded default model, else a random stand-in)")
+    parser.add_argument(
+        "--pretrained", help="model directory (default: the embedded default model, else a random stand-in)"
+    )
     parser.add_argument("--task", default=TATOEBA_ENFR.name)
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--limit", type=int, default=40)
@@ -112,22 +132,56 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
     one, two, threaded = (runs[name] for name, _, _ in SCENARIOS)
-    rows = [[name, r["trials"], f"{r['wall_s']:.1f}", f"{r['run_s']:.1f}", f"{r['trials_per_min']:.1f}",
-             f"{r['trials_per_min_end_to_end']:.1f}", f"{r['worker_load_s']:.1f}", f"{100 * r['model_load_share']:.0f}%"]
-            for name, r in runs.items()]
+    rows = [
+        [
+            name,
+            r["trials"],
+            f"{r['wall_s']:.1f}",
+            f"{r['run_s']:.1f}",
+            f"{r['trials_per_min']:.1f}",
+            f"{r['trials_per_min_end_to_end']:.1f}",
+            f"{r['worker_load_s']:.1f}",
+            f"{100 * r['model_load_share']:.0f}%",
+        ]
+        for name, r in runs.items()
+    ]
     print(f"\nmodel: {label}; task {args.task}, limit {args.limit}, max_gen_toks {args.max_gen_toks}\n")
-    print(tabulate(rows, ["workers", "trials", "wall s", "run s", "trials/min", "trials/min end-to-end",
-                          "model load s", "model-load share"], tablefmt="github", disable_numparse=True))
+    print(
+        tabulate(
+            rows,
+            [
+                "workers",
+                "trials",
+                "wall s",
+                "run s",
+                "trials/min",
+                "trials/min end-to-end",
+                "model load s",
+                "model-load share",
+            ],
+            tablefmt="github",
+            disable_numparse=True,
+        )
+    )
     ratio = two["trials_per_min"] / one["trials_per_min"]
     print(f"\n2 workers / 1 worker x 1 CPU: {ratio:.2f}x (target >= 1.6x)")
     print(f"2 workers / 1 worker x 2 CPUs: {two['trials_per_min'] / threaded['trials_per_min']:.2f}x")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({
-        "model": label, "task": args.task, "limit": args.limit, "max_gen_toks": args.max_gen_toks,
-        "machine": {"cpu": platform.processor() or platform.machine(), "platform": platform.platform()},
-        "runs": runs, "ratio_2_workers_vs_1": ratio,
-    }, indent=2))
+    output.write_text(
+        json.dumps(
+            {
+                "model": label,
+                "task": args.task,
+                "limit": args.limit,
+                "max_gen_toks": args.max_gen_toks,
+                "machine": {"cpu": platform.processor() or platform.machine(), "platform": platform.platform()},
+                "runs": runs,
+                "ratio_2_workers_vs_1": ratio,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {output}")
 
 

@@ -33,8 +33,8 @@ from mee_bench.engine.policy import ExitPolicy
 from mee_bench.paths import DEFAULT_MODEL_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from policy_speed import MAX_NEW_TOKENS, task_prompts  # noqa: E402
 from bench_io import write_result
+from policy_speed import MAX_NEW_TOKENS, task_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = {
@@ -45,7 +45,9 @@ POLICIES = {
         "monotonic_heuristic", threshold=0.9, min_exit_layer=4, vocab_top_k=64
     ),
     "lstm 0.5, from 2": ExitPolicy("lstm", threshold=0.5, min_exit_layer=2),
-    "self_speculative, draft 2 layers x 1": ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative", max_draft=1),
+    "self_speculative, draft 2 layers x 1": ExitPolicy(
+        "fixed", min_exit_layer=2, decoding="self_speculative", max_draft=1
+    ),
 }
 CHECK_HEADS = ("head: check, full", "head: check, int8", "head: check, pruned")
 CATEGORIES = ("layers", *CHECK_HEADS, "head: token choice", "measure", "K/V copy")
@@ -56,17 +58,21 @@ def instrumented(generator: EarlyExitGenerator):
     """Wrap the runner's calls and every measure's step in named profiler ranges, then restore them."""
     runner, inside_measure = generator.runner, [False]
     originals = {
-        name: getattr(runner, name) for name in ("layer", "logits", "approximate_logits", "logits_for", "copy_skipped_kv")
+        name: getattr(runner, name)
+        for name in ("layer", "logits", "approximate_logits", "logits_for", "copy_skipped_kv")
     }
 
     def ranged(label, fn):
         def call(*args, **kwargs):
             with record_function(label() if callable(label) else label):
                 return fn(*args, **kwargs)
+
         return call
 
     runner.layer = ranged("layers", originals["layer"])
-    runner.logits = ranged(lambda: "head: check, full" if inside_measure[0] else "head: token choice", originals["logits"])
+    runner.logits = ranged(
+        lambda: "head: check, full" if inside_measure[0] else "head: token choice", originals["logits"]
+    )
     runner.approximate_logits = ranged("head: check, int8", originals["approximate_logits"])
     runner.logits_for = ranged("head: check, pruned", originals["logits_for"])
     runner.copy_skipped_kv = ranged("K/V copy", originals["copy_skipped_kv"])
@@ -81,6 +87,7 @@ def instrumented(generator: EarlyExitGenerator):
                     return fn(self, *args)
             finally:
                 inside_measure[0] = False
+
         return measured
 
     for cls, fn in steps.items():
@@ -120,8 +127,12 @@ def breakdown(totals: Counter) -> dict:
     per_token["measure"] = max(totals["measure+"] / 1e3 / tokens - nested_heads, 0.0)
     total = 1e3 * totals["decoder_s"] / tokens
     per_token["python and glue"] = total - sum(per_token.values())
-    return {"decoder_ms_per_token": total, "ms_per_token": per_token,
-            "share": {name: value / total for name, value in per_token.items()}, "tokens": tokens}
+    return {
+        "decoder_ms_per_token": total,
+        "ms_per_token": per_token,
+        "share": {name: value / total for name, value in per_token.items()},
+        "tokens": tokens,
+    }
 
 
 def profile_interleaved(generator: EarlyExitGenerator, inputs: list[torch.Tensor], rounds: int) -> dict[str, dict]:
@@ -135,7 +146,7 @@ def profile_interleaved(generator: EarlyExitGenerator, inputs: list[torch.Tensor
     totals = {name: Counter() for name in names}
     for round_index in range(rounds):
         chunk = inputs[round_index::rounds]
-        for name in names[round_index % len(names):] + names[: round_index % len(names)]:
+        for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
             totals[name] += profile_chunk(generator, chunk, POLICIES[name])
     return {name: breakdown(totals[name]) for name in names}
 
@@ -156,9 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     table = [[name, r["decoder_ms_per_token"], *(r["ms_per_token"][c] for c in columns)] for name, r in results.items()]
     print("decoder ms per token, by where it goes (profiled, batch 1):")
     print(tabulate(table, headers=["policy", "total", *columns], floatfmt=".2f"))
-    write_result(args.out, {"policies": results, "settings": {
-        "model": DEFAULT_MODEL_DIR.name, "sentences": args.sentences, "rounds": rounds, "batch": 1, "threads": torch.get_num_threads(),
-        "max_new_tokens": MAX_NEW_TOKENS, "note": "profiler ranges add their own cost, counted in python and glue"}})
+    write_result(
+        args.out,
+        {
+            "policies": results,
+            "settings": {
+                "model": DEFAULT_MODEL_DIR.name,
+                "sentences": args.sentences,
+                "rounds": rounds,
+                "batch": 1,
+                "threads": torch.get_num_threads(),
+                "max_new_tokens": MAX_NEW_TOKENS,
+                "note": "profiler ranges add their own cost, counted in python and glue",
+            },
+        },
+    )
     return 0
 
 

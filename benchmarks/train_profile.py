@@ -21,17 +21,17 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from bench_io import write_result
 from tabulate import tabulate
 from torch.profiler import ProfilerActivity, profile, record_function
+from train_speed import preset_batches
 
-from bench_io import write_result
 from mee_bench.engine.runner import build_runner
 from mee_bench.paths import REPO_ROOT
 from mee_bench.provenance import hardware_info
 from mee_bench.train.config import load_config
 from mee_bench.train.loop import autocast, build_model, build_optimizer, make_objective, resolve_precision
 from mee_bench.train.objectives import decoder_layer_states
-from train_speed import preset_batches
 
 OUTPUT = REPO_ROOT / "results" / "bench" / "train_profile.json"
 PAGE = REPO_ROOT / "docs" / "train_profile.md"
@@ -153,7 +153,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--objective", nargs=2, action="append", metavar=("LABEL", "OVERRIDES"),
+        "--objective",
+        nargs=2,
+        action="append",
+        metavar=("LABEL", "OVERRIDES"),
         help="a labelled objective as comma-separated overrides (repeatable); default: the preset with "
         "objective.name=final, =weighted_ce and weighted_ce with the preset's shallow_token_fraction=1.0",
     )
@@ -170,12 +173,20 @@ def main() -> int:
     tokenizer, mixture, batches, _ = preset_batches(cfg, args.steps + 2)
     machine = f"{hardware_info(args.threads)['cpu_model']} ({torch.backends.cpu.get_cpu_capability()})"
     result = {
-        "preset": args.preset, "threads": args.threads, "steps": args.steps, "precision": choice.precision,
-        "precision_reason": choice.reason, "machine": machine, "date": date.today().isoformat(),
-        "descriptions": {}, "objectives": {},
+        "preset": args.preset,
+        "threads": args.threads,
+        "steps": args.steps,
+        "precision": choice.precision,
+        "precision_reason": choice.reason,
+        "machine": machine,
+        "date": date.today().isoformat(),
+        "descriptions": {},
+        "objectives": {},
     }
     for label, overrides in objectives:
-        cfg_o = load_config(args.preset, [f"threads={args.threads}", f"precision={choice.precision}", *overrides.split(",")])
+        cfg_o = load_config(
+            args.preset, [f"threads={args.threads}", f"precision={choice.precision}", *overrides.split(",")]
+        )
         result["descriptions"][label] = overrides.replace(",", ", ")
         result["objectives"][label] = profile_objective(cfg_o, tokenizer, mixture, batches, args.steps)
         print(label, result["objectives"][label])

@@ -26,15 +26,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_io import write_result
+
 from mee_bench.engine.runner import build_runner
 from mee_bench.paths import DEFAULT_MODEL_DIR, REPO_ROOT
 from mee_bench.provenance import hardware_info
 from mee_bench.train.config import load_config
 from mee_bench.train.data import MixtureBatches, TokenizedSource
 from mee_bench.train.loop import (
-    build_model, build_optimizer, compile_for_training, load_sources, make_objective, resolve_precision, train_step,
+    build_model,
+    build_optimizer,
+    compile_for_training,
+    load_sources,
+    make_objective,
+    resolve_precision,
+    train_step,
 )
 
 OBJECTIVES = ("final", "weighted_ce")
@@ -128,7 +134,9 @@ def speed(preset: str, objective: str, steps: int, threads: int, tokenized, comp
             "s_per_step": round(seconds / steps, 3),
             "tokens_per_s": round(sum(real_tokens(b) for b in path["batches"][1:]) / seconds),
         }
-    result["speedup_vs_fp32_reference"] = round(result["preset"]["tokens_per_s"] / result["reference"]["tokens_per_s"], 3)
+    result["speedup_vs_fp32_reference"] = round(
+        result["preset"]["tokens_per_s"] / result["reference"]["tokens_per_s"], 3
+    )
     result["padding_fraction"] = result["preset"]["padding_fraction"]
     return result, tokenized
 
@@ -152,7 +160,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per path (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
-    parser.add_argument("--compile", action="store_true", help="torch.compile the preset path (its compile time is reported)")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the preset path (its compile time is reported)"
+    )
     parser.add_argument("--out", type=Path, default=OUTPUT)
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -161,8 +171,13 @@ def main() -> int:
         return 0
     torch.set_num_threads(args.threads)
     result = {
-        "preset": args.preset, "compile": args.compile, "threads": args.threads, "steps": args.steps, "reference": REFERENCE,
-        "cpu": hardware_info(args.threads)["cpu_model"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "preset": args.preset,
+        "compile": args.compile,
+        "threads": args.threads,
+        "steps": args.steps,
+        "reference": REFERENCE,
+        "cpu": hardware_info(args.threads)["cpu_model"],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "objectives": {},
     }
     tokenized = None
@@ -171,12 +186,26 @@ def main() -> int:
             args.preset, objective, args.steps, args.threads, tokenized, args.compile
         )
     child = subprocess.run(
-        [sys.executable, __file__, "--rss-child", "--preset", args.preset, "--steps", "3", "--threads", str(args.threads)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            __file__,
+            "--rss-child",
+            "--preset",
+            args.preset,
+            "--steps",
+            "3",
+            "--threads",
+            str(args.threads),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     result["peak_rss_gb_preset"] = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_gb"]
     result["targets"] = TARGETS
-    print(f"{'objective':<14} {'path':<10} {'precision':<9} {'padding':>8} {'s/step':>7} {'tokens/s':>9} {'speedup':>8}")
+    print(
+        f"{'objective':<14} {'path':<10} {'precision':<9} {'padding':>8} {'s/step':>7} {'tokens/s':>9} {'speedup':>8}"
+    )
     for name, row in result["objectives"].items():
         for label in ("reference", "preset"):
             entry = row[label]

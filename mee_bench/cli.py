@@ -15,15 +15,24 @@ import sys
 
 COMMANDS = {
     "demo": ("mee_bench.demo", "early-exit generation on the embedded default model: tokens, exit layers, speedup"),
-    "train": ("mee_bench.train.loop", "train a T5 or decoder-only model with the final / weighted_ce / weighted_ce_kd objective"),
+    "train": (
+        "mee_bench.train.loop",
+        "train a T5 or decoder-only model with the final / weighted_ce / weighted_ce_kd objective",
+    ),
     "train-heads": ("mee_bench.train.heads", "train the classifier, last_three_mlp and lstm exit heads of a model"),
     "sweep": ("mee_bench.sweep.runner", "run measures x thresholds x min exit layers x tasks on Ray with CodeCarbon"),
     "calibrate": ("mee_bench.calibrate.run", "pick exit thresholds with a Learn-then-Test risk guarantee (CALM)"),
     "leaderboard": ("mee_bench.sweep.leaderboard", "rebuild leaderboard tables and plots from a sweep's records"),
     "analyze": ("mee_bench.study.analysis", "the monotonicity study (the paper's Figures 1-3) on any model"),
     "ship": ("mee_bench.train.ship", "make a finished training run the embedded default model when it clearly leads"),
-    "model-report": ("mee_bench.study.model_report", "a model's full-depth quality, per-layer agreement and training curves"),
-    "results-page": ("mee_bench.study.results_page", "regenerate docs/RESULTS.md and the README's summary table from results/"),
+    "model-report": (
+        "mee_bench.study.model_report",
+        "a model's full-depth quality, per-layer agreement and training curves",
+    ),
+    "results-page": (
+        "mee_bench.study.results_page",
+        "regenerate docs/RESULTS.md and the README's summary table from results/",
+    ),
 }
 
 

@@ -1,4 +1,5 @@
-"""Config mistakes named in one line, and one loader, the same way for every typed config (sweep, training, calibration).
+"""Config mistakes named in one line, and one loader, the same way for every typed config (sweep, training,
+calibration).
 
 Each config is a dataclass schema that OmegaConf fills from a YAML file and `key=value`
 overrides. OmegaConf's own errors name the dataclass, not the user's key, and do not say
@@ -117,8 +118,9 @@ def key_hint(schema: type, dotted_key: str, source: str) -> Any:
     return hint
 
 
-def apply_overrides(config: DictConfig, overrides: Sequence[str], schema: type, example: str,
-                    source: str = "the command-line overrides") -> None:
+def apply_overrides(
+    config: DictConfig, overrides: Sequence[str], schema: type, example: str, source: str = "the command-line overrides"
+) -> None:
     """Apply `key=value` overrides (OmegaConf dotlist; `list.0.key` reaches into lists) to a config of `schema`,
     each key checked against the schema first; `example` shows a valid override in the error."""
     for item in overrides:
@@ -155,8 +157,16 @@ def to_typed(schema: type, node: DictConfig | dict, validate: Callable[[Any], No
     return config
 
 
-def load_typed(schema: type, path: str | Path, overrides: Sequence[str], validate: Callable[[Any], None], *,
-               what: str, example_file: str, example_override: str) -> Any:
+def load_typed(
+    schema: type,
+    path: str | Path,
+    overrides: Sequence[str],
+    validate: Callable[[Any], None],
+    *,
+    what: str,
+    example_file: str,
+    example_override: str,
+) -> Any:
     """Read a YAML into `schema` with closest-key errors, apply dotlist overrides, name the config
     after its file when it names itself nothing, and validate: what `sweep` and `calibrate` share."""
     path = Path(path)

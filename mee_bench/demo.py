@@ -14,12 +14,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from mee_bench.engine.loading import load_generator
+from mee_bench.engine.policy import ExitPolicy, read_policy_file, shipped_policy_path
 from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.harness.data import local_split_path, read_jsonl
-
-from mee_bench.engine.loading import load_generator
 from mee_bench.paths import DEFAULT_MODEL_DIR
-from mee_bench.engine.policy import ExitPolicy, read_policy_file, shipped_policy_path
 
 FALLBACK_SENTENCES = [
     "Why not start now?",
@@ -50,8 +49,15 @@ def demo_sentences(count: int) -> list[str]:
 def choose_policy(args: argparse.Namespace) -> tuple[ExitPolicy, str]:
     """--measure if given; else the model's shipped exit_policy.json; else softmax 0.9 from layer 2.
     --threshold, --min-exit-layer and --kv-strategy adjust whichever is chosen."""
-    adjust = {k: v for k, v in (("threshold", args.threshold), ("min_exit_layer", args.min_exit_layer),
-                                ("kv_strategy", args.kv_strategy)) if v is not None}
+    adjust = {
+        k: v
+        for k, v in (
+            ("threshold", args.threshold),
+            ("min_exit_layer", args.min_exit_layer),
+            ("kv_strategy", args.kv_strategy),
+        )
+        if v is not None
+    }
     if args.measure:
         return ExitPolicy(**{"measure": args.measure, **adjust}), "--measure"
     local = Path(args.pretrained).expanduser()
@@ -73,7 +79,9 @@ def timed_generate(generator, prompts, policy, max_new_tokens, repeats):
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mee-bench demo", description=__doc__)
     parser.add_argument("--pretrained", default=str(DEFAULT_MODEL_DIR), help="model directory or hub id")
-    parser.add_argument("--measure", help="default: the model's shipped exit_policy.json, else softmax 0.9 from layer 2")
+    parser.add_argument(
+        "--measure", help="default: the model's shipped exit_policy.json, else softmax 0.9 from layer 2"
+    )
     parser.add_argument("--threshold", type=float)
     parser.add_argument("--min-exit-layer", type=int)
     parser.add_argument("--kv-strategy", choices=["copy", "deferred"])
@@ -92,7 +100,9 @@ def cli(argv: list[str]) -> int:
     prompts = [prompt({"translation": {"en": sentence}}) for sentence in sentences]
 
     generator.generate_text(prompts[:1], ExitPolicy("full"), args.max_new_tokens)  # warm-up, untimed
-    full_texts, full_out, full_s = timed_generate(generator, prompts, ExitPolicy("full"), args.max_new_tokens, args.repeats)
+    full_texts, full_out, full_s = timed_generate(
+        generator, prompts, ExitPolicy("full"), args.max_new_tokens, args.repeats
+    )
     texts, out, exit_s = timed_generate(generator, prompts, policy, args.max_new_tokens, args.repeats)
 
     print(f"model: {args.pretrained} ({generator.num_layers} decoder layers)")

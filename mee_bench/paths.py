@@ -17,7 +17,8 @@ SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
 
 def data_root() -> Path | None:
-    """The local data root (`MEE_DATA_DIR`, else `../shared/data` beside the repo), or None when only the hub is left."""
+    """The local data root (`MEE_DATA_DIR`, else `../shared/data` beside the repo), or None when only the hub is
+    left."""
     configured = os.environ.get(DATA_DIR_ENV)
     if configured:
         root = Path(configured).expanduser()

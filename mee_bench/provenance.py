@@ -13,7 +13,17 @@ from pathlib import Path
 
 from mee_bench.paths import REPO_ROOT
 
-PACKAGES = ("mee-bench", "torch", "transformers", "lm_eval", "ray", "codecarbon", "sacrebleu", "rouge-score", "omegaconf")
+PACKAGES = (
+    "mee-bench",
+    "torch",
+    "transformers",
+    "lm_eval",
+    "ray",
+    "codecarbon",
+    "sacrebleu",
+    "rouge-score",
+    "omegaconf",
+)
 
 
 def hardware_info(torch_threads: int) -> dict:
@@ -63,7 +73,10 @@ def git_commit() -> dict:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # threads made tests several times slower.
 torch.set_num_threads(1)
 
-from tests.helpers import TOKENIZER_DIR, tiny_causal_model, tiny_model
+from tests.helpers import TOKENIZER_DIR, tiny_causal_model, tiny_model  # noqa: E402 (after the thread setting)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

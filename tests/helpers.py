@@ -11,8 +11,8 @@ import torch
 
 from mee_bench.engine.measures import ExitMeasure, measure_facts
 from mee_bench.engine.t5 import growing_generate_cache
-from mee_bench.timing.statistics import Speedup
 from mee_bench.harness.lm_eval_hook import DISABLE_ENV
+from mee_bench.timing.statistics import Speedup
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -24,8 +24,12 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     """This environment for a child Python: offline, one thread, the lm-eval hook on."""
     env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
     env.update(
-        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1", **overrides,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        **overrides,
     )
     return env
 
@@ -67,13 +71,23 @@ CAUSAL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "granite", "olm
 FAMILY_EXTRAS = {
     "mistral": {"sliding_window": 6},
     "qwen3": {"head_dim": 16, "tie_word_embeddings": True},
-    "granite": {"embedding_multiplier": 1.5, "residual_multiplier": 1.2, "attention_multiplier": 0.25,
-                "logits_scaling": 4.0, "tie_word_embeddings": True},
+    "granite": {
+        "embedding_multiplier": 1.5,
+        "residual_multiplier": 1.2,
+        "attention_multiplier": 0.25,
+        "logits_scaling": 4.0,
+        "tie_word_embeddings": True,
+    },
     "phi3": {"partial_rotary_factor": 0.5},  # as Phi-4-mini, which rotates part of each head
     "smollm3": {"no_rope_layers": [1, 1, 0, 1], "tie_word_embeddings": True},  # layer 3 without rotary (NoPE)
-    "gemma3_text": {"head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 16, "final_logit_softcapping": 3.0,
-                    "tie_word_embeddings": False,
-                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]},
+    "gemma3_text": {
+        "head_dim": 16,
+        "sliding_window": 6,
+        "query_pre_attn_scalar": 16,
+        "final_logit_softcapping": 3.0,
+        "tie_word_embeddings": False,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    },
 }
 
 
@@ -88,15 +102,26 @@ def tiny_causal_config(family: str, vocab_size: int = 512, layers: int = 4, **ov
         values.update(overrides)
         return transformers.GPT2Config(**values)
     values = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, **tokens,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **tokens,
     )
     values.update(FAMILY_EXTRAS.get(family, {}))
     values.update(overrides)
     config_class = {
-        "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config, "granite": transformers.GraniteConfig,
-        "olmo2": transformers.Olmo2Config, "phi3": transformers.Phi3Config, "smollm3": transformers.SmolLM3Config,
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "granite": transformers.GraniteConfig,
+        "olmo2": transformers.Olmo2Config,
+        "phi3": transformers.Phi3Config,
+        "smollm3": transformers.SmolLM3Config,
         "gemma3_text": transformers.Gemma3TextConfig,
     }[family]
     return config_class(**values)
@@ -216,15 +241,32 @@ def hf_greedy(model, ids, mask, max_new_tokens=MAX_NEW, lazy_cache=False) -> lis
 HARDWARE = {"cpu_model": "Test CPU", "cpu_count": 2, "torch_threads": 1, "gpu": None}
 
 
-def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardware=HARDWARE, metric="bleu", runs="softmax",
-           paired=None, load=None):
+def record(
+    task,
+    measure,
+    threshold,
+    layer,
+    quality,
+    ms,
+    avg,
+    status="ok",
+    hardware=HARDWARE,
+    metric="bleu",
+    runs="softmax",
+    paired=None,
+    load=None,
+):
     """A trial record as the sweep writes it; `runs` is the measure a `calibrated` trial runs;
     `paired` a paired speedup (ratio, low, high[, target half-width]), else the record is unpaired."""
     rec = {
         "trial_id": f"{task}-{measure}-{threshold}-{layer}",
         "status": status,
         "trial": {"task": task, "measure": measure, "threshold": threshold, "min_exit_layer": layer},
-        "config": {"model": {"pretrained": "/m/mee-t5-default", "dtype": "float32", "device": "cpu"}, "limit": 8, "batch_size": 1},
+        "config": {
+            "model": {"pretrained": "/m/mee-t5-default", "dtype": "float32", "device": "cpu"},
+            "limit": 8,
+            "batch_size": 1,
+        },
         "hardware": hardware,
         "measure_facts": measure_facts(runs if measure == "calibrated" else measure),
     }
@@ -232,8 +274,13 @@ def record(task, measure, threshold, layer, quality, ms, avg, status="ok", hardw
         rec.update(
             metrics={metric: quality, "chrf": quality + 20},
             efficiency={"decode_ms_per_token": ms, "avg_exit_layer": avg, "num_layers": 6},
-            energy={"energy_kwh": 2e-6, "emissions_kg_co2eq": 1e-7, "power_source": "estimated",
-                    "power_detail": "CPU estimated (TDP x CPU load, TDP 8 W)", "country_iso_code": "FRA"},
+            energy={
+                "energy_kwh": 2e-6,
+                "emissions_kg_co2eq": 1e-7,
+                "power_source": "estimated",
+                "power_detail": "CPU estimated (TDP x CPU load, TDP 8 W)",
+                "country_iso_code": "FRA",
+            },
         )
     if paired is not None:
         ratio, low, high, *target = paired
@@ -260,5 +307,7 @@ def write_sweep(tmp_path, records, measures=None):
     for rec in records:
         (tmp_path / "records" / f"{rec['trial_id']}.json").write_text(json.dumps(rec))
     if measures:
-        (tmp_path / "sweep.json").write_text(json.dumps({"fingerprint": "x", "config": {"name": "demo", "measures": measures}}))
+        (tmp_path / "sweep.json").write_text(
+            json.dumps({"fingerprint": "x", "config": {"name": "demo", "measures": measures}})
+        )
     return tmp_path

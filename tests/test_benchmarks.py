@@ -16,16 +16,29 @@ from tests.helpers import REPO
 def benchmark(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     yield importlib.import_module
-    for name in ("pruned_checks", "token_profile", "policy_speed", "decode_speed", "first_read", "pairing_check", "busy_check", "cpu_hog"):
+    for name in (
+        "pruned_checks",
+        "token_profile",
+        "policy_speed",
+        "decode_speed",
+        "first_read",
+        "pairing_check",
+        "busy_check",
+        "cpu_hog",
+    ):
         sys.modules.pop(name, None)
 
 
 def test_pruned_checks_compares_every_policy_with_its_unpruned_run(benchmark, tmp_path):
     out = tmp_path / "pruned.json"
-    assert benchmark("pruned_checks").main(["--sentences", "6", "--batch", "3", "--top-k", "2", "64", "--out", str(out)]) == 0
+    assert (
+        benchmark("pruned_checks").main(["--sentences", "6", "--batch", "3", "--top-k", "2", "64", "--out", str(out)])
+        == 0
+    )
     rows = json.loads(out.read_text())["policies"]
     assert {(row["policy"], row["vocab_top_k"]) for row in rows} == {
-        (policy, k) for policy in ("softmax 0.5, from 2", "softmax 0.9, from 2", "monotonic_heuristic 0.9, from 4")
+        (policy, k)
+        for policy in ("softmax 0.5, from 2", "softmax 0.9, from 2", "monotonic_heuristic 0.9, from 4")
         for k in (2, 64)
     }
     for row in rows:
@@ -60,10 +73,19 @@ def test_policy_speed_prices_each_verification_width_and_prints_it_with_the_tabl
     costs = policy_speed.width_costs(generator, "translate English to French: The cat sleeps.", repeats=2)
     assert list(costs) == [str(w) for w in policy_speed.WIDTHS]
     assert all(cost["layers_ms"] > 0 and cost["head_ms"] > 0 for cost in costs.values())
-    row = {"policy": "full", "speedup_vs_full": "1 (baseline)", "layers_per_token": 6.0, "identical_to_full": True,
-           "acceptance_rate": None, "mean_accepted_draft": None}
-    result = {"batches": [{"batch": 1, "policies": [row]}], "machine": {"threads": 1},
-              "settings": {"sentences": 1, "model": "m", "dtype": "float32"}}
+    row = {
+        "policy": "full",
+        "speedup_vs_full": "1 (baseline)",
+        "layers_per_token": 6.0,
+        "identical_to_full": True,
+        "acceptance_rate": None,
+        "mean_accepted_draft": None,
+    }
+    result = {
+        "batches": [{"batch": 1, "policies": [row]}],
+        "machine": {"threads": 1},
+        "settings": {"sentences": 1, "model": "m", "dtype": "float32"},
+    }
     assert "over w positions" not in bench_tables.policy_speed(result)  # a record from before widths were priced
     with_widths = bench_tables.policy_speed({**result, "width_cost": costs})
     assert bench_tables.width_line(costs) in with_widths and "8: " in bench_tables.width_line(costs)
@@ -93,7 +115,9 @@ def test_first_read_times_both_rounded_heads_in_the_loop_on_the_same_work(benchm
 def test_pairing_check_times_both_methods_every_round_and_reads_the_shift_from_them(benchmark, tmp_path):
     out = tmp_path / "pairing.json"
     pairing_check = benchmark("pairing_check")
-    assert pairing_check.main(["--sentences", "2", "--rounds", "2", "--policies", "fixed", "full", "--out", str(out)]) == 0
+    assert (
+        pairing_check.main(["--sentences", "2", "--rounds", "2", "--policies", "fixed", "full", "--out", str(out)]) == 0
+    )
     rows = json.loads(out.read_text())["policies"]
     assert [row["policy"] for row in rows] == ["fixed", "full"]
     for row in rows:
@@ -120,8 +144,23 @@ def test_busy_check_toggles_the_hog_round_by_round_and_reads_the_shift_from_pair
     out = tmp_path / "busy.json"
     busy_check = benchmark("busy_check")
     policies = ["full", "lstm 0.5, from 2"]
-    assert busy_check.main(["--sentences", "2", "--rounds", "2", "--task", "tatoeba_enfr_mee",
-                            "--policies", *policies, "--out", str(out)]) == 0
+    assert (
+        busy_check.main(
+            [
+                "--sentences",
+                "2",
+                "--rounds",
+                "2",
+                "--task",
+                "tatoeba_enfr_mee",
+                "--policies",
+                *policies,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert [row["policy"] for row in result["policies"]] == policies
     for row in result["policies"]:

@@ -13,7 +13,6 @@ from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import REFUSED, supported_model_types
 from mee_bench.harness.lm_eval_model import MODEL_ARGS, POLICY_ARGS
 from mee_bench.sweep.config import expand_grid, load_config
-
 from tests.helpers import REPO
 
 DOC = (REPO / "docs" / "CHECKPOINTS.md").read_text(encoding="utf-8")

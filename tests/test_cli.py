@@ -1,4 +1,5 @@
-"""`mee-bench`: a bad value ends in one line and exit 2, anything else in one line and exit 1; --debug shows the traceback."""
+"""`mee-bench`: a bad value ends in one line and exit 2, anything else in one line and exit 1; --debug shows the
+traceback."""
 
 from __future__ import annotations
 

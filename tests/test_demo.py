@@ -18,7 +18,13 @@ def test_demo_sentences_are_distinct_even_where_tatoeba_repeats_a_source(monkeyp
 
 
 def args(pretrained, **given):
-    values = {"pretrained": str(pretrained), "measure": None, "threshold": None, "min_exit_layer": None, "kv_strategy": None}
+    values = {
+        "pretrained": str(pretrained),
+        "measure": None,
+        "threshold": None,
+        "min_exit_layer": None,
+        "kv_strategy": None,
+    }
     return argparse.Namespace(**{**values, **given})
 
 

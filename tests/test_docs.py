@@ -37,6 +37,7 @@ class Parsed(Exception):
 
 # ----------------------------------------------------------------------------- reading the documents
 
+
 def code_lines(markdown: str) -> list[str]:
     """The lines of every fenced code block, a line continued with a trailing backslash joined to the next."""
     lines = []
@@ -69,9 +70,11 @@ def documented_commands(markdown: str) -> list[list[str]]:
 
 # ----------------------------------------------------------------------------- checking a command
 
+
 def parse_only(cli, argv: list[str]) -> argparse.Namespace:
     """What `cli(argv)`'s argparse parser makes of argv, without running the command: a parse
     error becomes a CommandError, an accepted parse stops the command before it does anything."""
+
     def parse_args(parser, args=None, namespace=None):
         namespace, unknown = parser.parse_known_args(args, namespace)
         if unknown:
@@ -81,8 +84,10 @@ def parse_only(cli, argv: list[str]) -> argparse.Namespace:
     def error(parser, message):
         raise CommandError(f"{parser.prog}: {message}")
 
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_args), \
-            mock.patch.object(argparse.ArgumentParser, "error", error):
+    with (
+        mock.patch.object(argparse.ArgumentParser, "parse_args", parse_args),
+        mock.patch.object(argparse.ArgumentParser, "error", error),
+    ):
         try:
             cli(argv)
         except Parsed as parsed:
@@ -92,8 +97,11 @@ def parse_only(cli, argv: list[str]) -> argparse.Namespace:
 
 def check_config(name: str, namespace: argparse.Namespace) -> None:
     """A config-taking command's YAML file (or training preset) and its key=value overrides load."""
-    loaders = {"sweep": "mee_bench.sweep.config", "calibrate": "mee_bench.calibrate.config",
-               "train": "mee_bench.train.config"}
+    loaders = {
+        "sweep": "mee_bench.sweep.config",
+        "calibrate": "mee_bench.calibrate.config",
+        "train": "mee_bench.train.config",
+    }
     if name not in loaders:
         return
     load_config = importlib.import_module(loaders[name]).load_config
@@ -160,7 +168,9 @@ def check_mee_model_args(model_args: dict) -> None:
 
     unknown = sorted(set(model_args) - set(MODEL_ARGS))
     if unknown:
-        raise CommandError(f"--model mee does not accept model_args {', '.join(unknown)} (it accepts {', '.join(MODEL_ARGS)})")
+        raise CommandError(
+            f"--model mee does not accept model_args {', '.join(unknown)} (it accepts {', '.join(MODEL_ARGS)})"
+        )
     if "measure" in model_args and str(model_args["measure"]) not in MEASURES:
         raise CommandError(f"--model mee: no measure {model_args['measure']!r} (measures: {', '.join(MEASURES)})")
     calibration = model_args.get("calibration")
@@ -191,7 +201,11 @@ def test_every_documented_command_parses(path, argv):
 
 def test_the_readme_documents_its_first_commands_and_the_mission_command():
     documented = {shlex.join(argv) for argv in documented_commands((REPO / "README.md").read_text())}
-    for expected in ("mee-bench demo", "mee-bench sweep configs/quickstart.yaml", "lm_eval --model mee --tasks cnndm_mee"):
+    for expected in (
+        "mee-bench demo",
+        "mee-bench sweep configs/quickstart.yaml",
+        "lm_eval --model mee --tasks cnndm_mee",
+    ):
         assert any(command.startswith(expected) for command in documented), expected
 
 
@@ -206,18 +220,21 @@ def test_the_readme_shows_install_first_commands_and_the_headline_table_before_a
     assert "| task " in block and "speedup vs full" in block  # the generated summary, not an empty block
 
 
-@pytest.mark.parametrize("line, problem", [
-    ("mee-bench sweeep configs/quickstart.yaml", "no command 'sweeep'"),
-    ("mee-bench sweep configs/quickstart.yaml --dry-runn", "unrecognized arguments: --dry-runn"),
-    ("mee-bench sweep configs/no_such_sweep.yaml", "no_such_sweep.yaml does not exist"),
-    ("mee-bench sweep configs/quickstart.yaml limmit=5", "limmit"),
-    ("mee-bench train no-such-preset", "unknown preset"),
-    ("mee-bench demo --threshold high", "invalid float value"),
-    ("lm_eval --model mee --model_args pretrained=x,measur=lstm --tasks cnndm_mee", "measur"),
-    ("lm_eval --model mee --model_args measure=softmaks --tasks cnndm_mee", "softmaks"),
-    ("lm_eval --model mee --tasks cnndm_me", "cnndm_me"),
-    ("lm_eval --model mee --tasks cnndm_mee --batchsize 8", "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("mee-bench sweeep configs/quickstart.yaml", "no command 'sweeep'"),
+        ("mee-bench sweep configs/quickstart.yaml --dry-runn", "unrecognized arguments: --dry-runn"),
+        ("mee-bench sweep configs/no_such_sweep.yaml", "no_such_sweep.yaml does not exist"),
+        ("mee-bench sweep configs/quickstart.yaml limmit=5", "limmit"),
+        ("mee-bench train no-such-preset", "unknown preset"),
+        ("mee-bench demo --threshold high", "invalid float value"),
+        ("lm_eval --model mee --model_args pretrained=x,measur=lstm --tasks cnndm_mee", "measur"),
+        ("lm_eval --model mee --model_args measure=softmaks --tasks cnndm_mee", "softmaks"),
+        ("lm_eval --model mee --tasks cnndm_me", "cnndm_me"),
+        ("lm_eval --model mee --tasks cnndm_mee --batchsize 8", "unrecognized arguments"),
+    ],
+)
 def test_a_command_that_stops_parsing_fails_the_check(line, problem):
     [argv] = documented_commands(f"```bash\n{line}\n```\n")
     with pytest.raises(CommandError, match=re.escape(problem)):
@@ -231,7 +248,8 @@ def test_commands_are_read_from_code_blocks_only_with_prompts_prefixes_continuat
         "lm_eval --model mee \\\n    --tasks squad_mee\nmake test\n```\n"
     )
     assert documented_commands(markdown) == [
-        ["mee-bench", "train", "quick-decoder"], ["mee-bench", "train-heads", "runs/x"],
+        ["mee-bench", "train", "quick-decoder"],
+        ["mee-bench", "train-heads", "runs/x"],
         ["lm_eval", "--model", "mee", "--tasks", "squad_mee"],
     ]
 

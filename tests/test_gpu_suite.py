@@ -16,9 +16,18 @@ from tests.helpers import DATA_DIR, REPO
 # break the suite there. (OmegaConf, which the typed training config needs, travels as a wheel.)
 ABSENT_ON_THE_GPU = ("ray", "lm_eval", "codecarbon", "datasets")
 GPU_PATH_MODULES = (
-    "mee_bench.engine.decoding", "mee_bench.engine.loading", "mee_bench.engine.measures", "mee_bench.engine.policy",
-    "mee_bench.engine.heads", "mee_bench.engine.t5", "mee_bench.train.loop", "mee_bench.train.heads",
-    "mee_bench.train.config", "mee_bench.train.data", "mee_bench.study.model_report", "mee_bench.cli",
+    "mee_bench.engine.decoding",
+    "mee_bench.engine.loading",
+    "mee_bench.engine.measures",
+    "mee_bench.engine.policy",
+    "mee_bench.engine.heads",
+    "mee_bench.engine.t5",
+    "mee_bench.train.loop",
+    "mee_bench.train.heads",
+    "mee_bench.train.config",
+    "mee_bench.train.data",
+    "mee_bench.study.model_report",
+    "mee_bench.cli",
 )
 
 
@@ -38,12 +47,31 @@ def test_engine_training_and_benchmarks_import_no_heavy_optional_package():
 def test_dry_run_produces_every_step_and_a_summary(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, MEE_DATA_DIR=str(DATA_DIR), RAY_USAGE_STATS_ENABLED="0")
-    subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "run", "--dry-run", "--out", str(out),
-                    "--build", str(tmp_path / "no-build")], cwd=REPO, env=env, check=True, timeout=1800)
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/gpu_suite.py",
+            "run",
+            "--dry-run",
+            "--out",
+            str(out),
+            "--build",
+            str(tmp_path / "no-build"),
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=1800,
+    )
     summary = json.loads((out / "summary.json").read_text())
     statuses = {name: step["status"] for name, step in summary["steps"].items()}
-    assert statuses == {"correctness": "ok", "decode_speed": "ok", "policy_speed": "ok", "training": "ok",
-                        "energy": statuses["energy"]}
+    assert statuses == {
+        "correctness": "ok",
+        "decode_speed": "ok",
+        "policy_speed": "ok",
+        "training": "ok",
+        "energy": statuses["energy"],
+    }
     assert statuses["energy"].startswith("skipped: ")
     assert summary["steps"]["correctness"]["tests"] > summary["steps"]["correctness"]["failures"] == 0
     assert json.loads((out / "decode_speed_gpu.json").read_text())["settings"]["repeats"] >= 1
@@ -68,4 +96,6 @@ def test_the_energy_steps_workload_is_built_without_a_gpu():
     import gpu_suite
 
     prompts = gpu_suite.energy_prompts(200)
-    assert len(prompts) == len(set(prompts)) == 200 and all(p.startswith("translate English to French: ") for p in prompts)
+    assert len(prompts) == len(set(prompts)) == 200 and all(
+        p.startswith("translate English to French: ") for p in prompts
+    )

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from mee_bench.harness.install_hook import PTH_NAME
 from mee_bench.harness.catalogue import GROUP_NAME, TASK_NAMES, TASKS_DIR
+from mee_bench.harness.install_hook import PTH_NAME
 from mee_bench.paths import DEFAULT_MODEL_DIR, PACKAGE_DIR
-
 from tests.helpers import DATA_DIR, REPO, subprocess_env
 
 pytestmark = pytest.mark.slow  # builds a wheel, makes a virtualenv, runs the CLIs in it
@@ -68,9 +67,21 @@ def built(tmp_path_factory) -> Built:
     for name in BUILD_INPUTS:
         shutil.copy(REPO / name, source / name)
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--no-index",
-         "-w", str(root / "dist")],
-        capture_output=True, text=True, timeout=TIMEOUT_S,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(source),
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(root / "dist"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
     )
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-4000:]
     (wheel,) = (root / "dist").glob("*.whl")
@@ -99,15 +110,22 @@ def venv(wheel, tmp_path_factory) -> Virtualenv:
     root = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=TIMEOUT_S)
     python = root / "bin" / "python"
-    site_packages = Path(subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True, timeout=TIMEOUT_S,
-    ).stdout.strip())
+    site_packages = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=TIMEOUT_S,
+        ).stdout.strip()
+    )
     dependencies = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
     (site_packages / "project_dependencies.pth").write_text("".join(f"{path}\n" for path in dependencies))
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
-        capture_output=True, text=True, timeout=TIMEOUT_S,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
     )
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-4000:]
     return Virtualenv(python, site_packages, install.stdout + install.stderr)
@@ -122,17 +140,37 @@ def installed_runs(venv, tmp_path_factory):
     env.pop("PYTHONPATH", None)
     commands = {
         "probe": [str(venv.python), "-c", PROBE],
-        "lm_eval": [str(venv.python), "-m", "lm_eval", "--model", "mee", "--tasks", "tatoeba_enfr_mee", "--limit", "4",
-                    "--output_path", str(work / "results")],
-        "demo": [str(venv.python.parent / "mee-bench"), "demo", "--sentences", "2", "--repeats", "1",
-                 "--max-new-tokens", "16"],
+        "lm_eval": [
+            str(venv.python),
+            "-m",
+            "lm_eval",
+            "--model",
+            "mee",
+            "--tasks",
+            "tatoeba_enfr_mee",
+            "--limit",
+            "4",
+            "--output_path",
+            str(work / "results"),
+        ],
+        "demo": [
+            str(venv.python.parent / "mee-bench"),
+            "demo",
+            "--sentences",
+            "2",
+            "--repeats",
+            "1",
+            "--max-new-tokens",
+            "16",
+        ],
     }
     processes = {
         name: subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for name, command in commands.items()
     }
-    outputs = {name: (process.communicate(timeout=TIMEOUT_S)[0], process.returncode)
-               for name, process in processes.items()}
+    outputs = {
+        name: (process.communicate(timeout=TIMEOUT_S)[0], process.returncode) for name, process in processes.items()
+    }
     return work, outputs
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
 from importlib.metadata import EntryPoint
+
+import tomllib
 
 from tests.helpers import REPO
 
@@ -18,7 +19,7 @@ def test_the_lm_eval_models_entry_point_resolves_to_the_class_registered_as_mee(
     import lm_eval.models  # noqa: F401  (lm-eval's registry, filled lazily)
     from lm_eval.api.registry import get_model
 
-    (name, target), = PROJECT["entry-points"]["lm_eval.models"].items()
+    ((name, target),) = PROJECT["entry-points"]["lm_eval.models"].items()
     loaded = EntryPoint(name, target, "lm_eval.models").load()
     assert name == "mee"
     assert loaded is get_model("mee")

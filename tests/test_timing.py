@@ -84,7 +84,11 @@ def test_every_piece_of_work_counts_once_however_often_it_was_retimed():
 
 def test_without_a_piece_timed_twice_there_is_no_noise_estimate():
     speedup = speedup_interval([1.0, 2.0, 3.0], [0.5, 1.0, 1.5], [0, 1, 2])
-    assert speedup.ratio == pytest.approx(2.0) and math.isinf(speedup.high) and speedup.verdict == "no measurable difference"
+    assert (
+        speedup.ratio == pytest.approx(2.0)
+        and math.isinf(speedup.high)
+        and speedup.verdict == "no measurable difference"
+    )
 
 
 def test_blocks_alternate_which_side_runs_first():
@@ -165,13 +169,21 @@ def test_a_truncated_baseline_stops_after_as_many_steps_as_the_candidate(monkeyp
                 return f"{name} stopped after {step}"
 
     timer = PairedTimer(lockstep=True, truncate_baseline=True)
-    assert timer.block(lambda: steps("base", 5, 0.3), lambda: steps("cand", 2, 0.1)) == ("base stopped after 2", "cand done")
-    assert timer.block(lambda: steps("base", 5, 0.3), lambda: steps("cand", 2, 0.1)) == ("base stopped after 2", "cand done")
+    assert timer.block(lambda: steps("base", 5, 0.3), lambda: steps("cand", 2, 0.1)) == (
+        "base stopped after 2",
+        "cand done",
+    )
+    assert timer.block(lambda: steps("base", 5, 0.3), lambda: steps("cand", 2, 0.1)) == (
+        "base stopped after 2",
+        "cand done",
+    )
     assert order == ["base", "cand", "base", "cand", "cand", "base", "cand", "base"]
     assert timer.baseline_s == pytest.approx([0.6, 0.6]) and timer.candidate_s == pytest.approx([0.2, 0.2])
     assert timer.block(lambda: steps("base", 1, 0.3), lambda: steps("cand", 3, 0.1)) == ("base done", "cand done")
     assert timer.samples()["baseline_truncated"] is True
-    assert PairedTimer(lockstep=True).block(lambda: steps("base", 5, 0.3), lambda: steps("cand", 2, 0.1))[0] == "base done"
+    assert (
+        PairedTimer(lockstep=True).block(lambda: steps("base", 5, 0.3), lambda: steps("cand", 2, 0.1))[0] == "base done"
+    )
 
 
 def test_a_follower_that_cannot_stop_is_an_error_not_a_silent_overrun():
@@ -197,7 +209,12 @@ def test_a_follower_that_cannot_stop_is_an_error_not_a_silent_overrun():
 
 @pytest.mark.parametrize(
     "low, high, verdict",
-    [(1.01, 1.2, "faster"), (0.95, 1.05, "no measurable difference"), (0.7, 0.99, "slower"), (1.0, 1.3, "no measurable difference")],
+    [
+        (1.01, 1.2, "faster"),
+        (0.95, 1.05, "no measurable difference"),
+        (0.7, 0.99, "slower"),
+        (1.0, 1.3, "no measurable difference"),
+    ],
 )
 def test_faster_only_when_the_whole_interval_lies_above_one(low, high, verdict):
     assert Speedup(ratio=(low + high) / 2, low=low, high=high, blocks=10).verdict == verdict
@@ -223,8 +240,9 @@ def test_a_trial_out_of_time_reports_a_wide_interval_instead_of_failing(monkeypa
     def noisy(seconds: float):
         return lambda: clock.work(seconds * float(np.exp(rng.normal(0, 0.3))))()
 
-    paired = PairedBlocks(lambda pair: pair[0](), lambda pair: pair[1](), target_half_width=0.01, allowance_s=4.0,
-                          min_repeats=6)
+    paired = PairedBlocks(
+        lambda pair: pair[0](), lambda pair: pair[1](), target_half_width=0.01, allowance_s=4.0, min_repeats=6
+    )
     for pair in [(noisy(0.1), noisy(float(d))) for d in rng.uniform(0.03, 0.3, 8)]:
         paired.run(pair)
     first_pass_ended = clock.now
@@ -308,10 +326,17 @@ def test_paired_blocks_count_the_units_each_side_produced(monkeypatch):
         def run(work: int) -> int:
             clock.now += seconds * work
             return tokens * work
+
         return run
 
-    paired = PairedBlocks(decode(0.2, 10), decode(0.2, 5), target_half_width=0.05, allowance_s=1e6, min_repeats=2,
-                          units=lambda tokens: tokens)
+    paired = PairedBlocks(
+        decode(0.2, 10),
+        decode(0.2, 5),
+        target_half_width=0.05,
+        allowance_s=1e6,
+        min_repeats=2,
+        units=lambda tokens: tokens,
+    )
     for work in (1, 2):
         paired.run(work)
     assert paired.speedup().ratio == pytest.approx(0.5)  # as fast per block, half the tokens: half the speed per token

@@ -21,10 +21,10 @@ from mee_bench.calibrate.ltt import (
     check_grid_order,
     check_level,
 )
+from mee_bench.config_errors import ConfigError, closest, load_typed, to_typed
 from mee_bench.engine.loading import DTYPES
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.policy import KV_STRATEGIES, THRESHOLD_SCHEDULES, ExitPolicy
-from mee_bench.config_errors import ConfigError, closest, load_typed, to_typed
 from mee_bench.sweep.config import ModelConfig  # the same model section as a sweep's
 
 CONSISTENCY_KINDS = ("textual", "risk")
@@ -82,7 +82,11 @@ class CalibrationConfig:
         if threshold is None:
             return ExitPolicy("full", kv_strategy=self.kv_strategy)
         return ExitPolicy(
-            measure, threshold, self.min_exit_layer, threshold_schedule=self.threshold_schedule, kv_strategy=self.kv_strategy
+            measure,
+            threshold,
+            self.min_exit_layer,
+            threshold_schedule=self.threshold_schedule,
+            kv_strategy=self.kv_strategy,
         )
 
     @property
@@ -94,8 +98,15 @@ class CalibrationConfig:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> CalibrationConfig:
     """Read a calibration YAML, apply dotlist overrides (`delta=0.05`, `calibration.size=300`), validate."""
-    return load_typed(CalibrationConfig, path, overrides, validate, what="calibration",
-                      example_file="configs/calibrate_quickstart.yaml", example_override="delta=0.05 or measures=[softmax]")
+    return load_typed(
+        CalibrationConfig,
+        path,
+        overrides,
+        validate,
+        what="calibration",
+        example_file="configs/calibrate_quickstart.yaml",
+        example_override="delta=0.05 or measures=[softmax]",
+    )
 
 
 def to_config(node: DictConfig | dict) -> CalibrationConfig:
@@ -106,14 +117,17 @@ def to_config(node: DictConfig | dict) -> CalibrationConfig:
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(
-            f"{key}={value!r} is not valid; did you mean {closest(value, list(choices))!r}? (one of {', '.join(choices)})"
+            f"{key}={value!r} is not valid; did you mean {closest(value, list(choices))!r}? (one of "
+            f"{', '.join(choices)})"
         )
 
 
 def validate(config: CalibrationConfig) -> None:
     """Everything that can be checked without the model or the data."""
     if not config.name or "/" in config.name:
-        raise ConfigError(f"name={config.name!r} must be a non-empty name without '/' (it names results/calibration/<name>)")
+        raise ConfigError(
+            f"name={config.name!r} must be a non-empty name without '/' (it names results/calibration/<name>)"
+        )
     _check_choice("model.dtype", config.model.dtype, list(DTYPES))
     _check_choice("threshold_schedule", config.threshold_schedule, THRESHOLD_SCHEDULES)
     _check_choice("kv_strategy", config.kv_strategy, KV_STRATEGIES)
@@ -130,7 +144,9 @@ def validate(config: CalibrationConfig) -> None:
     for measure in config.measures:
         if measure not in calibratable:
             hint = closest(measure, calibratable)
-            raise ConfigError(f"measure {measure!r} cannot be calibrated; did you mean {hint!r}? (one of {', '.join(calibratable)})")
+            raise ConfigError(
+                f"measure {measure!r} cannot be calibrated; did you mean {hint!r}? (one of {', '.join(calibratable)})"
+            )
         grid = config.thresholds.get(measure, [])
         try:
             check_grid_order(grid)
@@ -140,7 +156,9 @@ def validate(config: CalibrationConfig) -> None:
             raise ConfigError(f"thresholds.{measure}: {err}") from None
     for measure in config.thresholds:
         if measure not in config.measures:
-            raise ConfigError(f"`thresholds.{measure}` names a measure not in `measures`; add it there or drop the grid")
+            raise ConfigError(
+                f"`thresholds.{measure}` names a measure not in `measures`; add it there or drop the grid"
+            )
     if config.min_exit_layer < 1:
         raise ConfigError(f"min_exit_layer={config.min_exit_layer} must be >= 1")
     for key in ("batch_size", "test_batch_size", "timing_blocks", "workers"):

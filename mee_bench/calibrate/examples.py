@@ -44,9 +44,9 @@ def group_examples(pairs: Iterable[tuple[str, Any]]) -> list[Example]:
 
 def load_task(config: CalibrationConfig) -> TaskData:
     """Load `config.task` through lm-eval's TaskManager and group the docs of both splits."""
+    from mee_bench.harness.catalogue import TASK_NAMES
     from mee_bench.harness.data import load_split
     from mee_bench.harness.lm_eval_model import task_manager
-    from mee_bench.harness.catalogue import TASK_NAMES
     from mee_bench.sweep.backend import needs_builtin_tasks
 
     manager = task_manager(include_defaults=needs_builtin_tasks([config.task]))
@@ -66,7 +66,9 @@ def load_task(config: CalibrationConfig) -> TaskData:
     return TaskData(config.task, splits, max_new_tokens)
 
 
-def draw_splits(data: TaskData, calibration: SplitConfig, test: SplitConfig, seed: int) -> tuple[list[Example], list[Example]]:
+def draw_splits(
+    data: TaskData, calibration: SplitConfig, test: SplitConfig, seed: int
+) -> tuple[list[Example], list[Example]]:
     """Seeded draws of `calibration.size` and `test.size` distinct prompts that share none.
 
     From one data split the two come from one shuffle (first the calibration, then the test
@@ -77,7 +79,8 @@ def draw_splits(data: TaskData, calibration: SplitConfig, test: SplitConfig, see
     rng.shuffle(pool)
     if len(pool) < calibration.size:
         raise ConfigError(
-            f"calibration.size={calibration.size} but {data.name}/{calibration.split} has {len(pool)} distinct prompts; lower it"
+            f"calibration.size={calibration.size} but {data.name}/{calibration.split} has {len(pool)} distinct "
+            "prompts; lower it"
         )
     chosen = pool[: calibration.size]
     taken = {example.prompt for example in chosen}
@@ -89,7 +92,8 @@ def draw_splits(data: TaskData, calibration: SplitConfig, test: SplitConfig, see
     if len(rest) < test.size:
         raise ConfigError(
             f"test.size={test.size} but only {len(rest)} prompts of {data.name}/{test.split} are left once the "
-            f"{calibration.size} calibration prompts are set aside (the two must not overlap); lower test.size or calibration.size"
+            f"{calibration.size} calibration prompts are set aside (the two must not overlap); lower test.size or "
+            "calibration.size"
         )
     tested = rest[: test.size]
     check_disjoint(chosen, tested)

@@ -80,12 +80,15 @@ def check_grid_order(thresholds: Sequence[float]) -> None:
     """A grid must run from most to least conservative: strictly decreasing thresholds
     (a higher threshold exits less often, for every measure the project ships)."""
     if not thresholds:
-        raise CalibrationError("empty threshold grid; list thresholds from most to least conservative, e.g. [0.9, 0.7, 0.5]")
+        raise CalibrationError(
+            "empty threshold grid; list thresholds from most to least conservative, e.g. [0.9, 0.7, 0.5]"
+        )
     for earlier, later in pairwise(thresholds):
         if not later < earlier:
             raise CalibrationError(
                 f"threshold grid {list(thresholds)} is not ordered from most to least conservative "
-                f"({earlier} is followed by {later}); list strictly decreasing thresholds, e.g. {sorted(set(thresholds), reverse=True)}"
+                f"({earlier} is followed by {later}); list strictly decreasing thresholds, e.g. "
+                f"{sorted(set(thresholds), reverse=True)}"
             )
 
 

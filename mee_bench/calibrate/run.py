@@ -23,8 +23,8 @@ from mee_bench.calibrate.config import CalibrationConfig, ConfigError, load_conf
 from mee_bench.calibrate.consistency import CLIPPING_NOTE, check_references, losses
 from mee_bench.calibrate.examples import Example, draw_splits, load_task
 from mee_bench.calibrate.ltt import CalibrationError, fixed_sequence_test
-from mee_bench.engine.steps import run_steps
 from mee_bench.engine.policy import POLICY_FILE, ExitPolicy
+from mee_bench.engine.steps import run_steps
 from mee_bench.timing.pairing import in_turn
 
 RECORD_FILE = "calibration.json"
@@ -36,9 +36,8 @@ def build_generator(config: CalibrationConfig):
     from mee_bench.engine.decoding import EarlyExitGenerator
     from mee_bench.engine.heads import ExitHeads, find_heads
     from mee_bench.engine.loading import load_model
-    from mee_bench.paths import DEFAULT_MODEL_DIR
-
     from mee_bench.harness.trained_for import untrained_note
+    from mee_bench.paths import DEFAULT_MODEL_DIR
 
     pretrained = config.model.pretrained or str(DEFAULT_MODEL_DIR)
     note = untrained_note(pretrained, [config.task])
@@ -67,7 +66,9 @@ def decode_steps(generator, prompts: Sequence[str], policy: ExitPolicy, max_new_
     decoded a step at a time (a generator returning them; `decode` runs it through)."""
     texts, stats = [], None
     for start in range(0, len(prompts), batch_size):
-        batch_texts, output = yield from generator.text_steps(prompts[start : start + batch_size], policy, max_new_tokens)
+        batch_texts, output = yield from generator.text_steps(
+            prompts[start : start + batch_size], policy, max_new_tokens
+        )
         texts += batch_texts
         stats = output.stats if stats is None else stats.merge(output.stats)
     return texts, stats
@@ -85,7 +86,12 @@ class GridDecoder(Protocol):
 
 class InProcessDecoder:
     def __init__(self, generator, prompts: list[str], max_new_tokens: int, batch_size: int) -> None:
-        self.generator, self.prompts, self.max_new_tokens, self.batch_size = generator, prompts, max_new_tokens, batch_size
+        self.generator, self.prompts, self.max_new_tokens, self.batch_size = (
+            generator,
+            prompts,
+            max_new_tokens,
+            batch_size,
+        )
 
     def decode_all(self, policies: list[ExitPolicy]) -> list[tuple[list[str], dict]]:
         results = []
@@ -123,12 +129,17 @@ class RayDecoder:
         owned = not ray.is_initialized()
         if owned:
             ray.init(
-                num_cpus=self.config.ray.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                num_cpus=self.config.ray.num_cpus or os.cpu_count(),
+                include_dashboard=False,
+                log_to_driver=False,
                 _temp_dir=self.config.ray.temp_dir or default_temp_dir(),
             )
         try:
             remote = ray.remote(CalibrationWorker).options(num_cpus=1)
-            actors = [remote.remote(self.config, self.prompts, self.max_new_tokens) for _ in range(min(self.config.workers, len(policies)))]
+            actors = [
+                remote.remote(self.config, self.prompts, self.max_new_tokens)
+                for _ in range(min(self.config.workers, len(policies)))
+            ]
             refs = [actors[i % len(actors)].decode.remote(policy) for i, policy in enumerate(policies)]
             results = ray.get(refs)
             for actor in actors:
@@ -139,7 +150,9 @@ class RayDecoder:
                 ray.shutdown()
 
 
-def timed_test(generator, examples: list[Example], policies: dict[str, ExitPolicy], config: CalibrationConfig, max_new_tokens: int):
+def timed_test(
+    generator, examples: list[Example], policies: dict[str, ExitPolicy], config: CalibrationConfig, max_new_tokens: int
+):
     """Every policy (and `full`) decodes the test prompts block by block, all of them taking turns one
     generated token at a time, the order alternating per block, so drift in the machine's speed hits
     all of them alike (each decode's stats count its own steps only). Returns texts and stats per name."""
@@ -153,7 +166,9 @@ def timed_test(generator, examples: list[Example], policies: dict[str, ExitPolic
     for block in range(blocks):
         names = list(everyone) if block % 2 == 0 else list(reversed(everyone))
         chunk = prompts[bounds[block] : bounds[block + 1]]
-        runs = [decode_steps(generator, chunk, everyone[name], max_new_tokens, config.test_batch_size) for name in names]
+        runs = [
+            decode_steps(generator, chunk, everyone[name], max_new_tokens, config.test_batch_size) for name in names
+        ]
         for name, (_, (block_texts, block_stats)) in zip(names, in_turn(runs)):
             texts[name] += block_texts
             stats[name] = block_stats if stats[name] is None else stats[name].merge(block_stats)
@@ -190,7 +205,11 @@ def calibrate(config: CalibrationConfig) -> dict:
     for measure in config.measures:
         thresholds = config.thresholds[measure]
         tests, chosen = fixed_sequence_test(
-            thresholds, [per_point[(measure, t)][0] for t in thresholds], len(prompts), config.delta, config.family_epsilon
+            thresholds,
+            [per_point[(measure, t)][0] for t in thresholds],
+            len(prompts),
+            config.delta,
+            config.family_epsilon,
         )
         rows = [
             {**dataclasses.asdict(test_), "avg_exit_layer": per_point[(measure, test_.threshold)][1]["avg_exit_layer"]}
@@ -203,9 +222,13 @@ def calibrate(config: CalibrationConfig) -> dict:
         measures[measure] = {
             "grid": rows,
             "chosen_threshold": threshold,
-            "calibration_avg_exit_layer": rows[chosen]["avg_exit_layer"] if chosen is not None else full_stats["avg_exit_layer"],
+            "calibration_avg_exit_layer": rows[chosen]["avg_exit_layer"]
+            if chosen is not None
+            else full_stats["avg_exit_layer"],
             "policy": policy.as_dict(),
-            "note": None if threshold is not None else (
+            "note": None
+            if threshold is not None
+            else (
                 f"no threshold passed: even the most conservative one ({thresholds[0]}) is not certified, "
                 "so the calibrated policy never exits (full)"
             ),
@@ -216,8 +239,14 @@ def calibrate(config: CalibrationConfig) -> dict:
     full_ms = test_stats["full"].as_dict()["decode_ms_per_token"]
     for measure, entry in measures.items():
         if measure not in chosen_policies:
-            entry["test"] = {"risk": 0.0, "avg_exit_layer": float(generator.num_layers), "speedup": 1.0, "within_delta": True,
-                             "decode_ms_per_token": full_ms, "tokens": test_stats["full"].tokens}
+            entry["test"] = {
+                "risk": 0.0,
+                "avg_exit_layer": float(generator.num_layers),
+                "speedup": 1.0,
+                "within_delta": True,
+                "decode_ms_per_token": full_ms,
+                "tokens": test_stats["full"].tokens,
+            }
             continue
         figures = test_stats[measure].as_dict()
         risk = sum(losses(kind, metric, test_texts[measure], test_texts["full"], test_refs)) / len(test)
@@ -241,8 +270,13 @@ def calibrate(config: CalibrationConfig) -> dict:
         "consistency": {"kind": kind, "metric": metric, "note": CLIPPING_NOTE if kind == "risk" else None},
         "splits": {
             "calibration": {"split": config.calibration.split, "size": len(calibration), "seed": config.seed},
-            "test": {"split": config.test.split, "size": len(test), "timing_blocks": config.timing_blocks,
-                     "batch_size": config.test_batch_size, "full_decode_ms_per_token": full_ms},
+            "test": {
+                "split": config.test.split,
+                "size": len(test),
+                "timing_blocks": config.timing_blocks,
+                "batch_size": config.test_batch_size,
+                "full_decode_ms_per_token": full_ms,
+            },
         },
         "max_new_tokens": data.max_new_tokens,
         "full_calibration_avg_exit_layer": full_stats["avg_exit_layer"],
@@ -289,9 +323,15 @@ def cli(argv: list[str]) -> int:
     """`mee-bench calibrate CONFIG [key=value ...] [--save-to MODEL_DIR] [--force]`."""
     parser = argparse.ArgumentParser(prog="mee-bench calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="calibration YAML, e.g. configs/calibrate_quickstart.yaml")
-    parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. delta=0.05 calibration.size=300")
-    parser.add_argument("--save-to", metavar="MODEL_DIR", help=f"also write the chosen policy as MODEL_DIR/{POLICY_FILE}")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing calibration record / exit_policy.json")
+    parser.add_argument(
+        "overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. delta=0.05 calibration.size=300"
+    )
+    parser.add_argument(
+        "--save-to", metavar="MODEL_DIR", help=f"also write the chosen policy as MODEL_DIR/{POLICY_FILE}"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite an existing calibration record / exit_policy.json"
+    )
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
@@ -301,7 +341,9 @@ def cli(argv: list[str]) -> int:
             raise ConfigError(f"--save-to {args.save_to} is not a directory; point it at the model's directory")
         for target in targets:
             if target.exists() and not args.force:
-                raise ConfigError(f"{target} exists; pass --force to overwrite it, or set output_dir=... for a new record")
+                raise ConfigError(
+                    f"{target} exists; pass --force to overwrite it, or set output_dir=... for a new record"
+                )
         record = calibrate(config)
     except (CalibrationError, ConfigError, FileNotFoundError) as err:
         print(f"mee-bench calibrate: error: {err}", file=sys.stderr)

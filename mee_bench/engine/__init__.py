@@ -4,5 +4,9 @@ Uses nothing else in mee-bench; every other package builds on it. Importing the 
 registers every model family's runner (one import per family below).
 """
 
-from mee_bench.engine import t5  # noqa: F401  (registers the t5 and mt5 runner)
-from mee_bench.engine import gpt2, llama, llama_variants  # noqa: F401,E402  (register the decoder-only runners)
+from mee_bench.engine import (  # noqa: F401,E402  (register the decoder-only runners)
+    gpt2,
+    llama,
+    llama_variants,
+    t5,  # noqa: F401  (registers the t5 and mt5 runner)
+)

@@ -92,7 +92,9 @@ class EarlyExitGenerator:
         if too_long:
             log.warning(
                 "%d of %d prompts exceed %d tokens and are truncated (set max_input_length to change the limit)",
-                too_long, len(prompts), limit,
+                too_long,
+                len(prompts),
+                limit,
             )
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=limit)
         return enc.input_ids.to(self.runner.device), enc.attention_mask.to(self.runner.device)

@@ -81,10 +81,13 @@ class EarlyExitDecode:
         self.batch, self.num_layers = batch, runner.num_layers
         self.checks = CheckLogits(runner, policy.vocab_top_k)
         self.deferred = policy.kv_strategy == "deferred" and measure.can_exit
-        self.done_layers = torch.full((batch, decode.max_new_tokens), runner.num_layers, dtype=torch.long, device=device)
+        self.done_layers = torch.full(
+            (batch, decode.max_new_tokens), runner.num_layers, dtype=torch.long, device=device
+        )
         self.pending_states = (
             torch.zeros(batch, decode.max_new_tokens, runner.hidden_size, dtype=runner.dtype, device=device)
-            if self.deferred else None
+            if self.deferred
+            else None
         )
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.exit_layers: list[list[int]] = [[] for _ in range(batch)]
@@ -98,8 +101,16 @@ class EarlyExitDecode:
         alive = torch.arange(self.batch, device=decode.runner.device)
         for step in range(decode.max_new_tokens):
             token, exit_layer, confidence = self.token(step, alive)
-            finished = _record(alive, token, exit_layer, confidence, self.tokens, self.exit_layers, self.confidences,
-                               decode.is_finished)
+            finished = _record(
+                alive,
+                token,
+                exit_layer,
+                confidence,
+                self.tokens,
+                self.exit_layers,
+                self.confidences,
+                decode.is_finished,
+            )
             last_tokens[alive] = token
             alive = alive[~finished]
             if alive.numel() == 0 or step + 1 == decode.max_new_tokens:

@@ -57,7 +57,9 @@ class LayerLSTM(nn.Module):
         output, carry = self.lstm(states, carry)
         return self.out(output), carry
 
-    def step(self, state: Tensor, carry: list[tuple[Tensor, Tensor]] | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    def step(
+        self, state: Tensor, carry: list[tuple[Tensor, Tensor]] | None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """One layer's state [B, d] -> (logits [B, 2], carry): `forward`'s maths for one step with
         the same weights, through `torch.lstm_cell`, which costs a third of nn.LSTM per call."""
         lstm = self.lstm

@@ -51,7 +51,9 @@ class LlamaLayerRunner(CausalLayerRunner):
         held = self._rotary.get(layer_type)
         if held is None or held[0] is not position_ids:
             rotary_emb = self.model.model.rotary_emb
-            table = rotary_emb(hidden, position_ids) if layer_type is None else rotary_emb(hidden, position_ids, layer_type)
+            table = (
+                rotary_emb(hidden, position_ids) if layer_type is None else rotary_emb(hidden, position_ids, layer_type)
+            )
             held = self._rotary[layer_type] = (position_ids, table)
         return held[1]
 

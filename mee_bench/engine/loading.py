@@ -24,12 +24,33 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # What FREE (Bae et al. 2023, `util/additional_args.py`) writes into the configs of its T5 checkpoints
 # to drive its forked `modeling_t5.py`; transformers keeps them as plain attributes and nothing reads them.
 FREE_CONFIG_KEYS = (
-    "use_synchronize", "output_hidden_states_decoder", "intermediate_loss_fn", "distill_layer_alpha",
-    "do_layer_transformation", "static_exit_layer", "use_early_exit", "exit_conf_type", "exit_conf_threshold",
-    "exit_position_temp", "exit_min_layer", "train_meta_cm_head", "max_answer_length", "use_shallow_deep",
-    "shallow_exit_layer", "shallow2deep_conf_type", "shallow2deep_conf_threshold", "parallel_gen_token",
-    "copy_skipped_hidden_states", "rollback_conf_threshold", "parallel_causal_mask", "use_adapt_threshold",
-    "use_lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "use_synchronize",
+    "output_hidden_states_decoder",
+    "intermediate_loss_fn",
+    "distill_layer_alpha",
+    "do_layer_transformation",
+    "static_exit_layer",
+    "use_early_exit",
+    "exit_conf_type",
+    "exit_conf_threshold",
+    "exit_position_temp",
+    "exit_min_layer",
+    "train_meta_cm_head",
+    "max_answer_length",
+    "use_shallow_deep",
+    "shallow_exit_layer",
+    "shallow2deep_conf_type",
+    "shallow2deep_conf_threshold",
+    "parallel_gen_token",
+    "copy_skipped_hidden_states",
+    "rollback_conf_threshold",
+    "parallel_causal_mask",
+    "use_adapt_threshold",
+    "use_lora",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
 )
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -212,7 +233,8 @@ def log_ignored_config_keys(config, source: str | Path) -> None:
         log.warning(
             "%s carries FREE's early-exit config keys, which mee-bench ignores (its exit policy comes from "
             "model_args, a calibration or exit_policy.json): %s",
-            source, ", ".join(f"{key}={value!r}" for key, value in ignored.items()),
+            source,
+            ", ".join(f"{key}={value!r}" for key, value in ignored.items()),
         )
 
 

@@ -44,7 +44,8 @@ class ExitPolicy:
             )
         if self.threshold_schedule not in THRESHOLD_SCHEDULES:
             raise ValueError(
-                f"threshold_schedule={self.threshold_schedule!r} is unknown; use one of {', '.join(THRESHOLD_SCHEDULES)}"
+                f"threshold_schedule={self.threshold_schedule!r} is unknown; use one of "
+                f"{', '.join(THRESHOLD_SCHEDULES)}"
             )
         if self.kv_strategy not in KV_STRATEGIES:
             raise ValueError(f"kv_strategy={self.kv_strategy!r} is unknown; use one of {', '.join(KV_STRATEGIES)}")
@@ -150,7 +151,9 @@ def exit_decision(score: Tensor, threshold: float | Sequence[float]) -> tuple[Te
     bf16. One row is compared on the host, with no tensor ops (the mask is then None)."""
     if not isinstance(threshold, (int, float)):
         if len(set(threshold)) > 1:
-            limits = torch.tensor([rounded_to(t, score.dtype) for t in threshold], dtype=score.dtype, device=score.device)
+            limits = torch.tensor(
+                [rounded_to(t, score.dtype) for t in threshold], dtype=score.dtype, device=score.device
+            )
             exits = score >= limits
             return exits, int(exits.sum())
         threshold = threshold[0]

@@ -116,7 +116,7 @@ RUNNERS: dict[str, type] = {}
 # Families tried and refused, with the reason: a user with such a checkpoint learns why, not only that.
 REFUSED: dict[str, str] = {
     "gemma2": "its attention soft-caps scores (attn_logit_softcapping), which needs eager attention, and the "
-              "decoder-only runners hand sdpa an explicit mask",
+    "decoder-only runners hand sdpa an explicit mask",
     "umt5": "it has a relative position bias in every layer, which the T5 runner does not compute",
 }
 INT8_ENGINES = ("x86", "fbgemm")  # quantized engines whose int8 linear kernels make `approximate_logits` cheap
@@ -206,7 +206,9 @@ class HeadReads:
             packed = self._head_copy("int8", _int8_rows)
             logits = torch.ops.quantized.linear_dynamic(self.head_input(hidden).float(), packed, True)
             return self.head_output(logits if head.bias is None else logits + head.bias.float())
-        half = self._head_copy("half", lambda weight: weight if weight.element_size() <= 2 else weight.to(torch.float16))
+        half = self._head_copy(
+            "half", lambda weight: weight if weight.element_size() <= 2 else weight.to(torch.float16)
+        )
         logits = self.head_input(hidden).to(half.dtype) @ half.T
         return self.head_output(logits if head.bias is None else logits + head.bias.to(half.dtype))
 

@@ -48,10 +48,17 @@ def _position_arg(positions: list[int], device: torch.device) -> tuple[Tensor | 
 def self_speculative_steps(decode: Decode) -> Steps[GenerationOutput]:
     """The self-speculative decoding strategy: every emitted token is the full model's (exit layer L,
     no confidence), with the drafting and verification counts in the call's stats."""
-    drafted = yield from decode.clock.relay(self_speculative_generate(
-        decode.runner, decode.cache, decode.last_tokens, decode.policy, decode.measure, decode.max_new_tokens,
-        decode.is_finished,
-    ))
+    drafted = yield from decode.clock.relay(
+        self_speculative_generate(
+            decode.runner,
+            decode.cache,
+            decode.last_tokens,
+            decode.policy,
+            decode.measure,
+            decode.max_new_tokens,
+            decode.is_finished,
+        )
+    )
     stats, num_layers = decode.stats, decode.runner.num_layers
     stats.speculation, stats.layer_positions = drafted.counts, drafted.counts.layer_positions
     stats.tokens = sum(len(row) for row in drafted.tokens)

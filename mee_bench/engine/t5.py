@@ -155,7 +155,9 @@ class T5LayerRunner(HeadReads):
     ) -> None:
         write_slots(cache.self_k[index], cache.self_v[index], rows, positions, key, value)
 
-    def copy_skipped_kv(self, first_skipped: int, hidden: Tensor, cache: DecoderCache, rows: Tensor, position: int) -> None:
+    def copy_skipped_kv(
+        self, first_skipped: int, hidden: Tensor, cache: DecoderCache, rows: Tensor, position: int
+    ) -> None:
         """CALM's state copying: layers >= `first_skipped` get K/V projected from the exit state
         [A, 1, d], each through its own layer norm and K/V weights, as one matmul."""
         first_norm = self.blocks[first_skipped].layer[0].layer_norm
@@ -203,10 +205,15 @@ class T5LayerRunner(HeadReads):
         gigabytes); the decoder's own final norm still runs on the last state (negligible).
         """
         encoded = self.encode(input_ids, attention_mask)
-        captured = captured_outputs(self.blocks, lambda: self.model.decoder(
-            input_ids=decoder_input_ids, encoder_hidden_states=encoded, encoder_attention_mask=attention_mask,
-            use_cache=False,
-        ))
+        captured = captured_outputs(
+            self.blocks,
+            lambda: self.model.decoder(
+                input_ids=decoder_input_ids,
+                encoder_hidden_states=encoded,
+                encoder_attention_mask=attention_mask,
+                use_cache=False,
+            ),
+        )
         return [self.embed(decoder_input_ids), *captured]
 
 

@@ -100,8 +100,10 @@ class TaskSpec:
             except RecordError as err:
                 raise TaskDataError(f"{where}: not a {self.name} record ({err}); fix or remove that record") from None
         if not count:
-            raise TaskDataError(f"{source} holds no records, so task {self.name} has nothing to evaluate; "
-                                "point the data root at a non-empty split")
+            raise TaskDataError(
+                f"{source} holds no records, so task {self.name} has nothing to evaluate; "
+                "point the data root at a non-empty split"
+            )
 
     def target(self, record: Mapping[str, Any]) -> str:
         """The one reference a model is trained and teacher-forced on: the first."""
@@ -112,33 +114,61 @@ class TaskSpec:
 
 
 SQUAD = TaskSpec(
-    name="squad_mee", dataset="squad", split="validation",
-    prompt_template="question: {question} context: {context}", reference_field="answers.text",
-    metrics=("exact_match", "f1"), primary_metric="f1", max_gen_toks=32,
+    name="squad_mee",
+    dataset="squad",
+    split="validation",
+    prompt_template="question: {question} context: {context}",
+    reference_field="answers.text",
+    metrics=("exact_match", "f1"),
+    primary_metric="f1",
+    max_gen_toks=32,
     causal_template="{context}\nQuestion: {question}\nAnswer:",
 )
 CNNDM = TaskSpec(
-    name="cnndm_mee", dataset="cnn_dailymail", split="validation",
-    prompt_template="summarize: {article}", reference_field="highlights",
-    metrics=("rouge1", "rouge2", "rougeL", "rougeLsum"), primary_metric="rougeL", max_gen_toks=128,
-    causal_template="{article}\nTL;DR:", causal_until=("\n\n",),
+    name="cnndm_mee",
+    dataset="cnn_dailymail",
+    split="validation",
+    prompt_template="summarize: {article}",
+    reference_field="highlights",
+    metrics=("rouge1", "rouge2", "rougeL", "rougeLsum"),
+    primary_metric="rougeL",
+    max_gen_toks=128,
+    causal_template="{article}\nTL;DR:",
+    causal_until=("\n\n",),
 )
 WMT15_ENFR = TaskSpec(
-    name="wmt15_enfr_mee", dataset="wmt15", split="validation",
-    prompt_template="translate English to French: {translation[en]}", reference_field="translation.fr",
-    metrics=("bleu", "chrf"), primary_metric="bleu", max_gen_toks=128,
+    name="wmt15_enfr_mee",
+    dataset="wmt15",
+    split="validation",
+    prompt_template="translate English to French: {translation[en]}",
+    reference_field="translation.fr",
+    metrics=("bleu", "chrf"),
+    primary_metric="bleu",
+    max_gen_toks=128,
     causal_template="English: {translation[en]}\nFrench:",
 )
 BIGPATENT = TaskSpec(
-    name="bigpatent_mee", dataset="big_patent", split="validation",
-    prompt_template="summarize: {description}", reference_field="abstract",
-    metrics=("rouge1", "rouge2", "rougeL"), primary_metric="rougeL", max_gen_toks=256,
-    causal_template="{description}\nAbstract:", causal_until=("\n\n",),
+    name="bigpatent_mee",
+    dataset="big_patent",
+    split="validation",
+    prompt_template="summarize: {description}",
+    reference_field="abstract",
+    metrics=("rouge1", "rouge2", "rougeL"),
+    primary_metric="rougeL",
+    max_gen_toks=256,
+    causal_template="{description}\nAbstract:",
+    causal_until=("\n\n",),
 )
 TATOEBA_ENFR = TaskSpec(
-    name="tatoeba_enfr_mee", dataset="tatoeba_fra_eng", split="validation",
-    prompt_template="translate English to French: {translation[en]}", reference_field="translation.fr",
-    metrics=("bleu", "chrf", "bleu_multiref"), primary_metric="bleu", max_gen_toks=64, in_group=False,
+    name="tatoeba_enfr_mee",
+    dataset="tatoeba_fra_eng",
+    split="validation",
+    prompt_template="translate English to French: {translation[en]}",
+    reference_field="translation.fr",
+    metrics=("bleu", "chrf", "bleu_multiref"),
+    primary_metric="bleu",
+    max_gen_toks=64,
+    in_group=False,
     causal_template="English: {translation[en]}\nFrench:",
 )
 
@@ -158,6 +188,4 @@ def task(name: str) -> TaskSpec:
     if name in _BY_NAME:
         return _BY_NAME[name]
     [closest] = difflib.get_close_matches(name, TASK_NAMES, n=1, cutoff=0.0)
-    raise UnknownTaskError(
-        f"unknown task {name!r}; did you mean {closest!r}? The tasks are {', '.join(TASK_NAMES)}"
-    )
+    raise UnknownTaskError(f"unknown task {name!r}; did you mean {closest!r}? The tasks are {', '.join(TASK_NAMES)}")

@@ -14,8 +14,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def apply_chat_template(tokenizer: Any, source: str, chat_history: list[dict[str, str]],
-                        add_generation_prompt: bool = True) -> str:
+def apply_chat_template(
+    tokenizer: Any, source: str, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+) -> str:
     """The history rendered by `tokenizer`'s chat template, as lm-eval's `hf` model renders it: a template
     that refuses a system turn (some do) gets the history without it, with a warning; `source` (the
     checkpoint) names a tokenizer without a template in the error."""
@@ -26,7 +27,9 @@ def apply_chat_template(tokenizer: Any, source: str, chat_history: list[dict[str
             f"the tokenizer of {source} has no chat template, so --apply_chat_template cannot render the prompts; "
             "drop --apply_chat_template, or use an instruct checkpoint whose tokenizer_config.json has a chat_template"
         )
-    kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt, continue_final_message=not add_generation_prompt)
+    kwargs = dict(
+        tokenize=False, add_generation_prompt=add_generation_prompt, continue_final_message=not add_generation_prompt
+    )
     try:
         return tokenizer.apply_chat_template(chat_history, **kwargs)
     except jinja2.exceptions.TemplateError:

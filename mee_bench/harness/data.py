@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class HubSource:
     """A dataset on the Hugging Face hub and which hub split each local split file stands for."""
@@ -62,7 +63,9 @@ def numbered_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> It
             except json.JSONDecodeError as err:
                 raise error(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from err
             if not isinstance(row, dict):
-                raise error(f"{path}:{number}: a JSON {type(row).__name__}, not a record (an object); fix or remove that line")
+                raise error(
+                    f"{path}:{number}: a JSON {type(row).__name__}, not a record (an object); fix or remove that line"
+                )
             yield number, row
 
 

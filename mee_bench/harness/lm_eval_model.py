@@ -36,18 +36,18 @@ from tqdm import tqdm
 
 from mee_bench.engine.decoding import input_limit
 from mee_bench.engine.generation import GenerationStats
+from mee_bench.engine.loading import ModelLoadError, load_generator, resolve_device, resolve_dtype
+from mee_bench.engine.policy import ExitPolicy, read_policy_file, shipped_policy_path
 from mee_bench.engine.steps import Steps, run_steps
+from mee_bench.harness import catalogue
+from mee_bench.harness.batch_size import BatchSize
+from mee_bench.harness.catalogue import TASKS_DIR
+from mee_bench.harness.chat import apply_chat_template
+from mee_bench.harness.trained_for import untrained_note
+from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.timing.load import LoadMonitor
 from mee_bench.timing.pairing import PairedBlocks
 from mee_bench.timing.statistics import Speedup
-from mee_bench.engine.loading import ModelLoadError, load_generator, resolve_device, resolve_dtype
-from mee_bench.harness.trained_for import untrained_note
-from mee_bench.paths import DEFAULT_MODEL_DIR
-from mee_bench.engine.policy import ExitPolicy, read_policy_file, shipped_policy_path
-from mee_bench.harness import catalogue
-from mee_bench.harness.catalogue import TASKS_DIR
-from mee_bench.harness.batch_size import BatchSize
-from mee_bench.harness.chat import apply_chat_template
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -60,13 +60,29 @@ WARM_UP_TOKENS = 4  # generated per row by the untimed warm-up of paired timing
 PROBE_STEPS = 3  # decode steps of batch_size=auto's memory probe
 TIMING_ARGS = ("paired_timing", "timing_precision", "timing_allowance_s", "timing_min_repeats")
 POLICY_ARGS = (
-    "measure", "threshold", "min_exit_layer", "threshold_schedule", "tau", "kv_strategy", "vocab_top_k", "decoding",
+    "measure",
+    "threshold",
+    "min_exit_layer",
+    "threshold_schedule",
+    "tau",
+    "kv_strategy",
+    "vocab_top_k",
+    "decoding",
     "max_draft",
 )
 MODEL_ARGS = (
-    "pretrained", *POLICY_ARGS, "calibration", "dtype", "device", "batch_size", "max_batch_size", "max_length", "heads",
+    "pretrained",
+    *POLICY_ARGS,
+    "calibration",
+    "dtype",
+    "device",
+    "batch_size",
+    "max_batch_size",
+    "max_length",
+    "heads",
     "max_gen_toks",
-    "trust_remote_code", *TIMING_ARGS,
+    "trust_remote_code",
+    *TIMING_ARGS,
 )
 GREEDY_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature"}
 UNNAMED_TASK = "unnamed"
@@ -75,6 +91,8 @@ LM_EVAL_FLAGS = ("device", "batch_size", "max_batch_size")  # what lm-eval passe
 
 class ModelArgsError(ValueError):
     """A `--model_args` value the adapter cannot use; the lm-eval hook ends the CLI with this one line."""
+
+
 POSITION_LIMIT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")  # what lm-eval's `hf` model reads
 FALLBACK_CAUSAL_LENGTH = 2048  # lm-eval's `hf` default when neither the config nor the tokenizer says
 
@@ -118,8 +136,8 @@ class MEELM(TemplateLM):
     measure, threshold, min_exit_layer, threshold_schedule, tau, kv_strategy, vocab_top_k,
     decoding, max_draft (the `ExitPolicy`), calibration (a `mee-bench calibrate` record or exit_policy.json whose policy
     to run), dtype, device, batch_size (a number, `auto` or `auto:N` as lm-eval's `hf` model reads them:
-    `batch_size.py`), max_batch_size (where `auto` starts), max_length (encoder input tokens; for a decoder-only model prompt and
-    generated tokens together, as lm-eval's `hf` model counts them), heads (exit heads
+    `batch_size.py`), max_batch_size (where `auto` starts), max_length (encoder input tokens; for a decoder-only
+    model prompt and generated tokens together, as lm-eval's `hf` model counts them), heads (exit heads
     file; default: beside the model), max_gen_toks (when a task sets none), trust_remote_code;
     paired_timing (time every batch against `full` on the same inputs, token by token in turn, and report
     the ratio of ms per generated token with its 95% timing-noise interval), timing_precision (the
@@ -164,9 +182,22 @@ class MEELM(TemplateLM):
             raise ValueError(
                 f"unknown model_args for --model mee: {', '.join(sorted(unknown))}; valid ones: {', '.join(MODEL_ARGS)}"
             )
-        given = dict(zip(POLICY_ARGS, (
-            measure, threshold, min_exit_layer, threshold_schedule, tau, kv_strategy, vocab_top_k, decoding, max_draft
-        )))
+        given = dict(
+            zip(
+                POLICY_ARGS,
+                (
+                    measure,
+                    threshold,
+                    min_exit_layer,
+                    threshold_schedule,
+                    tau,
+                    kv_strategy,
+                    vocab_top_k,
+                    decoding,
+                    max_draft,
+                ),
+            )
+        )
         given = {name: value for name, value in given.items() if value is not None}
         self._batch = BatchSize.parse(batch_size, max_batch_size)
         self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
@@ -176,7 +207,9 @@ class MEELM(TemplateLM):
         self.timing_allowance_s = _positive_float("timing_allowance_s", timing_allowance_s)
         self.timing_min_repeats = _positive_int("timing_min_repeats", timing_min_repeats)
         if self.timing_min_repeats < 2:
-            raise ValueError(f"timing_min_repeats={timing_min_repeats} must be at least 2: the noise estimate needs repeats")
+            raise ValueError(
+                f"timing_min_repeats={timing_min_repeats} must be at least 2: the noise estimate needs repeats"
+            )
         resolve_dtype(dtype)
         self._device = resolve_device(device, cpu_fallback=True)
         if pretrained is None and not DEFAULT_MODEL_DIR.is_dir():
@@ -193,7 +226,8 @@ class MEELM(TemplateLM):
         self.decoder_only = not self.generator.runner.is_encoder_decoder
         self.backend = "causal" if self.decoder_only else "seq2seq"
         self._max_length = (
-            self._causal_length(requested_max_length) if self.decoder_only
+            self._causal_length(requested_max_length)
+            if self.decoder_only
             else input_limit(self.tokenizer, requested_max_length)
         )
         log.info("mee: loaded %s, a %s %s model", self.pretrained, self.model_kind, self.model.config.model_type)
@@ -376,7 +410,9 @@ class MEELM(TemplateLM):
         if too_long:
             log.warning(
                 "%d of %d prompts exceed max_length=%d tokens; their ends are cut (set max_length to change it)",
-                too_long, len(requests), self.max_length,
+                too_long,
+                len(requests),
+                self.max_length,
             )
         room = {key: settings[key][1] if self.decoder_only else 0 for key in settings}
         collator = Collator(
@@ -389,6 +425,7 @@ class MEELM(TemplateLM):
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests (mee)")
         timers: dict[str, PairedBlocks] = {}
         monitors: dict[str, LoadMonitor] = {}
+
         def probe(size: int, item: tuple[Instance, list[int]]) -> None:
             until, max_gen_toks = settings[_kwargs_key(item[0])]
             self._probe(self._batch_steps([item[1]] * size, until, max_gen_toks, ExitPolicy("full")))
@@ -445,7 +482,9 @@ class MEELM(TemplateLM):
             allowance_s=self.timing_allowance_s,
             min_repeats=self.timing_min_repeats,
             sync=sync,
-            units=lambda result: result[1].tokens,  # ms per generated token: a policy that writes more is not slower for it
+            units=lambda result: (
+                result[1].tokens
+            ),  # ms per generated token: a policy that writes more is not slower for it
             lockstep=True,  # the two decodes take turns token by token: drift lands on both alike
             # `full` stops where an early-exit policy did: every timed step paired, at the same positions
             # (self-speculation writes `full`'s tokens, several a step: its baseline runs to its end)
@@ -468,7 +507,11 @@ class MEELM(TemplateLM):
         return run_steps(self._batch_steps(encoded, until, max_gen_toks, policy))
 
     def _batch_steps(
-        self, encoded: Sequence[list[int]], until: list[str], max_gen_toks: int, policy: ExitPolicy | None = None,
+        self,
+        encoded: Sequence[list[int]],
+        until: list[str],
+        max_gen_toks: int,
+        policy: ExitPolicy | None = None,
         until_truncated: bool = False,
     ) -> Steps[tuple[list[str], GenerationStats]]:
         """One batch's texts and figures, decoded a step at a time (for lockstep timing)."""
@@ -476,8 +519,10 @@ class MEELM(TemplateLM):
         output = yield from self.generator.decode_steps(
             input_ids, attention_mask, policy or self.policy, max_gen_toks, until, until_truncated
         )
-        texts = [postprocess_generated_text(self.tokenizer.decode(ids, skip_special_tokens=True), until, None)
-                 for ids in output.tokens]
+        texts = [
+            postprocess_generated_text(self.tokenizer.decode(ids, skip_special_tokens=True), until, None)
+            for ids in output.tokens
+        ]
         return texts, output.stats
 
     def _pad(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -596,18 +641,24 @@ def _resolve_policy(given: dict[str, Any], calibration: str | None, pretrained: 
     local = Path(pretrained).expanduser()
     shipped = shipped_policy_path(local if local.is_dir() else None)
     if shipped is None:
-        return ExitPolicy(**{"measure": "full", **given}), "the default (no measure in model_args, no exit_policy.json beside the model)"
+        return ExitPolicy(
+            **{"measure": "full", **given}
+        ), "the default (no measure in model_args, no exit_policy.json beside the model)"
     try:
         policy = read_policy_file(shipped)[0]
     except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"the model's shipped policy {shipped} cannot be read ({err}); fix it or pass measure=...") from None
+        raise ValueError(
+            f"the model's shipped policy {shipped} cannot be read ({err}); fix it or pass measure=..."
+        ) from None
     return dataclasses.replace(policy, **given), f"the model's shipped policy {shipped}"
 
 
 def _describe_policy(policy: ExitPolicy) -> str:
     if policy.measure == "full":
         return "full (every token runs every decoder layer)"
-    return f"{policy.measure}, threshold {policy.threshold}, min exit layer {policy.min_exit_layer}, {policy.kv_strategy}"
+    return (
+        f"{policy.measure}, threshold {policy.threshold}, min exit layer {policy.min_exit_layer}, {policy.kv_strategy}"
+    )
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -685,20 +736,35 @@ def efficiency_table(block: dict[str, dict]) -> str:
     """A Markdown table of `results["mee"]`, printed after lm-eval's own tables."""
     from tabulate import tabulate
 
-    headers = ["Task", "Requests", "Tokens", "Avg exit layer", "Decode ms/token", "Encoder ms", "Measure ms", "Exit layers",
-               "Speedup vs full (paired, 95%)"]
+    headers = [
+        "Task",
+        "Requests",
+        "Tokens",
+        "Avg exit layer",
+        "Decode ms/token",
+        "Encoder ms",
+        "Measure ms",
+        "Exit layers",
+        "Speedup vs full (paired, 95%)",
+    ]
     rows = []
     for task, figures in block.items():
         histogram = " ".join(f"{layer}:{count}" for layer, count in figures["exit_histogram"].items())
         paired = figures.get("paired_speedup")
         busy = " (busy machine)" if figures.get("load", {}).get("busy") else ""
-        rows.append([
-            task, figures["requests"], figures["tokens"],
-            f"{figures['avg_exit_layer']:.2f} / {figures['num_layers']}",
-            f"{figures['decode_ms_per_token']:.2f}", f"{figures['encoder_ms']:.1f}", f"{figures['measure_ms']:.1f}",
-            histogram,
-            f"{Speedup.from_dict(paired).format()}{busy}" if paired else "paired_timing=false",
-        ])
+        rows.append(
+            [
+                task,
+                figures["requests"],
+                figures["tokens"],
+                f"{figures['avg_exit_layer']:.2f} / {figures['num_layers']}",
+                f"{figures['decode_ms_per_token']:.2f}",
+                f"{figures['encoder_ms']:.1f}",
+                f"{figures['measure_ms']:.1f}",
+                histogram,
+                f"{Speedup.from_dict(paired).format()}{busy}" if paired else "paired_timing=false",
+            ]
+        )
     return "mee early-exit efficiency (generate_until)\n" + tabulate(rows, headers=headers, tablefmt="github")
 
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from mee_bench.harness.catalogue import SQUAD, TATOEBA_ENFR, TaskSpec, task, UnknownTaskError
+from mee_bench.harness.catalogue import SQUAD, TATOEBA_ENFR, TaskSpec, UnknownTaskError, task
 from mee_bench.paths import DEFAULT_MODEL_DIR
 
 CARD = "training.json"

@@ -17,17 +17,16 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from mee_bench.harness.catalogue import TASK_NAMES, UnknownTaskError, task
-from mee_bench.harness.data import local_split_path, numbered_jsonl
-from mee_bench.harness.trained_for import untrained_note
-
-from mee_bench.paths import DATA_DIR_ENV
 from mee_bench.engine.causal import continuation_ids
 from mee_bench.engine.decoding import EarlyExitGenerator, input_limit
 from mee_bench.engine.loading import ModelLoadError, check_checkpoint_path, load_model
+from mee_bench.engine.policy import ExitPolicy
+from mee_bench.harness.catalogue import TASK_NAMES, UnknownTaskError, task
+from mee_bench.harness.data import local_split_path, numbered_jsonl
+from mee_bench.harness.trained_for import untrained_note
+from mee_bench.paths import DATA_DIR_ENV
 from mee_bench.study.results import ModelAnalysis
 from mee_bench.study.statistics import LayerStatistics, TokenPredictions, hidden_state_saturation, layer_predictions
-from mee_bench.engine.policy import ExitPolicy
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +54,9 @@ def task_examples(name: str, limit: int | None = None) -> list[Example]:
         raise ValueError(f"{err} (or pass --inputs FILE.jsonl)") from err
     path = local_split_path(spec.dataset, spec.split)
     if path is None:
-        raise FileNotFoundError(f"task {name!r} needs {spec.dataset}/{spec.split}.jsonl under the data root; "
-                                f"set {DATA_DIR_ENV}")
+        raise FileNotFoundError(
+            f"task {name!r} needs {spec.dataset}/{spec.split}.jsonl under the data root; set {DATA_DIR_ENV}"
+        )
     examples = []
     for number, row in numbered_jsonl(path):
         if limit is not None and len(examples) >= limit:
@@ -80,7 +80,9 @@ def file_examples(path: str | Path, limit: int | None = None, need_target: bool 
             break
         missing = [name for name in fields if not isinstance(row.get(name), str) or not row[name].strip()]
         if missing:
-            raise ValueError(f"{path}:{number}: no non-empty string field {' or '.join(missing)}; fix or remove that line")
+            raise ValueError(
+                f"{path}:{number}: no non-empty string field {' or '.join(missing)}; fix or remove that line"
+            )
         examples.append(Example(row["input"], row.get("target")))
     if not examples:
         raise ValueError(f"--inputs {path} holds no records; each line needs an object with {' and '.join(fields)}")
@@ -100,8 +102,14 @@ class _Batch:
     truncated: int  # inputs that reached the input-length limit
 
 
-def _batches(generator: EarlyExitGenerator, examples: Sequence[Example], mode: str, batch_size: int,
-             max_input_tokens: int, max_output_tokens: int) -> Iterator[_Batch]:
+def _batches(
+    generator: EarlyExitGenerator,
+    examples: Sequence[Example],
+    mode: str,
+    batch_size: int,
+    max_input_tokens: int,
+    max_output_tokens: int,
+) -> Iterator[_Batch]:
     """Tokenized batches with decoder inputs: the reference or the model's own greedy output. A decoder-only
     model reads its own prompt format and the reference as the prompt's continuation."""
     model, tokenizer = generator.model, generator.tokenizer
@@ -110,23 +118,34 @@ def _batches(generator: EarlyExitGenerator, examples: Sequence[Example], mode: s
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else generator.runner.eos_token_id
     for first in range(0, len(examples), batch_size):
         chunk = examples[first : first + batch_size]
-        enc = tokenizer([ex.prompt(decoder_only) for ex in chunk], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_input_tokens)
+        enc = tokenizer(
+            [ex.prompt(decoder_only) for ex in chunk],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_input_tokens,
+        )
         input_ids, attention_mask = enc.input_ids.to(model.device), enc.attention_mask.to(model.device)
         truncated = int((attention_mask.sum(1) >= max_input_tokens).sum())
         if mode == "teacher_forced" and decoder_only:
             tokens = continuation_ids(tokenizer, [ex.target for ex in chunk], max_output_tokens)
             targets, target_mask = _padded(tokens, pad_id, model.device)
         elif mode == "teacher_forced":
-            dec = tokenizer(text_target=[ex.target for ex in chunk], return_tensors="pt", padding=True,
-                            truncation=True, max_length=max_output_tokens)
+            dec = tokenizer(
+                text_target=[ex.target for ex in chunk],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_output_tokens,
+            )
             targets, target_mask = dec.input_ids.to(model.device), dec.attention_mask.to(model.device)
         else:
             tokens = generator.generate(input_ids, attention_mask, ExitPolicy("full"), max_output_tokens).tokens
             targets, target_mask = _padded(tokens, pad_id, model.device)
         starts = torch.full_like(targets[:, :1], start_id)
         decoder_input_ids = torch.cat([starts, targets[:, :-1]], dim=1).masked_fill(
-            torch.cat([torch.ones_like(starts), target_mask[:, :-1]], dim=1) == 0, pad_id)
+            torch.cat([torch.ones_like(starts), target_mask[:, :-1]], dim=1) == 0, pad_id
+        )
         yield _Batch(input_ids, attention_mask, decoder_input_ids, targets, target_mask, truncated)
 
 
@@ -147,8 +166,9 @@ def example_positions(length: int, count: int) -> list[int]:
     return sorted(set(spaced))
 
 
-def _describe_example(tokenizer, batch: _Batch, position: int, top_ids: Tensor, top_probs: Tensor,
-                      probs: Tensor, input_text: str) -> dict:
+def _describe_example(
+    tokenizer, batch: _Batch, position: int, top_ids: Tensor, top_probs: Tensor, probs: Tensor, input_text: str
+) -> dict:
     """Figure 3's data for one token: top-3 per layer, and every such token's probability at every layer."""
     strings = tokenizer.convert_ids_to_tokens
     union = list(dict.fromkeys(top_ids.flatten().tolist()))
@@ -169,10 +189,21 @@ def _describe_example(tokenizer, batch: _Batch, position: int, top_ids: Tensor, 
 
 
 @torch.inference_mode()
-def analyze_model(model, tokenizer, examples: Sequence[Example], mode: str = "teacher_forced", *, label: str = "model",
-                  name: str = "", batch_size: int = 8, max_input_tokens: int | None = None,
-                  max_output_tokens: int = 128, example_count: int = 3, threshold: float = 0.9,
-                  min_exit_layer: int = 4) -> ModelAnalysis:
+def analyze_model(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    mode: str = "teacher_forced",
+    *,
+    label: str = "model",
+    name: str = "",
+    batch_size: int = 8,
+    max_input_tokens: int | None = None,
+    max_output_tokens: int = 128,
+    example_count: int = 3,
+    threshold: float = 0.9,
+    min_exit_layer: int = 4,
+) -> ModelAnalysis:
     """Run the monotonicity study of one model over `examples`, batch by batch."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; use one of {', '.join(MODES)}")
@@ -183,7 +214,9 @@ def analyze_model(model, tokenizer, examples: Sequence[Example], mode: str = "te
     stats = LayerStatistics(runner.num_layers, threshold, min_exit_layer)
     described: list[dict] = []
     sequences = truncated = 0
-    batches = _batches(generator, examples, mode, batch_size, input_limit(tokenizer, max_input_tokens), max_output_tokens)
+    batches = _batches(
+        generator, examples, mode, batch_size, input_limit(tokenizer, max_input_tokens), max_output_tokens
+    )
     for number, batch in enumerate(batches, start=1):
         states = runner.all_layer_states(batch.input_ids, batch.attention_mask, batch.decoder_input_ids)
         valid = batch.target_mask.bool()
@@ -201,19 +234,40 @@ def analyze_model(model, tokenizer, examples: Sequence[Example], mode: str = "te
         stats.add(predictions, hidden_state_saturation(states), batch.targets[valid])
         for slot, position in enumerate(chosen):
             probs = torch.stack([p[slot] for p in chosen_probs])
-            described.append(_describe_example(tokenizer, batch, position, predictions.top_ids[:, position],
-                                               predictions.top_probs[:, position], probs,
-                                               examples[0].prompt(not runner.is_encoder_decoder)))
+            described.append(
+                _describe_example(
+                    tokenizer,
+                    batch,
+                    position,
+                    predictions.top_ids[:, position],
+                    predictions.top_probs[:, position],
+                    probs,
+                    examples[0].prompt(not runner.is_encoder_decoder),
+                )
+            )
         sequences += batch.input_ids.shape[0]
         truncated += batch.truncated
         log.info("%s: batch %d, %d sequences, %d tokens", label, number, sequences, stats.tokens)
     if truncated:
-        log.warning("%s: %d of %d inputs reach the %d-token input limit and are truncated", label, truncated,
-                    sequences, input_limit(tokenizer, max_input_tokens))
+        log.warning(
+            "%s: %d of %d inputs reach the %d-token input limit and are truncated",
+            label,
+            truncated,
+            sequences,
+            input_limit(tokenizer, max_input_tokens),
+        )
     return ModelAnalysis(
-        label=label, model=name, mode=mode, num_layers=runner.num_layers, sequences=sequences, tokens=stats.tokens,
-        final_top1_accuracy=stats.final_correct / max(stats.tokens, 1), truncated_inputs=truncated, layers=stats.rows(),
-        heuristic=stats.heuristic_summary(), examples=described,
+        label=label,
+        model=name,
+        mode=mode,
+        num_layers=runner.num_layers,
+        sequences=sequences,
+        tokens=stats.tokens,
+        final_top1_accuracy=stats.final_correct / max(stats.tokens, 1),
+        truncated_inputs=truncated,
+        layers=stats.rows(),
+        heuristic=stats.heuristic_summary(),
+        examples=described,
     )
 
 
@@ -265,8 +319,9 @@ def cli(argv: list[str]) -> int:
         if len(set(labels)) != len(labels):
             raise ValueError(f"model labels {labels} are not unique; pass --label per model")
         need_target = args.mode == "teacher_forced"
-        examples = (task_examples(args.task, args.limit) if args.task
-                    else file_examples(args.inputs, args.limit, need_target))
+        examples = (
+            task_examples(args.task, args.limit) if args.task else file_examples(args.inputs, args.limit, need_target)
+        )
         _check_model_paths(args.model)
         analyses = []
         for spec, label in zip(args.model, labels):
@@ -274,11 +329,22 @@ def cli(argv: list[str]) -> int:
             if note:
                 print(note, file=sys.stderr)
             model, tokenizer = load_model(spec, args.dtype, args.device)
-            analyses.append(analyze_model(
-                model, tokenizer, examples, args.mode, label=label, name=spec, batch_size=args.batch_size,
-                max_input_tokens=args.max_input_tokens, max_output_tokens=args.max_output_tokens,
-                example_count=args.examples, threshold=args.threshold, min_exit_layer=args.min_exit_layer,
-            ))
+            analyses.append(
+                analyze_model(
+                    model,
+                    tokenizer,
+                    examples,
+                    args.mode,
+                    label=label,
+                    name=spec,
+                    batch_size=args.batch_size,
+                    max_input_tokens=args.max_input_tokens,
+                    max_output_tokens=args.max_output_tokens,
+                    example_count=args.examples,
+                    threshold=args.threshold,
+                    min_exit_layer=args.min_exit_layer,
+                )
+            )
             del model
     except (ValueError, FileNotFoundError) as err:
         print(f"mee-bench analyze: error: {err}", file=sys.stderr)

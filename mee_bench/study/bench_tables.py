@@ -35,7 +35,10 @@ def machine(record: dict) -> str | None:
     info = record.get("machine") or {}
     if isinstance(info, str):
         return info
-    parts = [info.get("gpu") or info.get("platform") or record.get("cpu"), info.get("torch") and f"torch {info['torch']}"]
+    parts = [
+        info.get("gpu") or info.get("platform") or record.get("cpu"),
+        info.get("torch") and f"torch {info['torch']}",
+    ]
     threads = info.get("threads", record.get("threads"))
     parts.append(threads and f"{threads} torch thread(s)")
     load = record.get("load") or {}
@@ -49,9 +52,11 @@ def width_line(costs: dict[str, dict[str, float]]) -> str:
     """One sentence: what a pass over w positions costs relative to one."""
     one = costs["1"]["layers_ms"] + costs["1"]["head_ms"]
     relative = ", ".join(f"{w}: {(c['layers_ms'] + c['head_ms']) / one:.2f}x" for w, c in costs.items() if w != "1")
-    return (f"One pass through every layer and the head costs {one:.2f} ms over 1 position "
-            f"(layers {costs['1']['layers_ms']:.2f}, head {costs['1']['head_ms']:.2f}); over w positions, "
-            f"relative to 1 ({relative}).")
+    return (
+        f"One pass through every layer and the head costs {one:.2f} ms over 1 position "
+        f"(layers {costs['1']['layers_ms']:.2f}, head {costs['1']['head_ms']:.2f}); over w positions, "
+        f"relative to 1 ({relative})."
+    )
 
 
 def policy_speed(result: dict) -> str:
@@ -61,19 +66,34 @@ def policy_speed(result: dict) -> str:
     for entry in result["batches"]:
         for row in entry["policies"]:
             by_policy.setdefault(row["policy"], {})[entry["batch"]] = row
-    header = ["policy", *(f"speedup, batch {b}" for b in batches), "layers/token", "identical to full",
-              "acceptance", "accepted drafts/round"]
+    header = [
+        "policy",
+        *(f"speedup, batch {b}" for b in batches),
+        "layers/token",
+        "identical to full",
+        "acceptance",
+        "accepted drafts/round",
+    ]
     rows = []
     for name, per_batch in by_policy.items():
         first = per_batch[batches[0]]
-        rows.append([f"`{name}`", *(per_batch[b]["speedup_vs_full"] for b in batches), fixed(first["layers_per_token"]),
-                     "yes" if all(r["identical_to_full"] for r in per_batch.values()) else "no",
-                     fixed(first["acceptance_rate"]), fixed(first["mean_accepted_draft"])])
+        rows.append(
+            [
+                f"`{name}`",
+                *(per_batch[b]["speedup_vs_full"] for b in batches),
+                fixed(first["layers_per_token"]),
+                "yes" if all(r["identical_to_full"] for r in per_batch.values()) else "no",
+                fixed(first["acceptance_rate"]),
+                fixed(first["mean_accepted_draft"]),
+            ]
+        )
     settings = result["settings"]
-    note = (f"{settings['sentences']} Tatoeba sentences, `{settings['model']}`, {settings['dtype']}, "
-            f"{result['machine']['threads']} torch thread; speedup = ratio of paired ms/token against `full` "
-            f"[95% interval]; layers/token and the speculation figures at batch {batches[0]}."
-            + (f" {width_line(result['width_cost'])}" if "width_cost" in result else ""))
+    note = (
+        f"{settings['sentences']} Tatoeba sentences, `{settings['model']}`, {settings['dtype']}, "
+        f"{result['machine']['threads']} torch thread; speedup = ratio of paired ms/token against `full` "
+        f"[95% interval]; layers/token and the speculation figures at batch {batches[0]}."
+        + (f" {width_line(result['width_cost'])}" if "width_cost" in result else "")
+    )
     return f"{note}\n\n{table(rows, header)}"
 
 
@@ -89,57 +109,109 @@ def policy_label(settings: dict) -> str:
 
 def pairing_check(result: dict) -> str:
     """`benchmarks/pairing_check.py`: lockstep against whole decodes one after the other."""
-    rows = [[policy_label(row["policy_settings"]), f"{row['mean_lockstep']:.3f}", f"{row['mean_whole examples']:.3f}",
-             signed_percent(row["shift"], row["low"], row["high"]), percent(row["round_scatter_lockstep"]),
-             percent(row["round_scatter_whole examples"])] for row in result["policies"]]
+    rows = [
+        [
+            policy_label(row["policy_settings"]),
+            f"{row['mean_lockstep']:.3f}",
+            f"{row['mean_whole examples']:.3f}",
+            signed_percent(row["shift"], row["low"], row["high"]),
+            percent(row["round_scatter_lockstep"]),
+            percent(row["round_scatter_whole examples"]),
+        ]
+        for row in result["policies"]
+    ]
     settings = result["settings"]
-    note = (f"{settings['sentences']} Tatoeba sentences, {settings['rounds']} rounds, `{settings['model']}`: "
-            "speedup over `full` with the two decodes taking turns token by token (lockstep) and with whole "
-            "decodes one after the other, both over the policy's positions; shift = lockstep / whole - 1 with its "
-            "95% interval over rounds; scatter = the rounds' spread.")
-    return f"{note}\n\n" + table(rows, ["policy", "lockstep", "whole decodes", "shift", "scatter, lockstep",
-                                        "scatter, whole"])
+    note = (
+        f"{settings['sentences']} Tatoeba sentences, {settings['rounds']} rounds, `{settings['model']}`: "
+        "speedup over `full` with the two decodes taking turns token by token (lockstep) and with whole "
+        "decodes one after the other, both over the policy's positions; shift = lockstep / whole - 1 with its "
+        "95% interval over rounds; scatter = the rounds' spread."
+    )
+    return f"{note}\n\n" + table(
+        rows, ["policy", "lockstep", "whole decodes", "shift", "scatter, lockstep", "scatter, whole"]
+    )
 
 
 def busy_check(result: dict) -> str:
     """`benchmarks/busy_check.py`: the same paired speedups with a CPU hog on and off, round by round."""
-    rows = [[row["policy"], f"{row['mean_idle']:.3f}", f"{row['mean_busy']:.3f}",
-             signed_percent(row["shift"], row["low"], row["high"])] for row in result["policies"]]
+    rows = [
+        [
+            row["policy"],
+            f"{row['mean_idle']:.3f}",
+            f"{row['mean_busy']:.3f}",
+            signed_percent(row["shift"], row["low"], row["high"]),
+        ]
+        for row in result["policies"]
+    ]
     settings, others = result["settings"], result.get("other_processes_cpu_cores", {})
     load = "".join(f"; other processes took {sum(v) / len(v):.2f} cores in {k} rounds" for k, v in others.items() if v)
-    note = (f"{settings['sentences']} sentences of `{settings['task']}`, {settings['rounds']} rounds, "
-            f"`{settings['model']}`: busy / idle - 1 of each paired speedup, 95% interval over rounds{load}.")
+    note = (
+        f"{settings['sentences']} sentences of `{settings['task']}`, {settings['rounds']} rounds, "
+        f"`{settings['model']}`: busy / idle - 1 of each paired speedup, 95% interval over rounds{load}."
+    )
     return f"{note}\n\n" + table(rows, ["policy", "speedup, idle", "speedup, busy", "busy over idle"])
 
 
 def pruned_checks(result: dict) -> str:
     """`benchmarks/pruned_checks.py`: how often vocabulary-pruned checks change an exit, and what it costs."""
-    rows = [[row["policy"], str(row["vocab_top_k"]), percent(row["decisions_differing"]),
-             percent(row["identical_outputs"]), f"{row['bleu_delta']:+.2f}", f"{row['chrf_delta']:+.2f}",
-             f"{fixed(row['avg_exit_layer_unpruned'])} -> {fixed(row['avg_exit_layer'])}"] for row in result["policies"]]
+    rows = [
+        [
+            row["policy"],
+            str(row["vocab_top_k"]),
+            percent(row["decisions_differing"]),
+            percent(row["identical_outputs"]),
+            f"{row['bleu_delta']:+.2f}",
+            f"{row['chrf_delta']:+.2f}",
+            f"{fixed(row['avg_exit_layer_unpruned'])} -> {fixed(row['avg_exit_layer'])}",
+        ]
+        for row in result["policies"]
+    ]
     settings = result["settings"]
-    note = f"{settings['sentences']} sentences of `{settings['task']}` ({settings['split']}), batch {settings['batch']}."
-    return f"{note}\n\n" + table(rows, ["policy", "top-k", "exit decisions differing", "identical outputs", "BLEU change",
-                                        "chrF change", "avg exit layer (unpruned -> pruned)"])
+    note = (
+        f"{settings['sentences']} sentences of `{settings['task']}` ({settings['split']}), batch {settings['batch']}."
+    )
+    return f"{note}\n\n" + table(
+        rows,
+        [
+            "policy",
+            "top-k",
+            "exit decisions differing",
+            "identical outputs",
+            "BLEU change",
+            "chrF change",
+            "avg exit layer (unpruned -> pruned)",
+        ],
+    )
 
 
 def first_read(result: dict) -> str:
     """`benchmarks/first_read.py`: the int8 and float16 first read of the head, paired in the decoding loop."""
-    rows = [[shape["shape"], shape["head"], *(Speedup.from_dict(shape[key]).format()
-                                              for key in ("int8_vs_float16", "int8_vs_full", "float16_vs_full")),
-             "yes" if shape["identical_to_full"] else "no"] for shape in result["shapes"]]
+    rows = [
+        [
+            shape["shape"],
+            shape["head"],
+            *(Speedup.from_dict(shape[key]).format() for key in ("int8_vs_float16", "int8_vs_full", "float16_vs_full")),
+            "yes" if shape["identical_to_full"] else "no",
+        ]
+        for shape in result["shapes"]
+    ]
     return f"Policy: {result['settings']['policy']}.\n\n" + table(
-        rows, ["shape", "head", "int8 over float16", "int8 over full", "float16 over full", "identical to full"])
+        rows, ["shape", "head", "int8 over float16", "int8 over full", "float16 over full", "identical to full"]
+    )
 
 
 def token_profile(result: dict) -> str:
     """`benchmarks/token_profile.py`: ms per token by where the decoder spends it (torch.profiler ranges)."""
     parts = list(next(iter(result["policies"].values()))["ms_per_token"])
-    rows = [[name, fixed(entry["decoder_ms_per_token"]), *(fixed(entry["ms_per_token"][part]) for part in parts)]
-            for name, entry in result["policies"].items()]
+    rows = [
+        [name, fixed(entry["decoder_ms_per_token"]), *(fixed(entry["ms_per_token"][part]) for part in parts)]
+        for name, entry in result["policies"].items()
+    ]
     settings = result["settings"]
-    note = (f"{settings['sentences']} Tatoeba sentences, `{settings['model']}`, batch {settings['batch']}, "
-            f"{settings['threads']} thread; {settings.get('note', '')}: read shares, not absolute times.")
+    note = (
+        f"{settings['sentences']} Tatoeba sentences, `{settings['model']}`, batch {settings['batch']}, "
+        f"{settings['threads']} thread; {settings.get('note', '')}: read shares, not absolute times."
+    )
     return f"{note}\n\n" + table(rows, ["policy", "ms/token", *parts])
 
 
@@ -162,22 +234,50 @@ def decode_speed(result: dict) -> str:
                 columns.setdefault(_exit_column(key), None)
     rows = []
     for entry in speed:
-        cells = {_exit_column(key): interval(entry[key], entry.get(f"{key}_ci95")) for key in entry if EXIT_KEY.match(key)}
-        rows.append([entry["shape"], entry["dtype"], str(entry["batch"]),
-                     interval(entry.get("full_vs_hf_generate"), entry.get("full_vs_hf_generate_ci95")),
-                     *(cells.get(column, MISSING) for column in columns)])
+        cells = {
+            _exit_column(key): interval(entry[key], entry.get(f"{key}_ci95")) for key in entry if EXIT_KEY.match(key)
+        }
+        rows.append(
+            [
+                entry["shape"],
+                entry["dtype"],
+                str(entry["batch"]),
+                interval(entry.get("full_vs_hf_generate"), entry.get("full_vs_hf_generate_ci95")),
+                *(cells.get(column, MISSING) for column in columns),
+            ]
+        )
     parts = [table(rows, ["shape", "dtype", "batch", "`full` time / `generate` time", *columns])]
     overhead = result.get("overhead", [])
-    measures = list(dict.fromkeys(k for entry in overhead for k in entry
-                                  if k not in ("shape", "dtype", "batch", "layer_ms") and not k.endswith("_ci95")))
+    measures = list(
+        dict.fromkeys(
+            k
+            for entry in overhead
+            for k in entry
+            if k not in ("shape", "dtype", "batch", "layer_ms") and not k.endswith("_ci95")
+        )
+    )
     if measures:
         runs = [f"{entry['shape']}, {entry['dtype']}, batch {entry['batch']}" for entry in overhead]
-        rows = [[f"`{m}`", *(f"{entry[m]:.2f} [{entry[m + '_ci95'][0]:.2f}, {entry[m + '_ci95'][1]:.2f}]" if m in entry
-                             else MISSING for entry in overhead)] for m in measures]
+        rows = [
+            [
+                f"`{m}`",
+                *(
+                    f"{entry[m]:.2f} [{entry[m + '_ci95'][0]:.2f}, {entry[m + '_ci95'][1]:.2f}]"
+                    if m in entry
+                    else MISSING
+                    for entry in overhead
+                ),
+            ]
+            for m in measures
+        ]
         rows.append(["one layer (ms)", *(fixed(entry.get("layer_ms")) for entry in overhead)])
-        parts += [("A check's cost in decoder layers, the median over rounds with its 95% interval "
-                   "(`@top64`: vocabulary-pruned checks; `_pruned_check`: a check after the token's first):"),
-                  table(rows, ["measure", *runs])]
+        parts += [
+            (
+                "A check's cost in decoder layers, the median over rounds with its 95% interval "
+                "(`@top64`: vocabulary-pruned checks; `_pruned_check`: a check after the token's first):"
+            ),
+            table(rows, ["measure", *runs]),
+        ]
     return "\n\n".join(parts)
 
 
@@ -186,19 +286,42 @@ def train_speed(result: dict) -> str:
     rows = []
     for objective, entry in result["objectives"].items():
         reference, preset = entry["reference"], entry["preset"]
-        rows.append([objective, f"{reference['s_per_step']:.2f}", f"{preset['s_per_step']:.2f}",
-                     f"{entry['speedup_vs_fp32_reference']:.2f}x", preset["precision"],
-                     percent(entry["padding_fraction"]), str(preset["tokens_per_s"])])
-    note = (f"Preset `{result['preset']}`, {result['steps']} steps, {result['threads']} threads; reference: "
-            f"{', '.join(result['reference'])}; peak memory of the preset {result['peak_rss_gb_preset']} GB.")
-    return f"{note}\n\n" + table(rows, ["objective", "reference s/step", "preset s/step", "speedup", "precision",
-                                        "padding", "tokens/s"])
+        rows.append(
+            [
+                objective,
+                f"{reference['s_per_step']:.2f}",
+                f"{preset['s_per_step']:.2f}",
+                f"{entry['speedup_vs_fp32_reference']:.2f}x",
+                preset["precision"],
+                percent(entry["padding_fraction"]),
+                str(preset["tokens_per_s"]),
+            ]
+        )
+    note = (
+        f"Preset `{result['preset']}`, {result['steps']} steps, {result['threads']} threads; reference: "
+        f"{', '.join(result['reference'])}; peak memory of the preset {result['peak_rss_gb_preset']} GB."
+    )
+    return f"{note}\n\n" + table(
+        rows, ["objective", "reference s/step", "preset s/step", "speedup", "precision", "padding", "tokens/s"]
+    )
 
 
 def sweep_throughput(result: dict) -> str:
     """`benchmarks/sweep_throughput.py`: trials per minute for workers x CPUs on one machine."""
-    rows = [[name, str(run["trials"]), f"{run['trials_per_min']:.1f}", f"{run['trials_per_min_end_to_end']:.1f}",
-             percent(run["model_load_share"])] for name, run in result["runs"].items()]
-    note = f"`{result['task']}`, {result['limit']} examples, at most {result['max_gen_toks']} new tokens, {result['model']}."
-    return f"{note}\n\n" + table(rows, ["workers", "trials", "trials/min (running)", "trials/min (end to end)",
-                                        "model load share"])
+    rows = [
+        [
+            name,
+            str(run["trials"]),
+            f"{run['trials_per_min']:.1f}",
+            f"{run['trials_per_min_end_to_end']:.1f}",
+            percent(run["model_load_share"]),
+        ]
+        for name, run in result["runs"].items()
+    ]
+    note = (
+        f"`{result['task']}`, {result['limit']} examples, at most {result['max_gen_toks']} new tokens, "
+        f"{result['model']}."
+    )
+    return f"{note}\n\n" + table(
+        rows, ["workers", "trials", "trials/min (running)", "trials/min (end to end)", "model load share"]
+    )

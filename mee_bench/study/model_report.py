@@ -25,7 +25,6 @@ from mee_bench.engine.loading import ModelLoadError
 from mee_bench.formatting import fixed
 from mee_bench.harness import catalogue
 from mee_bench.harness.trained_for import untrained_tasks
-
 from mee_bench.paths import DEFAULT_MODEL_DIR
 
 if TYPE_CHECKING:
@@ -52,12 +51,24 @@ def evaluate_full_depth(pretrained: str, limits: dict[str, int | None], batch_si
     results = {}
     for task, limit in limits.items():
         start = time.perf_counter()
-        output = simple_evaluate(model=lm, tasks=[task], task_manager=tasks, limit=limit, log_samples=False,
-                                 bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        output = simple_evaluate(
+            model=lm,
+            tasks=[task],
+            task_manager=tasks,
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=0,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+        )
         seconds = time.perf_counter() - start
         examples = output["n-samples"][task]["effective"]
-        results[task] = {"metrics": task_metrics(output["results"][task]), "examples": examples,
-                         "seconds": round(seconds, 1)}
+        results[task] = {
+            "metrics": task_metrics(output["results"][task]),
+            "examples": examples,
+            "seconds": round(seconds, 1),
+        }
         log.info("%s: %s on %d examples in %.0f s", task, results[task]["metrics"], examples, seconds)
     return results
 
@@ -68,12 +79,25 @@ def layer_agreement(pretrained: str, limit: int | None) -> dict:
     from mee_bench.study.analysis import analyze_model, task_examples
 
     model, tokenizer = load_model(pretrained, "float32", "cpu")
-    analysis = analyze_model(model, tokenizer, task_examples(AGREEMENT_TASK, limit), label="model",
-                             name=pretrained, batch_size=32, example_count=0)
-    return {"task": AGREEMENT_TASK, "sequences": analysis.sequences, "tokens": analysis.tokens,
-            "final_top1_accuracy": analysis.final_top1_accuracy,
-            "layers": [{key: row[key] for key in ("layer", "matches_final", "no_change", "confidence_mean")}
-                       for row in analysis.layers]}
+    analysis = analyze_model(
+        model,
+        tokenizer,
+        task_examples(AGREEMENT_TASK, limit),
+        label="model",
+        name=pretrained,
+        batch_size=32,
+        example_count=0,
+    )
+    return {
+        "task": AGREEMENT_TASK,
+        "sequences": analysis.sequences,
+        "tokens": analysis.tokens,
+        "final_top1_accuracy": analysis.final_top1_accuracy,
+        "layers": [
+            {key: row[key] for key in ("layer", "matches_final", "no_change", "confidence_mean")}
+            for row in analysis.layers
+        ],
+    }
 
 
 def training_history(model_dir: Path) -> dict[str, list[dict]]:
@@ -105,9 +129,17 @@ def parent_run(record: dict) -> str:
 
 def _curve_points(record: dict, minutes_offset: float, steps_offset: int, tokens_offset: int) -> list[dict]:
     tokens_per_step = record.get("tokens_seen", 0) / max(1, record.get("steps", 0))  # records from before `tokens`
-    return [{"minutes": minutes_offset + e["minutes"], "step": steps_offset + e["step"],
-             "tokens": tokens_offset + e.get("tokens", round(e["step"] * tokens_per_step)), "bleu": e.get("bleu"),
-             "val_ce_last": e["val_ce"][-1], "val_ce": e["val_ce"]} for e in record.get("evaluations", [])]
+    return [
+        {
+            "minutes": minutes_offset + e["minutes"],
+            "step": steps_offset + e["step"],
+            "tokens": tokens_offset + e.get("tokens", round(e["step"] * tokens_per_step)),
+            "bleu": e.get("bleu"),
+            "val_ce_last": e["val_ce"][-1],
+            "val_ce": e["val_ce"],
+        }
+        for e in record.get("evaluations", [])
+    ]
 
 
 def history_curves(history: dict[str, list[dict]]) -> dict[str, list[dict]]:
@@ -118,8 +150,11 @@ def history_curves(history: dict[str, list[dict]]) -> dict[str, list[dict]]:
     for record in history["stages"] + history["others"]:
         minutes, steps, tokens = ends.get(parent_run(record), (0.0, 0, 0))
         curves[record["run"]] = _curve_points(record, minutes, steps, tokens)
-        ends[record["run"]] = (minutes + record.get("wall_time_minutes", 0.0), steps + record.get("steps", 0),
-                               tokens + record.get("tokens_seen", 0))
+        ends[record["run"]] = (
+            minutes + record.get("wall_time_minutes", 0.0),
+            steps + record.get("steps", 0),
+            tokens + record.get("tokens_seen", 0),
+        )
     return curves
 
 
@@ -135,8 +170,11 @@ def curves_figure(curves: dict[str, list[dict]]) -> Figure:
         x = [p["tokens"] / 1e6 for p in points]
         bleu_ax.plot(x, [p["bleu"] for p in points], marker="o", label=name)
         ce_ax.plot(x, [p["val_ce_last"] for p in points], marker="o", label=name)
-    bleu_ax.set(xlabel="tokens trained (millions, cumulative)", ylabel="BLEU (in-loop, 200 validation sentences)",
-                title="Tatoeba EN-FR validation BLEU")
+    bleu_ax.set(
+        xlabel="tokens trained (millions, cumulative)",
+        ylabel="BLEU (in-loop, 200 validation sentences)",
+        title="Tatoeba EN-FR validation BLEU",
+    )
     ce_ax.set(xlabel="tokens trained (millions, cumulative)", ylabel="cross-entropy", title="last-layer validation CE")
     for ax in (bleu_ax, ce_ax):
         ax.grid(alpha=0.3)
@@ -154,30 +192,61 @@ def write_curves_figure(curves: dict[str, list[dict]], path: Path) -> Path:
 def report_markdown(model: str, quality: dict, agreement: dict, history: dict, figure: str | None) -> str:
     """The report: quality table, per-layer agreement, training stages; every figure from the inputs."""
     untrained = set(untrained_tasks(model, quality))
-    lines = [f"# Model report: `{model}`", "",
-             "Generated by `mee-bench model-report`; do not edit by hand.", "",
-             "## Quality at full depth (`full` policy, greedy, lm-eval tasks of this project)", ""]
+    lines = [
+        f"# Model report: `{model}`",
+        "",
+        "Generated by `mee-bench model-report`; do not edit by hand.",
+        "",
+        "## Quality at full depth (`full` policy, greedy, lm-eval tasks of this project)",
+        "",
+    ]
     rows = []
     for task, result in quality.items():
         metrics = ", ".join(f"{name} {fixed(value)}" for name, value in result["metrics"].items())
         note = "no training data offline: untrained task" if task in untrained else ""
         rows.append([f"`{task}`", result["examples"], metrics, result["seconds"], note])
     lines += [tabulate(rows, ["task", "examples", "metrics", "seconds", "note"], tablefmt="github"), ""]
-    lines += [f"## Per-layer top-1 agreement with the last layer (`{agreement['task']}`, teacher-forced)", "",
-              f"{agreement['sequences']} sequences, {agreement['tokens']} tokens; last-layer top-1 accuracy "
-              f"against the references {agreement['final_top1_accuracy']:.3f}.", ""]
-    rows = [[r["layer"], f"{r['matches_final']:.3f}", f"{r['no_change']:.3f}", f"{r['confidence_mean']:.3f}"]
-            for r in agreement["layers"]]
-    lines += [tabulate(rows, ["layer", "top-1 equals last layer", "top-1 unchanged after this layer",
-                              "mean p(final top-1)"], tablefmt="github"), ""]
+    lines += [
+        f"## Per-layer top-1 agreement with the last layer (`{agreement['task']}`, teacher-forced)",
+        "",
+        f"{agreement['sequences']} sequences, {agreement['tokens']} tokens; last-layer top-1 accuracy "
+        f"against the references {agreement['final_top1_accuracy']:.3f}.",
+        "",
+    ]
+    rows = [
+        [r["layer"], f"{r['matches_final']:.3f}", f"{r['no_change']:.3f}", f"{r['confidence_mean']:.3f}"]
+        for r in agreement["layers"]
+    ]
+    lines += [
+        tabulate(
+            rows,
+            ["layer", "top-1 equals last layer", "top-1 unchanged after this layer", "mean p(final top-1)"],
+            tablefmt="github",
+        ),
+        "",
+    ]
     if history["stages"]:
         lines += ["## Training stages", ""]
-        rows = [[s["run"], s["objective"]["name"], s.get("steps"), s.get("tokens_seen"), s.get("wall_time_minutes"),
-                 fixed((s.get("evaluations") or [{}])[-1].get("bleu")),
-                 fixed((s.get("evaluations") or [{"val_ce": [None]}])[-1]["val_ce"][-1], 3)]
-                for s in history["stages"] + history["others"]]
-        lines += [tabulate(rows, ["run", "objective", "steps", "tokens", "minutes", "last in-loop BLEU",
-                                  "last-layer val CE"], tablefmt="github"), ""]
+        rows = [
+            [
+                s["run"],
+                s["objective"]["name"],
+                s.get("steps"),
+                s.get("tokens_seen"),
+                s.get("wall_time_minutes"),
+                fixed((s.get("evaluations") or [{}])[-1].get("bleu")),
+                fixed((s.get("evaluations") or [{"val_ce": [None]}])[-1]["val_ce"][-1], 3),
+            ]
+            for s in history["stages"] + history["others"]
+        ]
+        lines += [
+            tabulate(
+                rows,
+                ["run", "objective", "steps", "tokens", "minutes", "last in-loop BLEU", "last-layer val CE"],
+                tablefmt="github",
+            ),
+            "",
+        ]
         total = sum(s.get("wall_time_minutes", 0.0) for s in history["stages"] + history["others"])
         lines += [f"Training wall time of the runs listed: {total:.1f} minutes.", ""]
     if figure:
@@ -188,7 +257,9 @@ def report_markdown(model: str, quality: dict, agreement: dict, history: dict, f
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mee-bench model-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR), help="model directory")
-    parser.add_argument("--out", default="results/default_model.md", help="markdown report (a .json and a .png beside it)")
+    parser.add_argument(
+        "--out", default="results/default_model.md", help="markdown report (a .json and a .png beside it)"
+    )
     parser.add_argument("--limit", type=int, help="examples per task (default: per-task caps, all of Tatoeba)")
     parser.add_argument("--tasks", nargs="+", default=list(catalogue.TASK_NAMES), help="lm-eval tasks to report")
     parser.add_argument("--agreement-limit", type=int, default=500, help="Tatoeba sentences for the agreement table")
@@ -204,8 +275,11 @@ def cli(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
-        print(f"mee-bench model-report: error: {model_dir} is not a model directory (no config.json); "
-              "pass a checkpoint directory", file=sys.stderr)
+        print(
+            f"mee-bench model-report: error: {model_dir} is not a model directory (no config.json); "
+            "pass a checkpoint directory",
+            file=sys.stderr,
+        )
         return 2
     try:
         for name in args.tasks:
@@ -215,8 +289,11 @@ def cli(argv: list[str]) -> int:
         return 2
     existing = [path for path in (Path(args.out), Path(args.out).with_suffix(".json")) if path.exists()]
     if existing and not args.force:
-        print(f"mee-bench model-report: error: {', '.join(map(str, existing))} already exist(s); pass --force to "
-              "replace the report, or choose another --out", file=sys.stderr)
+        print(
+            f"mee-bench model-report: error: {', '.join(map(str, existing))} already exist(s); pass --force to "
+            "replace the report, or choose another --out",
+            file=sys.stderr,
+        )
         return 2
     if (args.limit is not None and args.limit < 1) or args.agreement_limit < 1:
         print("mee-bench model-report: error: --limit and --agreement-limit must be >= 1", file=sys.stderr)
@@ -241,8 +318,12 @@ def cli(argv: list[str]) -> int:
         figure = figure_path.name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report_markdown(args.model, quality, agreement, history, figure))
-    out.with_suffix(".json").write_text(json.dumps(
-        {"model": args.model, "limits": limits, "quality": quality, "agreement": agreement, "curves": curves},
-        indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {"model": args.model, "limits": limits, "quality": quality, "agreement": agreement, "curves": curves},
+            indent=2,
+        )
+        + "\n"
+    )
     print(out)
     return 0

@@ -23,8 +23,17 @@ from mee_bench.formatting import percent
 from mee_bench.study.results import ModelAnalysis
 
 MODEL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
-TOKEN_COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
-                "tab:cyan")
+TOKEN_COLORS = (
+    "tab:red",
+    "tab:blue",
+    "tab:green",
+    "tab:orange",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+)
 HEADLINE_LAYERS = (2, 4)  # the paper's headline: 75% keep their top-1 after layer 2, 90% after layer 4
 MIN_LABELED_PROB = 0.05  # fainter tokens keep their line but get no label
 
@@ -58,8 +67,12 @@ def fraction_no_change_figure(analyses: Sequence[ModelAnalysis]) -> Figure:
     left, right = fig.subplots(1, 2, sharey=True)
     for index, analysis in enumerate(analyses):
         for ax, key in ((left, "no_change"), (right, "matches_final")):
-            ax.plot(*_series(analysis, key), marker="o", color=_color(index),
-                    label=f"{analysis.label} ({analysis.tokens} tokens)")
+            ax.plot(
+                *_series(analysis, key),
+                marker="o",
+                color=_color(index),
+                label=f"{analysis.label} ({analysis.tokens} tokens)",
+            )
     left.set_title("top-1 does not change after layer i")
     right.set_title("top-1 at layer i = final top-1")
     left.set_ylabel("fraction of tokens")
@@ -80,8 +93,14 @@ def confidence_curves_figure(analyses: Sequence[ModelAnalysis]) -> Figure:
         _, std = _series(analysis, "confidence_std")
         color = _color(index)
         ax.plot(layers, mean, marker="o", color=color, label="mean")
-        ax.fill_between(layers, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=color, alpha=0.2, label="± 1 std")
+        ax.fill_between(
+            layers,
+            [m - s for m, s in zip(mean, std)],
+            [m + s for m, s in zip(mean, std)],
+            color=color,
+            alpha=0.2,
+            label="± 1 std",
+        )
         ax.set_title(analysis.label)
         _layer_axis(ax, analyses)
         ax.set_ylim(0, 1.03)
@@ -107,8 +126,15 @@ def _example_panel(ax, example: dict, num_layers: int) -> None:
         ax.scatter(top_layers, [trace["probs"][layer - 1] for layer in top_layers], color=color, s=18, zorder=3)
         best = max(range(num_layers), key=lambda i: trace["probs"][i])
         if rank < len(TOKEN_COLORS) and peak[trace["id"]] >= MIN_LABELED_PROB:
-            ax.annotate(_label(trace["token"]), (best + 1, trace["probs"][best]), textcoords="offset points",
-                        xytext=(3, 3), fontsize=8, color=color, fontweight="bold" if final else "normal")
+            ax.annotate(
+                _label(trace["token"]),
+                (best + 1, trace["probs"][best]),
+                textcoords="offset points",
+                xytext=(3, 3),
+                fontsize=8,
+                color=color,
+                fontweight="bold" if final else "normal",
+            )
     ax.set_xticks(layers)
     ax.set_xlim(0.7, num_layers + 0.6)
     ax.set_ylim(0, 1.05)
@@ -135,8 +161,11 @@ def examples_figure(analyses: Sequence[ModelAnalysis]) -> Figure:
                 ax.set_ylabel("probability")
             if row == rows - 1:
                 ax.set_xlabel("decoder layer")
-    fig.suptitle("Top-3 predictions per layer (thick: the final prediction; dots: in that layer's top 3; "
-                 "\u2423: word-initial space)", wrap=True)
+    fig.suptitle(
+        "Top-3 predictions per layer (thick: the final prediction; dots: in that layer's top 3; "
+        "\u2423: word-initial space)",
+        wrap=True,
+    )
     return fig
 
 
@@ -149,15 +178,27 @@ def exit_signals_figure(analyses: Sequence[ModelAnalysis]) -> Figure:
         layers, mean = _series(analysis, "saturation_mean")
         _, std = _series(analysis, "saturation_std")
         saturation.plot(layers, mean, marker="o", color=color, label=analysis.label)
-        saturation.fill_between(layers, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                color=color, alpha=0.15)
+        saturation.fill_between(
+            layers, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color, alpha=0.15
+        )
         rising.plot(*_series(analysis, "rising"), marker="o", color=color, label=f"{analysis.label}: rising")
-        rising.plot(*_series(analysis, "rising_confident"), marker="s", ls="--", color=color,
-                    label=f"{analysis.label}: rising, all ≥ {analysis.heuristic['threshold']}")
-        kept.plot(*_series(analysis, "rising_confident_kept"), marker="s", ls="--", color=color,
-                  label=f"{analysis.label}: rising, all ≥ {analysis.heuristic['threshold']}")
-        kept.plot(*_series(analysis, "rising_kept"), marker="o", color=color, alpha=0.6,
-                  label=f"{analysis.label}: rising")
+        rising.plot(
+            *_series(analysis, "rising_confident"),
+            marker="s",
+            ls="--",
+            color=color,
+            label=f"{analysis.label}: rising, all ≥ {analysis.heuristic['threshold']}",
+        )
+        kept.plot(
+            *_series(analysis, "rising_confident_kept"),
+            marker="s",
+            ls="--",
+            color=color,
+            label=f"{analysis.label}: rising, all ≥ {analysis.heuristic['threshold']}",
+        )
+        kept.plot(
+            *_series(analysis, "rising_kept"), marker="o", color=color, alpha=0.6, label=f"{analysis.label}: rising"
+        )
     saturation.set_title("saturation: cos(h_i, h_(i-1))")
     saturation.set_ylabel("cosine (mean ± std)")
     rising.set_title("top-1 prob. rises over layers i-2, i-1, i")
@@ -207,14 +248,29 @@ def summary_markdown(analyses: Sequence[ModelAnalysis], config: dict) -> str:
         return analysis.layers[layer - 1][key] if layer <= analysis.num_layers else None
 
     reference = "reference" if config["mode"] == "teacher_forced" else "generated (check)"
-    headers = ["model", "layers", "tokens", *[f"no change after L{i}" for i in HEADLINE_LAYERS],
-               *[f"p(final) at L{i}" for i in HEADLINE_LAYERS], "heuristic fires", "heuristic exit = final",
-               "heuristic mean exit layer", f"final top-1 = {reference}"]
+    headers = [
+        "model",
+        "layers",
+        "tokens",
+        *[f"no change after L{i}" for i in HEADLINE_LAYERS],
+        *[f"p(final) at L{i}" for i in HEADLINE_LAYERS],
+        "heuristic fires",
+        "heuristic exit = final",
+        "heuristic mean exit layer",
+        f"final top-1 = {reference}",
+    ]
     rows = [
-        [a.label, a.num_layers, a.tokens, *[percent(at(a, i, "no_change")) for i in HEADLINE_LAYERS],
-         *[percent(at(a, i, "confidence_mean")) for i in HEADLINE_LAYERS], percent(a.heuristic["fires"]),
-         percent(a.heuristic["exit_equals_final"]), f"{a.heuristic['mean_exit_layer']:.2f}",
-         percent(a.final_top1_accuracy)]
+        [
+            a.label,
+            a.num_layers,
+            a.tokens,
+            *[percent(at(a, i, "no_change")) for i in HEADLINE_LAYERS],
+            *[percent(at(a, i, "confidence_mean")) for i in HEADLINE_LAYERS],
+            percent(a.heuristic["fires"]),
+            percent(a.heuristic["exit_equals_final"]),
+            f"{a.heuristic['mean_exit_layer']:.2f}",
+            percent(a.final_top1_accuracy),
+        ]
         for a in analyses
     ]
     depth = max(a.num_layers for a in analyses)

@@ -171,8 +171,10 @@ class LayerStatistics:
             columns["saturation_std"] = std("saturation")
         undefined = {"rising", "rising_kept", "rising_confident", "rising_confident_kept"}  # need three layers
         return [
-            {"layer": i + 1, **{name: math.nan if i < 2 and name in undefined else values[i]
-                                for name, values in columns.items()}}
+            {
+                "layer": i + 1,
+                **{name: math.nan if i < 2 and name in undefined else values[i] for name, values in columns.items()},
+            }
             for i in range(self.num_layers)
         ]
 

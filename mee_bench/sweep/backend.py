@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 from mee_bench.engine.policy import ExitPolicy
-from mee_bench.sweep.config import SweepConfig, Trial, closest
 from mee_bench.harness.catalogue import GROUP_NAME, TASK_NAMES
+from mee_bench.sweep.config import SweepConfig, Trial, closest
 
 OWN_TASKS = frozenset({*TASK_NAMES, GROUP_NAME})
 

@@ -173,7 +173,8 @@ def summary(boards: list[TaskBoard], tolerance: float = 1.0) -> list[SummaryRow]
         measures = dict.fromkeys(r.measure for r in board.rows if r.measure != "full" and not r.analysis_only)
         for measure in measures:
             candidates = [
-                r for r in board.rows
+                r
+                for r in board.rows
                 if r.measure == measure and r.speedup is not None and r.delta is not None and r.delta >= -tolerance
             ]
             best = max(candidates, key=lambda r: r.speedup.ratio) if candidates else None

@@ -16,10 +16,10 @@ from typing import Dict, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig
 
 from mee_bench.config_errors import ConfigError, closest, load_typed, to_typed
-from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import DTYPES, check_device_name
-from mee_bench.paths import DEFAULT_MODEL_DIR
+from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.policy import KV_STRATEGIES, THRESHOLD_SCHEDULES, ExitPolicy, read_policy_file
+from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.sweep.energy import CarbonConfig, known_countries
 
 CALIBRATED = "calibrated"  # the trial measure of a policy read from a `mee-bench calibrate` output
@@ -86,8 +86,15 @@ class SweepConfig:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """Read a sweep YAML, apply dotlist overrides (`limit=50`, `tasks=[squad_mee]`), validate."""
-    return load_typed(SweepConfig, path, overrides, validate, what="sweep", example_file="configs/quickstart.yaml",
-                      example_override="limit=50 or tasks=[squad_mee]")
+    return load_typed(
+        SweepConfig,
+        path,
+        overrides,
+        validate,
+        what="sweep",
+        example_file="configs/quickstart.yaml",
+        example_override="limit=50 or tasks=[squad_mee]",
+    )
 
 
 def to_config(node: DictConfig | dict) -> SweepConfig:
@@ -107,7 +114,10 @@ def uses_threshold(measure: str) -> bool:
 
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; did you mean {closest(value, list(choices))!r}? (one of {', '.join(choices)})")
+        raise ConfigError(
+            f"{key}={value!r} is not valid; did you mean {closest(value, list(choices))!r}? (one of "
+            f"{', '.join(choices)})"
+        )
 
 
 def _check_carbon(carbon: CarbonConfig) -> None:
@@ -167,10 +177,14 @@ def validate(config: SweepConfig) -> None:
     valid_measures = sorted(MEASURES)
     for measure in config.measures:
         if measure not in MEASURES:
-            raise ConfigError(f"unknown measure {measure!r} in `measures`; did you mean {closest(measure, valid_measures)!r}?")
+            raise ConfigError(
+                f"unknown measure {measure!r} in `measures`; did you mean {closest(measure, valid_measures)!r}?"
+            )
     for measure in config.thresholds:
         if measure not in MEASURES:
-            raise ConfigError(f"`thresholds.{measure}`: unknown measure; did you mean {closest(measure, valid_measures)!r}?")
+            raise ConfigError(
+                f"`thresholds.{measure}`: unknown measure; did you mean {closest(measure, valid_measures)!r}?"
+            )
     for measure in config.measures:
         if uses_threshold(measure) and not config.thresholds.get(measure):
             raise ConfigError(
@@ -178,7 +192,9 @@ def validate(config: SweepConfig) -> None:
                 f"add e.g. thresholds.{measure}=[0.9]"
             )
         if measure != "full" and not config.min_exit_layers:
-            raise ConfigError(f"empty grid for measure {measure!r}: `min_exit_layers` is empty; add e.g. min_exit_layers=[4]")
+            raise ConfigError(
+                f"empty grid for measure {measure!r}: `min_exit_layers` is empty; add e.g. min_exit_layers=[4]"
+            )
         for threshold in config.thresholds.get(measure, []) if uses_threshold(measure) else []:
             try:
                 ExitPolicy(measure=measure, threshold=threshold)
@@ -198,11 +214,14 @@ def validate(config: SweepConfig) -> None:
     if config.timing.allowance_s <= 0:
         raise ConfigError(f"timing.allowance_s={config.timing.allowance_s} must be > 0 seconds")
     if config.timing.min_repeats < 2:
-        raise ConfigError(f"timing.min_repeats={config.timing.min_repeats} must be at least 2: the noise estimate needs repeats")
+        raise ConfigError(
+            f"timing.min_repeats={config.timing.min_repeats} must be at least 2: the noise estimate needs repeats"
+        )
     _check_ray(config.ray)
     if config.model.device.startswith("cuda") and config.ray.gpus_per_trial <= 0:
         raise ConfigError(
-            f"model.device={config.model.device!r} needs ray.gpus_per_trial > 0 (Ray hides GPUs from workers that reserve none)"
+            f"model.device={config.model.device!r} needs ray.gpus_per_trial > 0 (Ray hides GPUs from workers that "
+            "reserve none)"
         )
     _check_carbon(config.carbon)
 

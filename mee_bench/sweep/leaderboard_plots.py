@@ -18,8 +18,15 @@ def plot_quality_vs_speedup(board: TaskBoard, path: Path, tolerance: float) -> N
         mine = [r for r in shown if r.measure == measure]
         x = [r.speedup.ratio for r in mine]
         spread = [[r.speedup.ratio - r.speedup.low for r in mine], [r.speedup.high - r.speedup.ratio for r in mine]]
-        axes.errorbar(x, [r.quality for r in mine], xerr=spread, fmt="*" if measure == "full" else "o",
-                      markersize=9 if measure == "full" else 5, capsize=3, label=measure)
+        axes.errorbar(
+            x,
+            [r.quality for r in mine],
+            xerr=spread,
+            fmt="*" if measure == "full" else "o",
+            markersize=9 if measure == "full" else 5,
+            capsize=3,
+            label=measure,
+        )
     if points:
         axes.step(*zip(*pareto_front(points)), where="pre", color="black", linewidth=1, label="Pareto front")
     full = next((r for r in board.rows if r.measure == "full" and r.quality is not None), None)

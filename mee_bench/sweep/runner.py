@@ -26,6 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from mee_bench.engine.measures import measure_facts
+from mee_bench.engine.policy import read_policy_file
+from mee_bench.sweep.backend import BackendFactory, LMEvalBackend
+from mee_bench.sweep.config import (
+    ConfigError,
+    SweepConfig,
+    Trial,
+    check_model,
+    closest,
+    config_dict,
+    expand_grid,
+    load_config,
+    resolve_model,
+)
+from mee_bench.sweep.ray_session import driver_alive, end_left_over, forget, record_started
 from mee_bench.sweep.store import (
     RECORDS_DIR,
     ResultStore,
@@ -36,22 +50,9 @@ from mee_bench.sweep.store import (
     sweep_fingerprint,
     trial_id,
 )
-from mee_bench.sweep.config import (
-    ConfigError,
-    closest,
-    SweepConfig,
-    Trial,
-    check_model,
-    config_dict,
-    expand_grid,
-    load_config,
-    resolve_model,
-)
-from mee_bench.sweep.backend import BackendFactory, LMEvalBackend
-from mee_bench.engine.policy import read_policy_file
-from mee_bench.sweep.ray_session import driver_alive, end_left_over, forget, record_started
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 
 class SweepWorker:
     """A Ray actor: loads the model once, then evaluates trials one at a time. `run` never raises."""
@@ -103,14 +104,19 @@ class SweepWorker:
             "hardware": self.hardware,
             "versions": self.versions,
             "worker": {
-                "pid": os.getpid(), "load_s": self.load_s, "warmup_s": self.warmup_s, "trials_run": self.trials_run,
+                "pid": os.getpid(),
+                "load_s": self.load_s,
+                "warmup_s": self.warmup_s,
+                "trials_run": self.trials_run,
                 "concurrent_workers": workers,
             },
         }
         try:
             with self.meter.measure() as energy:
                 outcome = self.backend.evaluate(trial, trial.policy(self.config))
-            result.update(status="ok", metrics=outcome.metrics, efficiency=outcome.efficiency, energy=energy.reading.as_dict())
+            result.update(
+                status="ok", metrics=outcome.metrics, efficiency=outcome.efficiency, energy=energy.reading.as_dict()
+            )
         except Exception:
             result.update(status="failed", error=traceback.format_exc(limit=20))
         result["wall_time_s"] = time.perf_counter() - started
@@ -187,7 +193,8 @@ def _worker_count(config: SweepConfig, pending: int) -> int:
     if min(slots) < 1:
         raise SweepError(
             f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs, but a trial "
-            f"needs {config.ray.cpus_per_trial:g} CPUs and {config.ray.gpus_per_trial:g} GPUs; lower ray.cpus_per_trial/gpus_per_trial"
+            f"needs {config.ray.cpus_per_trial:g} CPUs and {config.ray.gpus_per_trial:g} GPUs; lower "
+            "ray.cpus_per_trial/gpus_per_trial"
         )
     return min(slots)
 
@@ -226,7 +233,9 @@ class _Pool:
         try:
             return ray.get(refs)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-            raise SweepError(f"a sweep worker could not start (loading the model or evaluator, or warming up): {err}") from None
+            raise SweepError(
+                f"a sweep worker could not start (loading the model or evaluator, or warming up): {err}"
+            ) from None
 
     def stop(self) -> None:
         import ray
@@ -417,14 +426,19 @@ def _cleanup(config: SweepConfig) -> int:
     if running is not None:
         raise SweepError(f"the sweep driver (pid {running}) writing {config.results_dir} still runs; stop it first")
     ended = end_left_over(config.results_dir)
-    print(f"ended {len(ended)} Ray process(es) left by a killed sweep in {config.results_dir}" if ended
-          else f"no Ray processes left behind by a sweep in {config.results_dir}")
+    print(
+        f"ended {len(ended)} Ray process(es) left by a killed sweep in {config.results_dir}"
+        if ended
+        else f"no Ray processes left behind by a sweep in {config.results_dir}"
+    )
     return 0
 
 
 def _describe(trials: list[Trial]) -> str:
     lines = [f"{len(trials)} trials:"]
-    lines += [f"  {t.task:<20} {t.measure:<20} threshold={t.threshold} min_exit_layer={t.min_exit_layer}" for t in trials]
+    lines += [
+        f"  {t.task:<20} {t.measure:<20} threshold={t.threshold} min_exit_layer={t.min_exit_layer}" for t in trials
+    ]
     return "\n".join(lines)
 
 
@@ -432,15 +446,20 @@ def cli(argv: list[str]) -> int:
     """`mee-bench sweep CONFIG [key=value ...]`."""
     parser = argparse.ArgumentParser(
         prog="mee-bench sweep",
-        description="Run measures x thresholds x min exit layers x tasks on Ray; resumable; then build the leaderboard.",
+        description="Run measures x thresholds x min exit layers x tasks on Ray (resumable), then the leaderboard.",
     )
     parser.add_argument("config", help="sweep YAML, e.g. configs/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. limit=50 tasks=[squad_mee]")
-    parser.add_argument("--force", action="store_true", help="adopt this config in an output dir that holds another sweep")
+    parser.add_argument(
+        "--force", action="store_true", help="adopt this config in an output dir that holds another sweep"
+    )
     parser.add_argument("--dry-run", action="store_true", help="check the config and list the trials; run nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--cleanup", action="store_true",
-                        help="end the Ray processes a killed run of this sweep left behind; run nothing")
+    parser.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="end the Ray processes a killed run of this sweep left behind; run nothing",
+    )
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a sweep as Ctrl-C does: finished trials stay
     try:
@@ -461,8 +480,9 @@ def _run_cli(args: argparse.Namespace) -> int:
             check_task_data(resolved)
             say_untrained_tasks(resolved)
             settings = result_settings(resolved)  # a resume the real run would refuse is refused here too
-            ResultStore(resolved.results_dir).check(sweep_fingerprint(resolved, settings),
-                                                    sweep_identity(resolved, settings), args.force)
+            ResultStore(resolved.results_dir).check(
+                sweep_fingerprint(resolved, settings), sweep_identity(resolved, settings), args.force
+            )
             print(_describe(expand_grid(resolved)))
             return 0
         result = run_sweep(config, force=args.force, progress=not args.no_progress)
@@ -470,7 +490,9 @@ def _run_cli(args: argparse.Namespace) -> int:
         print(f"mee-bench sweep: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mee-bench sweep: interrupted; finished trials are saved, run the same command to resume", file=sys.stderr)
+        print(
+            "mee-bench sweep: interrupted; finished trials are saved, run the same command to resume", file=sys.stderr
+        )
         return 130
     print(
         f"{result.total} trials: {result.skipped} already done, {result.ran} run now, "
@@ -484,4 +506,3 @@ def _run_cli(args: argparse.Namespace) -> int:
         for path in build_leaderboard(result.output_dir):
             print(f"wrote {path}")
     return 1 if result.failed else 0
-

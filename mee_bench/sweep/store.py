@@ -102,7 +102,10 @@ def result_settings(config: SweepConfig) -> dict:
         "heads_fingerprint": file_digest(config.model.heads) if config.model.heads else None,
         "tasks": {name: task_provenance(name) for name in dict.fromkeys(config.tasks)},
         "mee_bench_version": package_version(),
-        **{k: getattr(config, k) for k in ("threshold_schedule", "kv_strategy", "limit", "batch_size", "max_gen_toks", "seed")},
+        **{
+            k: getattr(config, k)
+            for k in ("threshold_schedule", "kv_strategy", "limit", "batch_size", "max_gen_toks", "seed")
+        },
         # only when on, so that the ids of sweeps from before pruned checks existed stay the same
         **({"vocab_top_k": config.vocab_top_k} if config.vocab_top_k else {}),
         "carbon": dataclasses.asdict(config.carbon),
@@ -152,7 +155,9 @@ def load_records(output_dir: str | Path) -> list[dict]:
     """Every readable trial record of a sweep directory (an unreadable one is skipped with a warning)."""
     records, unreadable = scan_records(output_dir)
     for path, reason in unreadable.items():
-        log.warning("skipping unreadable record %s (%s): delete it and rerun the sweep to redo that trial", path, reason)
+        log.warning(
+            "skipping unreadable record %s (%s): delete it and rerun the sweep to redo that trial", path, reason
+        )
     return records
 
 
@@ -216,7 +221,9 @@ class ResultStore:
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise SweepError(f"another sweep is writing to {self.root}; wait for it or use another output_dir") from None
+            raise SweepError(
+                f"another sweep is writing to {self.root}; wait for it or use another output_dir"
+            ) from None
         manifest_path = self.root / MANIFEST
         _, same, existing = self.check(fingerprint, config, force)
         self.records.mkdir(exist_ok=True)
@@ -230,8 +237,12 @@ class ResultStore:
                     shutil.move(str(path), aside / path.name)
             if aside.is_dir() and manifest_path.is_file():  # the records moved aside keep their provenance
                 shutil.copy2(manifest_path, aside / MANIFEST)
-            manifest = {"fingerprint": fingerprint, "config": config, "trials": sorted(trial_ids),
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            manifest = {
+                "fingerprint": fingerprint,
+                "config": config,
+                "trials": sorted(trial_ids),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
             self._atomic_write(manifest_path, manifest)
 
     def _difference(self, previous: dict | None, config: dict, count: int) -> str:
@@ -239,10 +250,17 @@ class ResultStore:
         if previous is None:
             return f"{where} (no {MANIFEST}); refusing to mix them: pick another output_dir or pass --force"
         old, new = _flatten(previous.get("config", {})), _flatten(config)
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(("ray.", "output_dir", "name")))
+        changed = sorted(
+            k
+            for k in old.keys() | new.keys()
+            if old.get(k) != new.get(k) and not k.startswith(("ray.", "output_dir", "name"))
+        )
         shown = ", ".join(changed[:6]) or "the model files"
-        what = " (provenance.*: the content of the model, heads or task files, or the package version)" if any(
-            k.startswith("provenance.") for k in changed[:6]) else ""
+        what = (
+            " (provenance.*: the content of the model, heads or task files, or the package version)"
+            if any(k.startswith("provenance.") for k in changed[:6])
+            else ""
+        )
         return (
             f"{where} (differs in: {shown}){what}; refusing to mix them. Use another output_dir, or pass --force "
             "to adopt the new config (records of trials whose config and provenance are unchanged are kept, "

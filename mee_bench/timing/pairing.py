@@ -35,8 +35,12 @@ def in_turn(
         for side in order:
             if not running[side]:
                 continue
-            stop_here = (side in followers and leaders and not any(running[i] for i in leaders)
-                         and steps[side] >= max(steps[i] for i in leaders))
+            stop_here = (
+                side in followers
+                and leaders
+                and not any(running[i] for i in leaders)
+                and steps[side] >= max(steps[i] for i in leaders)
+            )
             sync()
             started = time.perf_counter()
             try:
@@ -45,7 +49,9 @@ def in_turn(
                 running[side], results[side] = False, stop.value
             else:
                 if stop_here:
-                    raise RuntimeError(f"run {side} went on after Truncate: a follower must return when it is thrown in")
+                    raise RuntimeError(
+                        f"run {side} went on after Truncate: a follower must return when it is thrown in"
+                    )
             sync()
             seconds[side] += time.perf_counter() - started
             steps[side] += 1
@@ -113,9 +119,13 @@ class PairedTimer:
 
     def samples(self) -> dict:
         """The raw paired timings (and units), for records that let anyone recompute the figure."""
-        samples = {"baseline_s": self.baseline_s, "candidate_s": self.candidate_s, "groups": self.groups,
-                   "interleaved": "per step" if self.lockstep else "per block",
-                   "baseline_truncated": self.lockstep and self.truncate_baseline}
+        samples = {
+            "baseline_s": self.baseline_s,
+            "candidate_s": self.candidate_s,
+            "groups": self.groups,
+            "interleaved": "per step" if self.lockstep else "per block",
+            "baseline_truncated": self.lockstep and self.truncate_baseline,
+        }
         if self.units is not None:
             samples.update(baseline_units=self.baseline_units, candidate_units=self.candidate_units)
         return samples
@@ -184,7 +194,9 @@ def time_paired(
     """Time every (baseline, candidate) pair of callables once, then more rounds as `PairedBlocks` does."""
     if not blocks:
         raise ValueError("no blocks to time")
-    paired = PairedBlocks(lambda pair: pair[0](), lambda pair: pair[1](), target_half_width, allowance_s, min_repeats, sync)
+    paired = PairedBlocks(
+        lambda pair: pair[0](), lambda pair: pair[1](), target_half_width, allowance_s, min_repeats, sync
+    )
     for pair in blocks:
         paired.run(pair)
     return paired.speedup()

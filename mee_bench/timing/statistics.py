@@ -86,7 +86,9 @@ def speedup_interval(
     from scipy import stats
 
     if len(baseline_s) != len(candidate_s):
-        raise ValueError(f"paired timings need as many baseline as candidate blocks ({len(baseline_s)} vs {len(candidate_s)})")
+        raise ValueError(
+            f"paired timings need as many baseline as candidate blocks ({len(baseline_s)} vs {len(candidate_s)})"
+        )
     if len(baseline_s) == 0:
         raise ValueError("no timed blocks: time at least one block of the baseline and the candidate")
     if groups is not None and len(groups) != len(baseline_s):
@@ -113,14 +115,23 @@ def speedup_interval(
     var_base, var_cand = residual_base @ residual_base / freedom, residual_cand @ residual_cand / freedom
     covariance = residual_base @ residual_cand / freedom
     share_base, share_cand = base_mean / base_mean.sum(), cand_mean / cand_mean.sum()
-    variance = np.sum((share_base**2 * var_base + share_cand**2 * var_cand - 2 * share_base * share_cand * covariance) / counts)
+    variance = np.sum(
+        (share_base**2 * var_base + share_cand**2 * var_cand - 2 * share_base * share_cand * covariance) / counts
+    )
     spread = float(stats.t.ppf(1 - (1 - confidence) / 2, freedom)) * math.sqrt(max(float(variance), 0.0))
-    return Speedup(ratio, ratio * math.exp(-spread), ratio * math.exp(spread), len(base), confidence, target_half_width, across)
+    return Speedup(
+        ratio, ratio * math.exp(-spread), ratio * math.exp(spread), len(base), confidence, target_half_width, across
+    )
 
 
 def _across_work(
-    base_mean: np.ndarray, cand_mean: np.ndarray, base_units: np.ndarray, cand_units: np.ndarray,
-    confidence: float, resamples: int, seed: int,
+    base_mean: np.ndarray,
+    cand_mean: np.ndarray,
+    base_units: np.ndarray,
+    cand_units: np.ndarray,
+    confidence: float,
+    resamples: int,
+    seed: int,
 ) -> tuple[float, float] | None:
     """Percentile bootstrap of the ratio (of time per unit) over the pieces of work: how much the
     gain depends on which examples were drawn. None with fewer than two pieces."""

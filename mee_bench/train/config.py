@@ -29,7 +29,14 @@ OBJECTIVES = ("final", "weighted_ce", "weighted_ce_kd")
 KD_MAPPINGS = ("last", "uniform", "closest")
 # Keys that may change between the runs of one training without making it a different run.
 RESUMABLE_KEYS = (
-    "budget", "checkpoint_minutes", "threads", "device", "log_every_steps", "eval_every_steps", "output_dir", "compile"
+    "budget",
+    "checkpoint_minutes",
+    "threads",
+    "device",
+    "log_every_steps",
+    "eval_every_steps",
+    "output_dir",
+    "compile",
 )
 
 
@@ -121,7 +128,9 @@ class TrainConfig:
     device: str = "cpu"  # cuda trains on the GPU (bf16 autocast follows the device)
     precision: str = "auto"  # bf16 autocast where this machine's probe finds it faster, else fp32 (train/precision.py)
     save_dtype: str = "bfloat16"
-    compile: bool = False  # torch.compile the encoder and decoder for training steps (minutes to compile; docs/TRAINING.md)
+    compile: bool = (
+        False  # torch.compile the encoder and decoder for training steps (minutes to compile; docs/TRAINING.md)
+    )
     checkpoint_minutes: float = 5.0
     log_every_steps: int = 10
     eval_every_steps: int = 0
@@ -226,7 +235,9 @@ def _validate_family(model: ModelConfig) -> None:
         )
     if model.family == "t5":
         if model.num_kv_heads is not None:
-            raise ConfigError("model.num_kv_heads is a decoder-only option; T5 has no grouped-query attention: remove it")
+            raise ConfigError(
+                "model.num_kv_heads is a decoder-only option; T5 has no grouped-query attention: remove it"
+            )
         return
     defaults = ModelConfig()
     asked = [key for key in T5_ONLY_MODEL_KEYS if getattr(model, key) != getattr(defaults, key)]
@@ -236,9 +247,7 @@ def _validate_family(model: ModelConfig) -> None:
             "(its depth is model.num_decoder_layers, its head width d_model / num_heads)"
         )
     if model.num_kv_heads is not None and model.num_heads % model.num_kv_heads:
-        raise ConfigError(
-            f"model.num_kv_heads={model.num_kv_heads} must divide model.num_heads={model.num_heads}"
-        )
+        raise ConfigError(f"model.num_kv_heads={model.num_kv_heads} must divide model.num_heads={model.num_heads}")
 
 
 def identity(cfg: TrainConfig | object) -> dict:

@@ -84,7 +84,13 @@ class TokenizedSource:
     """One source's examples as token id arrays (targets end with </s>)."""
 
     def __init__(
-        self, name: str, examples: Sequence[TrainExample], tokenizer, max_source: int, max_target: int, causal: bool = False
+        self,
+        name: str,
+        examples: Sequence[TrainExample],
+        tokenizer,
+        max_source: int,
+        max_target: int,
+        causal: bool = False,
     ):
         self.name = name
         sources, targets = encode_pairs(tokenizer, examples, max_source, max_target, causal)

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from mee_bench.engine.heads import HEADS_FILE, ExitHeads
 from mee_bench.engine.loading import ModelLoadError, load_model
-from mee_bench.engine.oracle import top1_unchanged_after
 from mee_bench.engine.measures import head_names
+from mee_bench.engine.oracle import top1_unchanged_after
 from mee_bench.engine.runner import LayerRunner, build_runner
 from mee_bench.paths import DEFAULT_MODEL_DIR
 from mee_bench.train.data import (
@@ -167,7 +167,8 @@ def train_heads(
     start_id = runner.start_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else runner.eos_token_id
     sources = [
-        TokenizedSource(path, read_examples(path, task, limit, causal), tokenizer, 256, 96, causal) for path, task in data
+        TokenizedSource(path, read_examples(path, task, limit, causal), tokenizer, 256, 96, causal)
+        for path, task in data
     ]
     mixture = MixtureBatches(sources, [1.0] * len(sources), batch_tokens, seed)
     val_rows = read_examples(validation[0], validation[1], validation_examples, causal)
@@ -227,9 +228,13 @@ def _source(text: str) -> tuple[str, str]:
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mee-bench train-heads", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "model", nargs="?", help=f"a saved T5 directory (required: the embedded model, {DEFAULT_MODEL_DIR}, only when named)"
+        "model",
+        nargs="?",
+        help=f"a saved T5 directory (required: the embedded model, {DEFAULT_MODEL_DIR}, only when named)",
     )
-    parser.add_argument("--force", action="store_true", help="replace the exit heads and metrics already beside the model")
+    parser.add_argument(
+        "--force", action="store_true", help="replace the exit heads and metrics already beside the model"
+    )
     parser.add_argument(
         "--data",
         nargs="+",

@@ -26,9 +26,7 @@ import torch
 
 from mee_bench.engine.runner import LayerRunner, build_runner
 from mee_bench.engine.t5 import growing_generate_cache
-from mee_bench.train.objectives import Objective, decoder_layer_states
-from mee_bench.train.tokenizer import SPIECE_FILE
-from mee_bench.train.data import DataError, MixtureBatches, TokenizedSource, read_examples
+from mee_bench.provenance import hardware_info
 from mee_bench.train.checkpoint import (
     CHECKPOINT_DIR,
     METRICS,
@@ -41,9 +39,11 @@ from mee_bench.train.checkpoint import (
     save_final_model,
     write_card,
 )
-from mee_bench.provenance import hardware_info
 from mee_bench.train.config import ConfigError, learning_rate, load_config
+from mee_bench.train.data import DataError, MixtureBatches, TokenizedSource, read_examples
+from mee_bench.train.objectives import Objective, decoder_layer_states
 from mee_bench.train.precision import PrecisionChoice, choose_precision
+from mee_bench.train.tokenizer import SPIECE_FILE
 
 
 def load_sources(cfg, causal: bool = False) -> list[tuple[object, list]]:
@@ -86,7 +86,9 @@ def build_model(cfg, tokenizer, causal: bool = False):
 
     if cfg.model.init:
         if causal:
-            model = AutoModelForCausalLM.from_pretrained(str(cfg.model.init), dtype=torch.float32, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_pretrained(
+                str(cfg.model.init), dtype=torch.float32, attn_implementation="sdpa"
+            )
         else:
             model = T5ForConditionalGeneration.from_pretrained(str(cfg.model.init), dtype=torch.float32)
         full_precision = Path(cfg.model.init) / CHECKPOINT_DIR / "model.safetensors"
@@ -127,19 +129,33 @@ def decoder_only_config(cfg, tokenizer):
     m = cfg.model
     positions = cfg.data.max_source_tokens + cfg.data.max_target_tokens
     tokens = dict(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     if m.family == "gpt2":
         dropout = dict(resid_pdrop=m.dropout_rate, embd_pdrop=m.dropout_rate, attn_pdrop=m.dropout_rate)
         return AutoConfig.for_model(
-            "gpt2", n_embd=m.d_model, n_head=m.num_heads, n_inner=m.d_ff, n_layer=m.num_decoder_layers,
-            n_positions=positions, **dropout, **tokens,
+            "gpt2",
+            n_embd=m.d_model,
+            n_head=m.num_heads,
+            n_inner=m.d_ff,
+            n_layer=m.num_decoder_layers,
+            n_positions=positions,
+            **dropout,
+            **tokens,
         )
     return AutoConfig.for_model(
-        m.family, hidden_size=m.d_model, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads or m.num_heads,
-        intermediate_size=m.d_ff, num_hidden_layers=m.num_decoder_layers, max_position_embeddings=positions,
-        attention_dropout=m.dropout_rate, **tokens,
+        m.family,
+        hidden_size=m.d_model,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads or m.num_heads,
+        intermediate_size=m.d_ff,
+        num_hidden_layers=m.num_decoder_layers,
+        max_position_embeddings=positions,
+        attention_dropout=m.dropout_rate,
+        **tokens,
     )
 
 
@@ -314,9 +330,7 @@ def train(cfg, stop: Callable[[], bool] = lambda: False) -> Path:
     card_cfg, (cfg, precision) = cfg, resolve_precision(cfg)
     causal = is_decoder_only(cfg)
     sources = load_sources(cfg, causal)
-    validation = read_examples(
-        cfg.data.validation.path, cfg.data.validation.task, cfg.data.validation.examples, causal
-    )
+    validation = read_examples(cfg.data.validation.path, cfg.data.validation.task, cfg.data.validation.examples, causal)
     tokenizer = build_tokenizer(cfg, output, sources)
     model = build_model(cfg, tokenizer, causal).to(device)
     optimizer = build_optimizer(cfg, model)
@@ -355,8 +369,12 @@ def train(cfg, stop: Callable[[], bool] = lambda: False) -> Path:
         desc=f"train {cfg.objective.name}",
     )
     metrics = (output / METRICS).open("a", encoding="utf-8")
-    session = {"kind": "session", "step": state["step"], "cpu": hardware_info(cfg.threads)["cpu_model"],
-               **precision.record()}
+    session = {
+        "kind": "session",
+        "step": state["step"],
+        "cpu": hardware_info(cfg.threads)["cpu_model"],
+        **precision.record(),
+    }
     sessions.append(session)
     metrics.write(json.dumps(session) + "\n")
     progress.write(f"precision {precision.precision} ({precision.reason})")
@@ -422,8 +440,9 @@ def train(cfg, stop: Callable[[], bool] = lambda: False) -> Path:
     if budget_left(cfg, state):  # stopped on request: keep every finished step
         metrics.close()
         checkpoint("in progress")
-        raise TrainingInterrupted(f"stopped at step {state['step']}; checkpoint saved in {output}: "
-                                  "run the same command to resume")
+        raise TrainingInterrupted(
+            f"stopped at step {state['step']}; checkpoint saved in {output}: run the same command to resume"
+        )
     if cfg.eval_every_steps and (not history or history[-1]["step"] != state["step"]):
         run_eval()
     metrics.close()

@@ -23,7 +23,6 @@ from mee_bench.train.config import KD_MAPPINGS, OBJECTIVES, ObjectiveConfig
 from mee_bench.train.data import IGNORE_INDEX
 
 
-
 def layer_weights(num_layers: int) -> list[float]:
     """CALM's alpha_i = i / sum_j j for layers i = 1..L: deeper layers weigh more, weights sum to 1."""
     total = num_layers * (num_layers + 1) / 2
@@ -59,7 +58,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             for start in range(0, count, chunk):
                 piece = hidden[start : start + chunk].detach().requires_grad_()
                 logits = logits_fn(piece)
-                loss, grad_logits = cross_entropy_and_gradient(logits.detach().float(), labels[start : start + chunk], smoothing)
+                loss, grad_logits = cross_entropy_and_gradient(
+                    logits.detach().float(), labels[start : start + chunk], smoothing
+                )
                 grad_logits.div_(count)
                 grads = torch.autograd.grad(logits, [piece, *params], grad_outputs=grad_logits.to(logits.dtype))
                 grad_hidden[start : start + chunk] = grads[0]
@@ -171,7 +172,11 @@ class Objective(ObjectiveConfig):
                 rows = positions[torch.randperm(len(positions), generator=generator)[:count].to(positions.device)]
             chosen = targets if rows is positions else labels.flatten()[rows]
             ce = chunked_cross_entropy(
-                states[layer - 1].flatten(0, 1)[rows], chosen, runner.logits, params, self.chunk_tokens,
+                states[layer - 1].flatten(0, 1)[rows],
+                chosen,
+                runner.logits,
+                params,
+                self.chunk_tokens,
                 self.label_smoothing,
             )
             parts[f"ce{layer}"] = float(ce.detach())

@@ -51,10 +51,15 @@ def check_shippable(run: Path, target: Path, min_lead: float) -> tuple[float, fl
     missing = [name for name in MODEL_FILES if not (run / name).is_file()]
     if missing:
         raise ShipError(f"{run} lacks {', '.join(missing)}; rerun its training to write the final model")
-    too_big = [f"{name} ({(run / name).stat().st_size / 1e6:.1f} MB)" for name in MODEL_FILES
-               if (run / name).stat().st_size / 1e6 > MAX_FILE_MB]
+    too_big = [
+        f"{name} ({(run / name).stat().st_size / 1e6:.1f} MB)"
+        for name in MODEL_FILES
+        if (run / name).stat().st_size / 1e6 > MAX_FILE_MB
+    ]
     if too_big:
-        raise ShipError(f"{', '.join(too_big)} over {MAX_FILE_MB:.0f} MB per file; save in bf16 or ship a smaller shape")
+        raise ShipError(
+            f"{', '.join(too_big)} over {MAX_FILE_MB:.0f} MB per file; save in bf16 or ship a smaller shape"
+        )
     bleu, shipped = last_bleu(run), last_bleu(target)
     if bleu is None:
         raise ShipError(f"{run} has no validation BLEU; train it with eval_every_steps > 0")
@@ -98,6 +103,8 @@ def cli(argv: list[str]) -> int:
         return 0
     for path in ship(args.run, args.to):
         print(f"wrote {path}")
-    print(f"shipped {args.run} (BLEU {bleu:.2f}, against {against}); now rebuild its exit heads, policy and report "
-          "(`make ship-campaign` does)")
+    print(
+        f"shipped {args.run} (BLEU {bleu:.2f}, against {against}); now rebuild its exit heads, policy and report "
+        "(`make ship-campaign` does)"
+    )
     return 0

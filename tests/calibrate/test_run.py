@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from mee_bench.calibrate.config import load_config
-from mee_bench.calibrate.ltt import hoeffding_bentkus_pvalue
 from mee_bench.calibrate.examples import Example
+from mee_bench.calibrate.ltt import hoeffding_bentkus_pvalue
 from mee_bench.calibrate.run import RECORD_FILE, build_generator, calibrate, cli, timed_test
 from mee_bench.engine.policy import ExitPolicy, read_policy_file
 from tests.helpers import DATA_DIR
@@ -123,9 +123,14 @@ def test_ray_workers_give_the_in_process_risks(config_file, tmp_path):
 
     local = calibrate(load_config(config_file))
     try:
-        spread = calibrate(load_config(config_file, ["workers=2", "ray.num_cpus=2", "ray.temp_dir=/tmp/mee-ray-cal-test"]))
+        spread = calibrate(
+            load_config(config_file, ["workers=2", "ray.num_cpus=2", "ray.temp_dir=/tmp/mee-ray-cal-test"])
+        )
     finally:
         ray.shutdown()
-    risks = lambda record: [row["risk"] for row in record["measures"]["softmax"]["grid"]]
+
+    def risks(record):
+        return [row["risk"] for row in record["measures"]["softmax"]["grid"]]
+
     assert risks(spread) == risks(local)
     assert not ray.is_initialized()

@@ -28,21 +28,52 @@ LAYERS = 8
 DRAFT_LAYERS = 2  # LayerSkip drafts with the first 4 of the 1B's 16 layers: a quarter, as here
 # facebook/layerskip-llama3.2-1B's config.json (as Llama 3.2 1B's), widths and depth shrunk
 LAYERSKIP_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 2,
-    "eos_token_id": causal.EOS, "head_dim": 8, "hidden_act": "silu", "hidden_size": 32, "initializer_range": 0.2,
-    "intermediate_size": 64, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
-    "num_attention_heads": 4, "num_hidden_layers": LAYERS, "num_key_value_heads": 2, "pretraining_tp": 1,
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 2,
+    "eos_token_id": causal.EOS,
+    "head_dim": 8,
+    "hidden_act": "silu",
+    "hidden_size": 32,
+    "initializer_range": 0.2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 4,
+    "num_hidden_layers": LAYERS,
+    "num_key_value_heads": 2,
+    "pretraining_tp": 1,
     "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-    "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 32128,  # the offline T5 tokenizer's
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.45.0.dev0",
+    "use_cache": True,
+    "vocab_size": 32128,  # the offline T5 tokenizer's
 }
 # What FREE's `update_autoconfig` adds to a shallow-deep T5's config (a subset with its values)
-FREE_KEYS = {"use_shallow_deep": True, "shallow_exit_layer": 1, "shallow2deep_conf_type": "softmax",
-             "shallow2deep_conf_threshold": 0.9, "use_early_exit": False, "exit_conf_type": "softmax",
-             "exit_conf_threshold": 0.9, "exit_min_layer": 1, "parallel_gen_token": True,
-             "copy_skipped_hidden_states": False, "use_adapt_threshold": False}
+FREE_KEYS = {
+    "use_shallow_deep": True,
+    "shallow_exit_layer": 1,
+    "shallow2deep_conf_type": "softmax",
+    "shallow2deep_conf_threshold": 0.9,
+    "use_early_exit": False,
+    "exit_conf_type": "softmax",
+    "exit_conf_threshold": 0.9,
+    "exit_min_layer": 1,
+    "parallel_gen_token": True,
+    "copy_skipped_hidden_states": False,
+    "use_adapt_threshold": False,
+}
 THRESHOLDS = {"saturation": 0.95}  # the other measures: 0.5 of their [0, 1] range
 
 
@@ -101,7 +132,9 @@ def test_self_speculation_with_every_measure_that_can_exit_writes_fulls_tokens(l
     ids, mask = causal.padded_batch(lengths)
     full = layerskip.generate(ids, mask, ExitPolicy("full"), causal.MAX_NEW)
     drafting = [name for name, cls in MEASURES.items() if cls.can_exit]
-    assert {"fixed", "softmax", "saturation", "classifier", "lstm", "last_three_mlp", "monotonic_heuristic"} <= set(drafting)
+    assert {"fixed", "softmax", "saturation", "classifier", "lstm", "last_three_mlp", "monotonic_heuristic"} <= set(
+        drafting
+    )
     for measure in drafting:
         out = layerskip.generate(ids, mask, policy(measure, decoding="self_speculative", max_draft=4), causal.MAX_NEW)
         assert out.tokens == full.tokens, measure
@@ -131,11 +164,15 @@ def test_lm_eval_runs_the_layerskip_recipe_model_args(layerskip_dir):
 
     from mee_bench.harness.lm_eval_model import MEELM
 
-    args = f"pretrained={layerskip_dir},decoding=self_speculative,measure=fixed,min_exit_layer={DRAFT_LAYERS},max_draft=4"
+    args = (
+        f"pretrained={layerskip_dir},decoding=self_speculative,measure=fixed,min_exit_layer={DRAFT_LAYERS},max_draft=4"
+    )
     speculative = MEELM.create_from_arg_string(args, {"device": "cpu", "batch_size": 2})
     prompts = ["The house is", "one two three four five", "A"]
-    requests = [Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 8}), i, ("gen", i, 1))
-                for i, p in enumerate(prompts)]
+    requests = [
+        Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 8}), i, ("gen", i, 1))
+        for i, p in enumerate(prompts)
+    ]
     texts = speculative.generate_until(requests, disable_tqdm=True)
     speculative.set_policy(ExitPolicy("full"))
     assert texts == speculative.generate_until(requests, disable_tqdm=True)

@@ -235,9 +235,11 @@ def test_copy_and_deferred_differ_when_deep_tokens_follow_exits(step_schedule, f
     model = tiny_causal_model(family, seed=REFERENCE_SEEDS.get(family, 7))
     ids, _ = padded_batch([8], seed=5)
     runs = {
-        strategy: EarlyExitGenerator(model).generate(
+        strategy: EarlyExitGenerator(model)
+        .generate(
             ids, None, ExitPolicy(StepSchedule.name, threshold=0.5, min_exit_layer=1, kv_strategy=strategy), MAX_NEW
-        ).tokens[0]
+        )
+        .tokens[0]
         for strategy in ("copy", "deferred")
     }
     assert runs["copy"] != runs["deferred"]

@@ -7,14 +7,13 @@ import time
 import pytest
 import torch
 
-from tests.helpers import MAX_NEW, SENTENCES, StepSchedule, hf_greedy, padded_batch, tiny_model
 from mee_bench.engine.decoding import EarlyExitGenerator
-from mee_bench.engine.policy import exit_decision, rounded_to
-from mee_bench.engine.steps import Truncate, run_steps
 from mee_bench.engine.heads import ExitHeads
-from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.loading import load_model
-from mee_bench.engine.policy import ExitPolicy
+from mee_bench.engine.measures import MEASURES
+from mee_bench.engine.policy import ExitPolicy, exit_decision, rounded_to
+from mee_bench.engine.steps import Truncate, run_steps
+from tests.helpers import MAX_NEW, SENTENCES, StepSchedule, hf_greedy, padded_batch, tiny_model
 
 BATCH_OF_EIGHT = [9, 5, 7, 3, 8, 6, 4, 9]
 
@@ -46,7 +45,9 @@ def test_different_encoder_and_decoder_depths_match_slow_greedy():
     for row in range(2):
         prefix = torch.zeros(1, 1, dtype=torch.long)
         for _ in range(MAX_NEW):
-            logits = model(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1], decoder_input_ids=prefix).logits
+            logits = model(
+                input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1], decoder_input_ids=prefix
+            ).logits
             prefix = torch.cat([prefix, logits[:, -1:].argmax(-1)], dim=1)
             if prefix[0, -1] == 1:
                 break
@@ -202,11 +203,15 @@ def test_exited_rows_leave_the_active_set():
     model = tiny_model(seed=7)
     seen: dict[int, int] = {}
     hooks = [
-        block.layer[-1].register_forward_hook(lambda _m, inp, _o, j=j: seen.__setitem__(j, seen.get(j, 0) + inp[0].shape[0]))
+        block.layer[-1].register_forward_hook(
+            lambda _m, inp, _o, j=j: seen.__setitem__(j, seen.get(j, 0) + inp[0].shape[0])
+        )
         for j, block in enumerate(model.decoder.block)
     ]
     ids, mask = padded_batch([9, 4, 7, 6], seed=8)
-    out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("softmax", threshold=0.95, min_exit_layer=1), MAX_NEW)
+    out = EarlyExitGenerator(model).generate(
+        ids, mask, ExitPolicy("softmax", threshold=0.95, min_exit_layer=1), MAX_NEW
+    )
     for hook in hooks:
         hook.remove()
     for j in range(4):
@@ -234,8 +239,10 @@ def test_fixed_policy_exits_at_the_minimum_layer_and_stats_add_up():
 
 @pytest.mark.parametrize(
     "policy",
-    [ExitPolicy("softmax", threshold=0.2, min_exit_layer=1),
-     ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative", max_draft=2)],
+    [
+        ExitPolicy("softmax", threshold=0.2, min_exit_layer=1),
+        ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative", max_draft=2),
+    ],
     ids=["early_exit", "self_speculative"],
 )
 def test_decode_steps_yields_between_steps_and_its_timings_leave_out_the_waits(policy, monkeypatch):
@@ -295,8 +302,15 @@ def test_a_decode_until_truncated_runs_past_its_end_and_keeps_what_it_wrote_befo
     assert batch.tokens == generator.generate(ids, mask, ExitPolicy("full"), MAX_NEW).tokens
     assert len(batch.tokens[0]) == 3
     with pytest.raises(ValueError, match="until_truncated"):
-        next(generator.decode_steps(ids, mask, ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative"),
-                                    MAX_NEW, until_truncated=True))
+        next(
+            generator.decode_steps(
+                ids,
+                mask,
+                ExitPolicy("fixed", min_exit_layer=2, decoding="self_speculative"),
+                MAX_NEW,
+                until_truncated=True,
+            )
+        )
 
 
 def test_oracle_keeps_full_tokens_and_reports_the_stable_layer():
@@ -325,7 +339,9 @@ def test_stop_strings_end_a_row(t5_tokenizer):
     texts, free = generator.generate_text(["translate English to French: The house."], ExitPolicy("full"), MAX_NEW)
     assert len(free.tokens[0]) > 3
     word = t5_tokenizer.decode(free.tokens[0][:3], skip_special_tokens=True).split()[-1]
-    stopped, out = generator.generate_text(["translate English to French: The house."], ExitPolicy("full"), MAX_NEW, [word])
+    stopped, out = generator.generate_text(
+        ["translate English to French: The house."], ExitPolicy("full"), MAX_NEW, [word]
+    )
     assert word in stopped[0] and len(out.tokens[0]) < len(free.tokens[0])
     assert texts[0].startswith(stopped[0].split(word)[0])
 
@@ -378,7 +394,9 @@ def test_exit_logits_use_the_final_norm_exactly_once():
 def test_confidence_is_the_value_at_the_exit_or_the_last_check():
     model = tiny_model(seed=7)
     ids, mask = padded_batch([9, 4, 7, 6], seed=8)
-    out = EarlyExitGenerator(model).generate(ids, mask, ExitPolicy("softmax", threshold=0.95, min_exit_layer=2), MAX_NEW)
+    out = EarlyExitGenerator(model).generate(
+        ids, mask, ExitPolicy("softmax", threshold=0.95, min_exit_layer=2), MAX_NEW
+    )
     pairs = [(layer, conf) for row in range(4) for layer, conf in zip(out.exit_layers[row], out.confidences[row])]
     assert {layer for layer, _ in pairs} >= {2, 4}
     assert all(conf >= 0.95 for layer, conf in pairs if layer < 4)
@@ -394,7 +412,9 @@ def test_a_host_comparison_with_the_rounded_threshold_decides_as_the_tensor_comp
     below the threshold as `dtype` holds it exit exactly when `score >= threshold` on tensors says so,
     and exactly as the same scores decide as rows of a batch."""
     at = torch.tensor(threshold, dtype=dtype).float()
-    scores = torch.stack([at, torch.nextafter(at, torch.tensor(2.0)), torch.nextafter(at, torch.tensor(-2.0))]).to(dtype)
+    scores = torch.stack([at, torch.nextafter(at, torch.tensor(2.0)), torch.nextafter(at, torch.tensor(-2.0))]).to(
+        dtype
+    )
     for score in scores:
         assert (float(score) >= rounded_to(threshold, dtype)) == bool(score.reshape(1) >= threshold)
     one_by_one = [exit_decision(score.reshape(1), threshold) for score in scores]

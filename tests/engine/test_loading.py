@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TOKENIZER_DIR
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.heads import HEADS_FILE, ExitHeads
 from mee_bench.engine.loading import (
@@ -19,6 +18,7 @@ from mee_bench.engine.loading import (
     resolve_device,
 )
 from mee_bench.engine.policy import ExitPolicy
+from tests.helpers import TOKENIZER_DIR
 
 
 def test_local_checkpoint_loads_from_safetensors_in_both_dtypes(tiny_model_dir):
@@ -26,7 +26,17 @@ def test_local_checkpoint_loads_from_safetensors_in_both_dtypes(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir)
     assert model.config.num_layers == 2 and model.config.num_decoder_layers == 4
     assert tokenizer("translate English to French: The house is wonderful.").input_ids == [
-        13959, 1566, 12, 2379, 10, 37, 629, 19, 1627, 5, 1
+        13959,
+        1566,
+        12,
+        2379,
+        10,
+        37,
+        629,
+        19,
+        1627,
+        5,
+        1,
     ]
     model16, _ = load_model(tiny_model_dir, dtype="bfloat16")
     assert model16.lm_head.weight.dtype == torch.bfloat16 and not model16.training
@@ -51,9 +61,12 @@ def test_non_t5_checkpoint_is_refused(tmp_path):
     from transformers import BartConfig
 
     BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match=r"'bart' model, which mee-bench has no layer runner for; supported: "
-                       r"encoder-decoder mt5, t5; decoder-only gemma3_text, gpt2, granite, llama, mistral, olmo2, phi3, qwen2, qwen3, "
-                       r"smollm3"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"'bart' model, which mee-bench has no layer runner for; supported: "
+        r"encoder-decoder mt5, t5; decoder-only gemma3_text, gpt2, granite, llama, mistral, olmo2, phi3, qwen2, qwen3, "
+        r"smollm3",
+    ):
         load_model(tmp_path)
 
 
@@ -63,7 +76,9 @@ def test_encoder_only_checkpoint_is_refused_as_such(tmp_path):
     config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     config.architectures = ["BertForMaskedLM"]
     config.save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="encoder-only 'bert' model, which cannot generate text; use an encoder-decoder"):
+    with pytest.raises(
+        ModelLoadError, match="encoder-only 'bert' model, which cannot generate text; use an encoder-decoder"
+    ):
         load_model(tmp_path)
 
 
@@ -75,7 +90,9 @@ def test_decoder_only_checkpoint_loads_and_says_which_kind(request, family, capl
     assert f"a decoder-only {family} model" in caplog.text
     assert not generator.runner.is_encoder_decoder and generator.runner.dtype == torch.bfloat16
     assert generator.model.config._attn_implementation == "sdpa"
-    texts, out = generator.generate_text(["The house is", "A"], ExitPolicy("softmax", threshold=0.01, min_exit_layer=1), 5)
+    texts, out = generator.generate_text(
+        ["The house is", "A"], ExitPolicy("softmax", threshold=0.01, min_exit_layer=1), 5
+    )
     assert len(texts) == 2 and all(1 <= layer <= 4 for row in out.exit_layers for layer in row)
 
 
@@ -86,7 +103,9 @@ def test_a_decoder_only_checkpoint_without_safetensors_is_refused_with_the_fix(t
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # transformers 5 saves safetensors only
     t5_tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="mee-bench loads safetensors only: .*re-save it with model.save_pretrained"):
+    with pytest.raises(
+        ModelLoadError, match="mee-bench loads safetensors only: .*re-save it with model.save_pretrained"
+    ):
         load_model(tmp_path)
 
 
@@ -97,7 +116,9 @@ def test_a_decoder_only_checkpoint_without_safetensors_is_refused_with_the_fix(t
         (ExitHeads(d_model=32), {"num_layers": 6}, "trained for 6 decoder layers, but the model has 4"),
     ],
 )
-def test_heads_of_another_model_are_refused_for_a_decoder_only_model(tmp_path, tiny_llama_dir, heads, metadata, message):
+def test_heads_of_another_model_are_refused_for_a_decoder_only_model(
+    tmp_path, tiny_llama_dir, heads, metadata, message
+):
     heads.save(tmp_path, metadata=metadata)
     with pytest.raises(ModelLoadError, match=message):
         load_generator(tiny_llama_dir, heads=tmp_path, require_heads=True)

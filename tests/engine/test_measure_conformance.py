@@ -103,7 +103,9 @@ def test_facts_agree_with_behaviour(measure_cls, heads):
         assert not checked, f"{measure_cls.name} says it never exits but returned confidences"
         assert not measure_cls.takes_threshold
     elif not measure_cls.takes_threshold:  # exits at the minimum layer whatever the threshold
-        assert scores[FIRST_CHECK - 1] is not None and bool((scores[FIRST_CHECK - 1] >= measure_cls.threshold_range[1]).all())
+        assert scores[FIRST_CHECK - 1] is not None and bool(
+            (scores[FIRST_CHECK - 1] >= measure_cls.threshold_range[1]).all()
+        )
     else:  # some confidence on random states stays below the top of the range, so the threshold matters
         assert checked and not all(bool((s >= measure_cls.threshold_range[1]).all()) for s in checked)
     if measure_cls.analysis_only:
@@ -113,8 +115,6 @@ def test_facts_agree_with_behaviour(measure_cls, heads):
         assert measure_cls.head in head_names() and hasattr(heads, measure_cls.head)
         with pytest.raises(ValueError, match="train-heads"):
             build_measure(measure_cls.name)
-
-
 
 
 def test_vocab_prunable_measures_read_pruned_logits(measure_cls, heads):

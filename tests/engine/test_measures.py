@@ -24,7 +24,16 @@ def logits_from_probs(*rows: list[float]):
 
 
 def test_registry_holds_every_policy_of_the_paper():
-    assert {"full", "softmax", "saturation", "classifier", "lstm", "last_three_mlp", "monotonic_heuristic", "oracle"} <= set(MEASURES)
+    assert {
+        "full",
+        "softmax",
+        "saturation",
+        "classifier",
+        "lstm",
+        "last_three_mlp",
+        "monotonic_heuristic",
+        "oracle",
+    } <= set(MEASURES)
 
 
 def test_softmax_measure_is_top1_minus_top2():
@@ -92,9 +101,11 @@ def test_monotonic_heuristic_reads_only_layers_that_can_decide_and_decides_the_s
             measure.threshold, measure.last_check_layer = threshold, last
         measure.start(states([0.0]), first_check_layer=first_check)
         for layer in range(1, last + 1):
+
             def logits(top=float(profile[layer - 1])):
                 reads["lazy" if lazy else "eager"] += 1
                 return logits_from_probs([top, 1 - top])()
+
             score = measure.step(layer, states([0.0]), logits)
             if score is not None and bool(score >= threshold):
                 return layer

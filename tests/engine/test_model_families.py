@@ -15,12 +15,31 @@ from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import build_runner, supported_model_types
 from tests.helpers import CAUSAL_FAMILIES, MAX_NEW, hf_greedy, padded_batch, tiny_causal_model
 
-TINY = dict(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=4, num_heads=4,
-            decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, dropout_rate=0.0, initializer_factor=4.0)
+TINY = dict(
+    vocab_size=512,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_decoder_layers=4,
+    num_heads=4,
+    decoder_start_token_id=0,
+    eos_token_id=1,
+    pad_token_id=0,
+    dropout_rate=0.0,
+    initializer_factor=4.0,
+)
 FAMILIES = {
-    "t5 v1.0 (relu, tied)": ("T5Config", "T5ForConditionalGeneration", dict(feed_forward_proj="relu", tie_word_embeddings=True)),
+    "t5 v1.0 (relu, tied)": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(feed_forward_proj="relu", tie_word_embeddings=True),
+    ),
     "t5 v1.1 / flan-t5 (gated-gelu, untied)": (
-        "T5Config", "T5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    ),
     "mt5": ("MT5Config", "MT5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu")),
 }
 
@@ -46,7 +65,9 @@ def test_full_equals_generate_and_early_exits_run_on_every_accepted_family(famil
     early = generator.generate(ids, mask, ExitPolicy("softmax", threshold=0.0, min_exit_layer=1), MAX_NEW)
     assert all(layer == 1 for row in early.exit_layers for layer in row)  # threshold 0 exits at the first chance
     for kv_strategy in ("copy", "deferred"):
-        out = generator.generate(ids, mask, ExitPolicy("softmax", threshold=0.5, min_exit_layer=2, kv_strategy=kv_strategy), MAX_NEW)
+        out = generator.generate(
+            ids, mask, ExitPolicy("softmax", threshold=0.5, min_exit_layer=2, kv_strategy=kv_strategy), MAX_NEW
+        )
         assert [len(row) for row in out.exit_layers] == [len(row) for row in out.tokens]
         assert all(2 <= layer <= 4 for row in out.exit_layers for layer in row)
 
@@ -83,20 +104,34 @@ def test_a_saved_checkpoint_of_every_decoder_only_family_loads_with_its_runner(f
 def test_gemma2_is_refused_by_name_with_the_reason(tmp_path):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    config = Gemma2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=8)
+    config = Gemma2Config(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     Gemma2ForCausalLM(config).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match=r"is a 'gemma2' model, which mee-bench does not run: its attention soft-caps"):
+    with pytest.raises(
+        ModelLoadError, match=r"is a 'gemma2' model, which mee-bench does not run: its attention soft-caps"
+    ):
         load_model(tmp_path)
     with pytest.raises(ValueError, match=r"model type 'gemma2' is not supported: its attention soft-caps scores"):
         EarlyExitGenerator(Gemma2ForCausalLM(config))
 
 
-@pytest.mark.parametrize(("override", "reason"), [
-    ({"attn_logit_softcapping": 50.0}, "its attention soft-caps scores"),
-    ({"use_bidirectional_attention": True}, "its attention is bidirectional"),
-])
-def test_a_gemma3_checkpoint_the_runner_cannot_serve_is_refused_with_the_reason(override, reason, tmp_path, t5_tokenizer):
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ({"attn_logit_softcapping": 50.0}, "its attention soft-caps scores"),
+        ({"use_bidirectional_attention": True}, "its attention is bidirectional"),
+    ],
+)
+def test_a_gemma3_checkpoint_the_runner_cannot_serve_is_refused_with_the_reason(
+    override, reason, tmp_path, t5_tokenizer
+):
     model = tiny_causal_model("gemma3_text", **override)
     model.save_pretrained(tmp_path)
     t5_tokenizer.save_pretrained(tmp_path)

@@ -11,8 +11,7 @@ from mee_bench.engine.early_exit import CheckLogits
 from mee_bench.engine.measures import MEASURES
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import build_runner
-from tests.helpers import padded_batch
-from tests.helpers import StepSchedule, tiny_causal_model, tiny_model
+from tests.helpers import StepSchedule, padded_batch, tiny_causal_model, tiny_model
 
 MAX_NEW = 12
 
@@ -95,7 +94,9 @@ def test_check_logits_reads_the_approximate_head_once_per_token_then_the_kept_ro
     assert pruned.shape == (2, 1, 4)
     torch.testing.assert_close(pruned[:, 0], runner.logits(second[[0, 2]])[:, 0].gather(-1, kept[[0, 2]]))
     assert torch.equal(checks.rows.token_ids, kept[[0, 2]])
-    assert checks.full_logits_read(slice(None)) is None  # a pruned read cannot choose the token: the exit reads the head
+    assert (
+        checks.full_logits_read(slice(None)) is None
+    )  # a pruned read cannot choose the token: the exit reads the head
     unpruned = CheckLogits(runner, top_k=0)
     unpruned.new_token()
     unpruned.at_layer(second)
@@ -127,9 +128,13 @@ def test_pruned_exits_emit_the_full_vocabulary_argmax_at_their_exit_layer(monkey
 
 
 @pytest.mark.parametrize("measure, threshold, first", [("softmax", 0.3, 1), ("monotonic_heuristic", 0.2, 3)])
-def test_keeping_the_whole_vocabulary_changes_nothing_but_the_first_reads_rounding(monkeypatch, measure, threshold, first):
+def test_keeping_the_whole_vocabulary_changes_nothing_but_the_first_reads_rounding(
+    monkeypatch, measure, threshold, first
+):
     generator = EarlyExitGenerator(tiny_model(seed=1, vocab_size=512))
-    monkeypatch.setattr(generator.runner, "approximate_logits", generator.runner.logits)  # no rounding: then no difference
+    monkeypatch.setattr(
+        generator.runner, "approximate_logits", generator.runner.logits
+    )  # no rounding: then no difference
     ids, mask = padded_batch([9, 5, 7, 3], vocab=512)
     plain = generator.generate(ids, mask, ExitPolicy(measure, threshold, first), MAX_NEW)
     whole = generator.generate(ids, mask, ExitPolicy(measure, threshold, first, vocab_top_k=512), MAX_NEW)
@@ -151,7 +156,10 @@ def test_pruned_confidence_is_the_softmax_over_the_kept_tokens():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(measure="lstm", vocab_top_k=64), "does not apply to measure 'lstm'; use vocab_top_k=0 or one of monotonic_heuristic, softmax"),
+        (
+            dict(measure="lstm", vocab_top_k=64),
+            "does not apply to measure 'lstm'; use vocab_top_k=0 or one of monotonic_heuristic, softmax",
+        ),
         (dict(measure="softmax", vocab_top_k=1), "must be 0 .* or an integer >= 2"),
         (dict(measure="softmax", vocab_top_k=-3), "must be 0 .* or an integer >= 2"),
     ],

@@ -146,7 +146,9 @@ def test_a_second_family_is_one_class_and_one_registry_line(fake_family):
 @pytest.mark.parametrize("kv_strategy", ["copy", "deferred"])
 def test_the_decoding_loop_exits_where_the_fake_family_is_confident(fake_family, kv_strategy):
     expected = [[2, 3, 4, 5]] * 2  # START + 1, ... up to EOS
-    out, written = generate(fake_family, ExitPolicy("softmax", threshold=0.5, min_exit_layer=1, kv_strategy=kv_strategy))
+    out, written = generate(
+        fake_family, ExitPolicy("softmax", threshold=0.5, min_exit_layer=1, kv_strategy=kv_strategy)
+    )
     assert out.tokens == expected
     assert out.exit_layers == [[CONFIDENT_LAYER] * 4] * 2
     if kv_strategy == "copy":  # every layer's K/V at every generated position: computed or copied

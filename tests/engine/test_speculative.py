@@ -8,8 +8,7 @@ import torch
 from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.loading import load_model
 from mee_bench.engine.policy import ExitPolicy
-from tests.helpers import SENTENCES, padded_batch
-from tests.helpers import recorded_caches, tiny_model
+from tests.helpers import SENTENCES, padded_batch, recorded_caches, tiny_model
 
 MAX_NEW = 16
 
@@ -25,7 +24,11 @@ def identity_after(model, layer: int):
     zeroed), so that a draft from `layer` layers is always what the full model says."""
     with torch.no_grad():
         for block in model.decoder.block[layer:]:
-            for weight in (block.layer[0].SelfAttention.o, block.layer[1].EncDecAttention.o, block.layer[2].DenseReluDense.wo):
+            for weight in (
+                block.layer[0].SelfAttention.o,
+                block.layer[1].EncDecAttention.o,
+                block.layer[2].DenseReluDense.wo,
+            ):
                 weight.weight.zero_()
     return model
 

@@ -28,8 +28,10 @@ def fits_up_to(limit: int, tried: list[int]):
     return try_batch
 
 
-@pytest.mark.parametrize(("value", "fixed", "detections", "shown"),
-                         [(8, 8, 1, "8"), ("8", 8, 1, "8"), ("auto", None, 1, "auto"), ("auto:3", None, 3, "auto:3")])
+@pytest.mark.parametrize(
+    ("value", "fixed", "detections", "shown"),
+    [(8, 8, 1, "8"), ("8", 8, 1, "8"), ("auto", None, 1, "auto"), ("auto:3", None, 3, "auto:3")],
+)
 def test_batch_size_reads_lm_evals_forms(value, fixed, detections, shown):
     parsed = BatchSize.parse(value, "16")
     assert (parsed.fixed, parsed.detections, parsed.max_batch_size, parsed.describe()) == (fixed, detections, 16, shown)
@@ -74,8 +76,10 @@ def lm(tiny_llama_dir) -> MEELM:
 
 def requests(count: int) -> list[Instance]:
     prompts = [" ".join(["word"] * (2 + 3 * i)) for i in range(count)]
-    return [Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 4}), i, ("gen", i, 1))
-            for i, p in enumerate(prompts)]
+    return [
+        Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 4}), i, ("gen", i, 1))
+        for i, p in enumerate(prompts)
+    ]
 
 
 def test_auto_on_a_cpu_runs_the_default_batch_size_and_says_so(lm, capsys):

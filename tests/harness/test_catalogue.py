@@ -9,7 +9,14 @@ import sys
 import pytest
 
 from mee_bench.harness.catalogue import (
-    GROUP_NAME, GROUP_TASK_NAMES, TASK_NAMES, TASKS, TASKS_DIR, TaskSpec, UnknownTaskError, task,
+    GROUP_NAME,
+    GROUP_TASK_NAMES,
+    TASK_NAMES,
+    TASKS,
+    TASKS_DIR,
+    TaskSpec,
+    UnknownTaskError,
+    task,
 )
 from mee_bench.harness.data import local_split_path, read_jsonl
 from mee_bench.harness.lm_eval_model import task_manager
@@ -50,8 +57,11 @@ def test_each_yaml_agrees_with_its_catalogue_entry(manager, spec):
 
 
 def test_every_catalogue_task_has_a_yaml_and_every_yaml_task_is_in_the_catalogue(manager):
-    ours = {name for name, entry in manager.task_index.items()
-            if entry.yaml_path is not None and entry.yaml_path.parent == TASKS_DIR}
+    ours = {
+        name
+        for name, entry in manager.task_index.items()
+        if entry.yaml_path is not None and entry.yaml_path.parent == TASKS_DIR
+    }
     assert ours == {*TASK_NAMES, GROUP_NAME}
     assert GROUP_NAME in manager.all_groups and set(TASK_NAMES) <= set(manager.all_subtasks)
 
@@ -72,8 +82,14 @@ def test_lm_eval_builds_the_catalogues_prompt_and_reference_for_the_first_local_
 
 def test_prompts_keep_t5s_task_prefixes_byte_for_byte():
     # The T5 formats every result and the default model's training depend on: a change here is a new benchmark.
-    record = {"question": "Who?", "context": "Me.", "article": "A b.", "description": "C d.",
-              "translation": {"en": "Hi.", "fr": "Salut."}, "answers": {"text": ["Me", "me"]}}
+    record = {
+        "question": "Who?",
+        "context": "Me.",
+        "article": "A b.",
+        "description": "C d.",
+        "translation": {"en": "Hi.", "fr": "Salut."},
+        "answers": {"text": ["Me", "me"]},
+    }
     prompts = {spec.name: spec.prompt(record) for spec in TASKS}
     assert prompts == {
         "squad_mee": "question: Who? context: Me.",
@@ -96,9 +112,14 @@ def test_training_reads_a_record_into_the_prompt_and_reference_the_task_evaluate
 
 
 @needs_data
-@pytest.mark.parametrize(("path", "kind"), [("tatoeba_fra_eng/train.jsonl", "translate_en_fr"),
-                                            ("wmt_news_enfr_2008_2013/train.jsonl", "translate_en_fr"),
-                                            ("squad/train.jsonl", "squad")])
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("tatoeba_fra_eng/train.jsonl", "translate_en_fr"),
+        ("wmt_news_enfr_2008_2013/train.jsonl", "translate_en_fr"),
+        ("squad/train.jsonl", "squad"),
+    ],
+)
 def test_training_corpora_get_the_task_prompt(path, kind):
     spec = train_data.TASKS[kind]
     examples = train_data.read_examples(path, kind, limit=3)
@@ -113,8 +134,10 @@ def test_training_refuses_a_squad_record_without_answers(tmp_path):
         train_data.read_examples(path, "squad")
 
 
-@pytest.mark.parametrize(("typo", "closest"), [("sqaud_mee", "squad_mee"), ("tatoeba_enfr", "tatoeba_enfr_mee"),
-                                               ("cnn_dailymail", "cnndm_mee")])
+@pytest.mark.parametrize(
+    ("typo", "closest"),
+    [("sqaud_mee", "squad_mee"), ("tatoeba_enfr", "tatoeba_enfr_mee"), ("cnn_dailymail", "cnndm_mee")],
+)
 def test_an_unknown_task_names_the_closest_valid_one(typo, closest):
     with pytest.raises(UnknownTaskError, match=f"unknown task '{typo}'; did you mean '{closest}'") as caught:
         task(typo)

@@ -9,7 +9,6 @@ import pytest
 from mee_bench.harness.catalogue import TATOEBA_ENFR
 from mee_bench.harness.lm_eval_model import MEELM, task_manager
 from mee_bench.paths import data_root
-
 from tests.helpers import TOKENIZER_DIR, tiny_causal_model
 
 pytestmark = pytest.mark.skipif(data_root() is None, reason="needs the local data slices")
@@ -40,9 +39,16 @@ def evaluate_with_chat(lm) -> dict:
     from lm_eval import simple_evaluate
 
     return simple_evaluate(
-        model=lm, tasks=[TATOEBA_ENFR.name], limit=3, num_fewshot=2, apply_chat_template=True,
-        system_instruction=SYSTEM, fewshot_as_multiturn=True, log_samples=True,
-        gen_kwargs=f"max_gen_toks={MAX_GEN_TOKS}", task_manager=task_manager(include_defaults=False),
+        model=lm,
+        tasks=[TATOEBA_ENFR.name],
+        limit=3,
+        num_fewshot=2,
+        apply_chat_template=True,
+        system_instruction=SYSTEM,
+        fewshot_as_multiturn=True,
+        log_samples=True,
+        gen_kwargs=f"max_gen_toks={MAX_GEN_TOKS}",
+        task_manager=task_manager(include_defaults=False),
     )
 
 
@@ -98,13 +104,18 @@ def test_full_generates_the_same_text_as_lm_evals_hf_model(runs):
     results, _, _ = runs
     ours, theirs = samples(results["mee"]), samples(results["hf"])
     assert [text for _, text in ours] == [text for _, text in theirs]
-    assert any(text.strip() for _, text in ours), "the tiny model must write something for the comparison to mean anything"
+    assert any(text.strip() for _, text in ours), (
+        "the tiny model must write something for the comparison to mean anything"
+    )
 
 
 def test_a_tokenizer_without_a_chat_template_is_refused_naming_the_fix(tiny_llama_dir):
     lm = MEELM(pretrained=str(tiny_llama_dir), measure="full", device="cpu")
-    with pytest.raises(ValueError, match=r"has no chat template, so --apply_chat_template cannot render the prompts; "
-                                         r"drop --apply_chat_template"):
+    with pytest.raises(
+        ValueError,
+        match=r"has no chat template, so --apply_chat_template cannot render the prompts; "
+        r"drop --apply_chat_template",
+    ):
         lm.apply_chat_template([{"role": "user", "content": "Hi"}])
 
 
@@ -121,14 +132,45 @@ def test_the_lm_eval_cli_chat_flags_give_mee_the_prompts_and_text_of_hf(chat_lla
     from tests.helpers import subprocess_env
 
     pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (pip install -e '.[test]')")
-    model_args = {"mee": f"pretrained={chat_llama_dir},measure=full", "hf": f"pretrained={chat_llama_dir},backend=causal"}
+    model_args = {
+        "mee": f"pretrained={chat_llama_dir},measure=full",
+        "hf": f"pretrained={chat_llama_dir},backend=causal",
+    }
     processes = {
         name: subprocess.Popen(
-            [sys.executable, "-c", CONSOLE_SCRIPT, "run", "--model", name, "--model_args", args, "--device", "cpu",
-             "--tasks", TATOEBA_ENFR.name, "--limit", "2", "--num_fewshot", "1", "--apply_chat_template",
-             "--system_instruction", SYSTEM, "--fewshot_as_multiturn", "--gen_kwargs", f"max_gen_toks={MAX_GEN_TOKS}",
-             "--batch_size", "2", "--log_samples", "--output_path", str(tmp_path / name)],
-            cwd=tmp_path, env=subprocess_env(**{DISABLE_ENV: "1"}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-c",
+                CONSOLE_SCRIPT,
+                "run",
+                "--model",
+                name,
+                "--model_args",
+                args,
+                "--device",
+                "cpu",
+                "--tasks",
+                TATOEBA_ENFR.name,
+                "--limit",
+                "2",
+                "--num_fewshot",
+                "1",
+                "--apply_chat_template",
+                "--system_instruction",
+                SYSTEM,
+                "--fewshot_as_multiturn",
+                "--gen_kwargs",
+                f"max_gen_toks={MAX_GEN_TOKS}",
+                "--batch_size",
+                "2",
+                "--log_samples",
+                "--output_path",
+                str(tmp_path / name),
+            ],
+            cwd=tmp_path,
+            env=subprocess_env(**{DISABLE_ENV: "1"}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
         )
         for name, args in model_args.items()

@@ -17,20 +17,30 @@ from pathlib import Path
 
 import pytest
 
-from mee_bench.harness.lm_eval_hook import DISABLE_ENV, TRIGGER_NAME
-from mee_bench.harness.install_hook import PTH_LINE, SHIPPED_PTH, site_packages_pth
 from mee_bench.harness.catalogue import GROUP_NAME, TASK_NAMES, TASKS, TASKS_DIR, TATOEBA_ENFR
-
+from mee_bench.harness.install_hook import PTH_LINE, SHIPPED_PTH, site_packages_pth
+from mee_bench.harness.lm_eval_hook import DISABLE_ENV, TRIGGER_NAME
 from tests.helpers import subprocess_env
-
 
 pytestmark = pytest.mark.slow  # starts Ray or subprocesses: `make test-fast` skips it
 
 LM_EVAL = Path(sys.executable).parent / "lm_eval"
 EFFICIENCY_KEYS = {
-    "tokens", "num_layers", "avg_exit_layer", "exit_histogram", "encoder_ms", "decoder_ms", "measure_ms",
-    "decode_ms_per_token", "layers_per_token", "acceptance_rate", "mean_accepted_draft", "requests", "wall_ms",
-    "wall_ms_per_token", "load",
+    "tokens",
+    "num_layers",
+    "avg_exit_layer",
+    "exit_histogram",
+    "encoder_ms",
+    "decoder_ms",
+    "measure_ms",
+    "decode_ms_per_token",
+    "layers_per_token",
+    "acceptance_rate",
+    "mean_accepted_draft",
+    "requests",
+    "wall_ms",
+    "wall_ms_per_token",
+    "load",
 }
 TIMEOUT_S = 480
 
@@ -42,16 +52,36 @@ def cli(tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("lm-eval-cli")
     model_args = f"pretrained={tiny_model_dir},measure=softmax,threshold=0.5,min_exit_layer=1"
     commands = {
-        "run": [str(LM_EVAL), "run", "--model", "mee", "--model_args", model_args, "--tasks", f"{GROUP_NAME},{TATOEBA_ENFR.name}",
-                "--limit", "4", "--batch_size", "4", "--gen_kwargs", "max_gen_toks=16", "--output_path", str(work / "results")],
+        "run": [
+            str(LM_EVAL),
+            "run",
+            "--model",
+            "mee",
+            "--model_args",
+            model_args,
+            "--tasks",
+            f"{GROUP_NAME},{TATOEBA_ENFR.name}",
+            "--limit",
+            "4",
+            "--batch_size",
+            "4",
+            "--gen_kwargs",
+            "max_gen_toks=16",
+            "--output_path",
+            str(work / "results"),
+        ],
         "ls": [str(LM_EVAL), "ls", "tasks"],
         "validate": [str(LM_EVAL), "validate", "--tasks", f"{TATOEBA_ENFR.name},{GROUP_NAME}"],
     }
     processes = {
-        name: subprocess.Popen(command, cwd=work, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        name: subprocess.Popen(
+            command, cwd=work, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for name, command in commands.items()
     }
-    outputs = {name: (process.communicate(timeout=TIMEOUT_S)[0], process.returncode) for name, process in processes.items()}
+    outputs = {
+        name: (process.communicate(timeout=TIMEOUT_S)[0], process.returncode) for name, process in processes.items()
+    }
     return work, outputs
 
 
@@ -94,7 +124,8 @@ def test_lm_eval_validate_finds_a_task_and_the_group(cli):
     assert log.strip().splitlines()[-1] == "All tasks found and valid"
 
 
-PROBE = """
+PROBE = (
+    """
 import json, sys
 import lm_eval.models
 from lm_eval.api.registry import model_registry
@@ -105,7 +136,9 @@ print(json.dumps({
     "tasks_patched": hasattr(TaskManager.__init__, "__wrapped__"),
     "adapter_imported": "mee_bench.harness.lm_eval_model" in sys.modules,
 }))
-""" % TRIGGER_NAME
+"""
+    % TRIGGER_NAME
+)
 
 
 @pytest.mark.parametrize(("disable", "active"), [(None, True), ("1", False)])
@@ -114,13 +147,25 @@ def test_the_hook_registers_lazily_and_the_environment_variable_turns_it_off(dis
     probe = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert probe.returncode == 0, probe.stderr
     state = json.loads(probe.stdout)
-    assert state == {"trigger": int(active), "mee_registered": active, "tasks_patched": active, "adapter_imported": False}
+    assert state == {
+        "trigger": int(active),
+        "mee_registered": active,
+        "tasks_patched": active,
+        "adapter_imported": False,
+    }
 
 
 def test_python_start_up_imports_nothing_of_mee_bench():
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys; print(sorted(m for m in sys.modules if m.startswith(('mee_bench', 'lm_eval'))))"],
-        env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
+        [
+            sys.executable,
+            "-c",
+            "import sys; print(sorted(m for m in sys.modules if m.startswith(('mee_bench', 'lm_eval'))))",
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
     )
     assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stdout + probe.stderr
 

@@ -25,9 +25,22 @@ def runs(tiny_llama_dir, tiny_gpt2_dir, tmp_path_factory):
     processes = {}
     for family, directory in (("llama", tiny_llama_dir), ("gpt2", tiny_gpt2_dir)):
         command = [
-            str(LM_EVAL), "--model", "mee", "--model_args", f"pretrained={directory},measure=fixed,min_exit_layer=2",
-            "--tasks", SQUAD.name, "--limit", "3", "--batch_size", "3", "--gen_kwargs", f"max_gen_toks={MAX_GEN_TOKS}",
-            "--output_path", str(work / family), "--log_samples",
+            str(LM_EVAL),
+            "--model",
+            "mee",
+            "--model_args",
+            f"pretrained={directory},measure=fixed,min_exit_layer=2",
+            "--tasks",
+            SQUAD.name,
+            "--limit",
+            "3",
+            "--batch_size",
+            "3",
+            "--gen_kwargs",
+            f"max_gen_toks={MAX_GEN_TOKS}",
+            "--output_path",
+            str(work / family),
+            "--log_samples",
         ]
         processes[family] = subprocess.Popen(
             command, cwd=work, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

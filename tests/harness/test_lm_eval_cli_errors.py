@@ -19,7 +19,6 @@ import pytest
 from mee_bench.harness.install_hook import TRIGGER_SOURCE
 from mee_bench.harness.lm_eval_hook import DEBUG_ENV, DISABLE_ENV
 from mee_bench.paths import DATA_DIR_ENV
-
 from tests.helpers import DATA_DIR, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -51,24 +50,36 @@ def runs(tiny_model_dir, tmp_path_factory):
     `python -m lm_eval`), sampling asked for, and the empty file again with MEE_BENCH_DEBUG=1."""
     work = tmp_path_factory.mktemp("cli-errors")
     empty, no_source = work / "empty", work / "no-source"
-    files = {"empty": write_task_data(empty, []),
-             "no_source": write_task_data(no_source, [GOOD_WMT, {"translation": {"fr": "Salut."}}])}
+    files = {
+        "empty": write_task_data(empty, []),
+        "no_source": write_task_data(no_source, [GOOD_WMT, {"translation": {"fr": "Salut."}}]),
+    }
     model = ["--model", "mee", "--model_args", f"pretrained={tiny_model_dir}", "--limit", "2"]
     runs = {
         "empty": (CONSOLE_SCRIPT, ["run", *model, "--tasks", "wmt15_enfr_mee"], empty, {}),
         "no_source": (DASH_M, [*model, "--tasks", "wmt15_enfr_mee"], no_source, {}),
-        "sampling": (CONSOLE_SCRIPT, ["run", *model, "--tasks", "tatoeba_enfr_mee", "--gen_kwargs",
-                                      "do_sample=true,temperature=0.7"], DATA_DIR, {}),
+        "sampling": (
+            CONSOLE_SCRIPT,
+            ["run", *model, "--tasks", "tatoeba_enfr_mee", "--gen_kwargs", "do_sample=true,temperature=0.7"],
+            DATA_DIR,
+            {},
+        ),
         "debug": (CONSOLE_SCRIPT, ["run", *model, "--tasks", "wmt15_enfr_mee"], empty, {DEBUG_ENV: "1"}),
     }
     processes = {
         name: subprocess.Popen(
-            [sys.executable, "-c", script, *args], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-c", script, *args],
+            cwd=work,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             env=subprocess_env(**{DISABLE_ENV: "1", DATA_DIR_ENV: str(data)}, **extra),
         )
         for name, (script, args, data, extra) in runs.items()
     }
-    outputs = {name: (*process.communicate(timeout=TIMEOUT_S), process.returncode) for name, process in processes.items()}
+    outputs = {
+        name: (*process.communicate(timeout=TIMEOUT_S), process.returncode) for name, process in processes.items()
+    }
     return files, outputs
 
 
@@ -103,7 +114,9 @@ def test_sampling_refused_while_the_model_runs_ends_in_one_line(runs):
     _, stderr, returncode = outputs["sampling"]
     assert returncode == 2, stderr[-4000:]
     assert "Traceback" not in stderr
-    assert last_line(stderr).startswith("lm_eval: error: mee decodes greedily (early exit is defined on the argmax token)")
+    assert last_line(stderr).startswith(
+        "lm_eval: error: mee decodes greedily (early exit is defined on the argmax token)"
+    )
     assert "set do_sample=false / temperature=0" in last_line(stderr)
 
 

@@ -95,8 +95,11 @@ def test_stop_strings_and_max_gen_toks_are_honoured_exactly(lm):
 
 
 def test_project_tasks_get_the_causal_prompt_and_stop_at_its_answer_end(lm, monkeypatch):
-    record = {"question": "Who wrote it?", "context": "The letter was written by the mayor.",
-              "answers": {"text": ["x"]}}
+    record = {
+        "question": "Who wrote it?",
+        "context": "The letter was written by the mayor.",
+        "answers": {"text": ["x"]},
+    }
     seen: list[list[int]] = []
     stops: list[list[str]] = []
     original = lm.generator.decode_steps

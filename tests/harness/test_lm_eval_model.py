@@ -10,9 +10,16 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from mee_bench.harness.lm_eval_model import MEELM, TRAIN_DEFAULT_COMMAND, ModelArgsError, attach_efficiency, efficiency_table, task_manager
 from mee_bench.engine.loading import ModelLoadError
 from mee_bench.engine.policy import ExitPolicy
+from mee_bench.harness.lm_eval_model import (
+    MEELM,
+    TRAIN_DEFAULT_COMMAND,
+    ModelArgsError,
+    attach_efficiency,
+    efficiency_table,
+    task_manager,
+)
 from mee_bench.timing.statistics import speedup_interval
 
 FULL = ExitPolicy(measure="full")
@@ -93,7 +100,9 @@ def test_until_ends_generation_and_is_cut_from_the_text(lm):
     assert as_string == stopped
 
 
-@pytest.mark.parametrize("gen_kwargs", [{"do_sample": True, "temperature": 0.7}, {"temperature": 0.5}, {"num_beams": 2}])
+@pytest.mark.parametrize(
+    "gen_kwargs", [{"do_sample": True, "temperature": 0.7}, {"temperature": 0.5}, {"num_beams": 2}]
+)
 def test_anything_but_greedy_is_refused(lm, gen_kwargs):
     request = generation_request(PROMPTS[0])
     request.arguments[1].pop("do_sample")
@@ -198,11 +207,17 @@ def test_bad_model_args_fail_before_any_data_loads(tiny_model_dir, monkeypatch):
 
     monkeypatch.setattr(mee_bench.harness.tasks.utils, "load_split", no_data)
     manager = task_manager(include_defaults=False)
-    for model_args, message in (("measure=nope", "unknown measure"), ("measure=full,min_exit_layers=2", "unknown model_args")):
+    for model_args, message in (
+        ("measure=nope", "unknown measure"),
+        ("measure=full,min_exit_layers=2", "unknown model_args"),
+    ):
         with pytest.raises(ValueError, match=message):
             lm_eval.simple_evaluate(
-                model="mee", model_args=f"pretrained={tiny_model_dir},{model_args}", tasks=["squad_mee"],
-                task_manager=manager, limit=1,
+                model="mee",
+                model_args=f"pretrained={tiny_model_dir},{model_args}",
+                tasks=["squad_mee"],
+                task_manager=manager,
+                limit=1,
             )
 
 
@@ -234,8 +249,12 @@ def test_simple_evaluate_with_a_loaded_model_reports_efficiency_per_task(lm):
     import lm_eval
 
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=["tatoeba_enfr_mee"], task_manager=task_manager(include_defaults=False), limit=3,
-        bootstrap_iters=0, log_samples=False,
+        model=lm,
+        tasks=["tatoeba_enfr_mee"],
+        task_manager=task_manager(include_defaults=False),
+        limit=3,
+        bootstrap_iters=0,
+        log_samples=False,
     )
     metrics = results["results"]["tatoeba_enfr_mee"]
     assert {"bleu,none", "chrf,none"} <= set(metrics)
@@ -283,8 +302,9 @@ def test_paired_timing_keeps_the_outputs_and_times_every_batch_against_full(pair
     assert timings["groups"][:3] == [0, 1, 2] and set(timings["groups"][3:]) == {0, 1, 2}  # the same batches again
     units = timings["baseline_units"], timings["candidate_units"]  # generated tokens: the ratio is of ms/token
     assert sum(units[1][:3]) == figures["tokens"]  # the first pass is the decode that was scored
-    recomputed = speedup_interval(timings["baseline_s"], timings["candidate_s"], timings["groups"], target_half_width=0.05,
-                                  units=units)
+    recomputed = speedup_interval(
+        timings["baseline_s"], timings["candidate_s"], timings["groups"], target_half_width=0.05, units=units
+    )
     assert recomputed.as_dict() == speedup  # the record holds what it takes to check its figure
     assert speedup["verdict"] in {"faster", "slower", "no measurable difference"}
     assert figures["requests"] == 5 and figures["avg_exit_layer"] == 1.0  # quality and exits from one decode
@@ -307,8 +327,15 @@ def test_model_args_reach_self_speculation_and_pruned_checks(tiny_model_dir, lm)
     requests = [generation_request(p, index=i) for i, p in enumerate(PROMPTS[:3])]
     lm.set_policy(FULL)
     full = lm.generate_until(requests, disable_tqdm=True)
-    speculative = MEELM(pretrained=str(tiny_model_dir), measure="fixed", min_exit_layer=2, decoding="self_speculative",
-                        max_draft=3, batch_size=2, device="cpu")
+    speculative = MEELM(
+        pretrained=str(tiny_model_dir),
+        measure="fixed",
+        min_exit_layer=2,
+        decoding="self_speculative",
+        max_draft=3,
+        batch_size=2,
+        device="cpu",
+    )
     assert speculative.generate_until(requests, disable_tqdm=True) == full
     assert speculative.efficiency_report()["task_a"]["acceptance_rate"] is not None
     pruned = MEELM(pretrained=str(tiny_model_dir), measure="softmax", vocab_top_k=16, batch_size=2, device="cpu")

@@ -17,7 +17,6 @@ from mee_bench.engine.policy import ExitPolicy
 from mee_bench.harness.install_hook import TRIGGER_SOURCE
 from mee_bench.harness.lm_eval_hook import DISABLE_ENV
 from mee_bench.harness.lm_eval_model import MODEL_ARGS
-
 from tests.helpers import subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -31,10 +30,29 @@ LM_EVAL_WITH_THIS_HOOK = (
 
 
 def lm_eval_run(model_args: str, *flags: str, cwd) -> subprocess.Popen:
-    command = [sys.executable, "-c", LM_EVAL_WITH_THIS_HOOK, "run", "--model", "mee", "--model_args", model_args,
-               "--tasks", "squad_mee", "--limit", "2", *flags]
-    return subprocess.Popen(command, cwd=cwd, env=subprocess_env(**{DISABLE_ENV: "1"}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-c",
+        LM_EVAL_WITH_THIS_HOOK,
+        "run",
+        "--model",
+        "mee",
+        "--model_args",
+        model_args,
+        "--tasks",
+        "squad_mee",
+        "--limit",
+        "2",
+        *flags,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=subprocess_env(**{DISABLE_ENV: "1"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +62,32 @@ def runs(tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("model-args")
     heads = ExitHeads(d_model=32).save(work, metadata={"num_layers": 4})
     policy_file = work / "exit_policy.json"
-    policy_file.write_text(json.dumps({"policy": ExitPolicy("softmax", 0.5, 1).as_dict(), "calibration": {"delta": 0.1}}))
+    policy_file.write_text(
+        json.dumps({"policy": ExitPolicy("softmax", 0.5, 1).as_dict(), "calibration": {"delta": 0.1}})
+    )
     every_arg = {
-        "pretrained": tiny_model_dir, "measure": "lstm", "threshold": 0.5, "min_exit_layer": 1,
-        "threshold_schedule": "decaying", "tau": 2.0, "kv_strategy": "deferred", "dtype": "float32",
-        "device": "cpu", "batch_size": 2, "max_batch_size": 4, "max_length": 128, "heads": heads, "max_gen_toks": 4,
-        "trust_remote_code": False, "paired_timing": True, "timing_precision": 0.2, "timing_allowance_s": 1,
-        "timing_min_repeats": 3, "vocab_top_k": 0, "decoding": "early_exit", "max_draft": 2,
+        "pretrained": tiny_model_dir,
+        "measure": "lstm",
+        "threshold": 0.5,
+        "min_exit_layer": 1,
+        "threshold_schedule": "decaying",
+        "tau": 2.0,
+        "kv_strategy": "deferred",
+        "dtype": "float32",
+        "device": "cpu",
+        "batch_size": 2,
+        "max_batch_size": 4,
+        "max_length": 128,
+        "heads": heads,
+        "max_gen_toks": 4,
+        "trust_remote_code": False,
+        "paired_timing": True,
+        "timing_precision": 0.2,
+        "timing_allowance_s": 1,
+        "timing_min_repeats": 3,
+        "vocab_top_k": 0,
+        "decoding": "early_exit",
+        "max_draft": 2,
     }
     calibrated = {"pretrained": tiny_model_dir, "calibration": policy_file}
     assert set(every_arg) | set(calibrated) == set(MODEL_ARGS), "a model arg the adapter lists is not exercised here"
@@ -84,7 +121,8 @@ def test_a_bad_model_arg_ends_the_cli_in_one_line_and_exit_status_2(runs):
     assert returncode == 2, stderr[-4000:]
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (
-        "lm_eval: error: --model mee: threshold=1.5 is outside [0.0, 1.0] for measure 'softmax'; pick a value in that range"
+        "lm_eval: error: --model mee: threshold=1.5 is outside [0.0, 1.0] for measure 'softmax'; pick a value in "
+        "that range"
     )
 
 

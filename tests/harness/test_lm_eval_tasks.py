@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from mee_bench.paths import data_root
-from mee_bench.harness.lm_eval_model import task_manager
 from mee_bench.harness.catalogue import GROUP_NAME, GROUP_TASK_NAMES, TASK_NAMES, TASKS_DIR, TATOEBA_ENFR, task
+from mee_bench.harness.lm_eval_model import task_manager
 from mee_bench.harness.tasks import utils
+from mee_bench.paths import data_root
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,12 @@ def test_translation_metrics_are_corpus_sacrebleu_and_chrf():
     per_doc = [utils.translation_results({"translation": {"en": "-", "fr": ref}}, [f" {hyp} "]) for ref, hyp in pairs]
     items = [d["bleu"] for d in per_doc]
     assert items == pairs
-    assert utils.corpus_bleu(items) == pytest.approx(sacrebleu.corpus_bleu([h for _, h in pairs], [[r for r, _ in pairs]]).score)
-    assert utils.corpus_chrf(items) == pytest.approx(sacrebleu.corpus_chrf([h for _, h in pairs], [[r for r, _ in pairs]]).score)
+    assert utils.corpus_bleu(items) == pytest.approx(
+        sacrebleu.corpus_bleu([h for _, h in pairs], [[r for r, _ in pairs]]).score
+    )
+    assert utils.corpus_chrf(items) == pytest.approx(
+        sacrebleu.corpus_chrf([h for _, h in pairs], [[r for r, _ in pairs]]).score
+    )
     assert utils.corpus_bleu([pairs[0]] * 3) == pytest.approx(100.0)
 
 
@@ -62,10 +66,12 @@ def test_multireference_bleu_scores_each_source_once_against_all_its_references(
 
     docs = [("I am sure.", "Je suis sûr."), ("I am sure.", "Je suis sûre."), ("It rains.", "Il pleut.")]
     outputs = {"I am sure.": "Je suis sûre.", "It rains.": "Il pleut fort."}
-    items = [utils.tatoeba_results({"translation": {"en": en, "fr": fr}}, [outputs[en]])["bleu_multiref"]
-             for en, fr in docs]
-    expected = sacrebleu.corpus_bleu(["Je suis sûre.", "Il pleut fort."],
-                                     [["Je suis sûr.", "Il pleut."], ["Je suis sûre.", None]]).score
+    items = [
+        utils.tatoeba_results({"translation": {"en": en, "fr": fr}}, [outputs[en]])["bleu_multiref"] for en, fr in docs
+    ]
+    expected = sacrebleu.corpus_bleu(
+        ["Je suis sûre.", "Il pleut fort."], [["Je suis sûr.", "Il pleut."], ["Je suis sûre.", None]]
+    ).score
     assert utils.corpus_bleu_multiref(items) == pytest.approx(expected)
     single = utils.corpus_bleu([(fr, outputs[en]) for en, fr in docs])
     assert utils.corpus_bleu_multiref(items) > single  # the "sûr" pair no longer counts against a right answer
@@ -81,7 +87,11 @@ def test_summary_metrics_are_rouge_fmeasures_with_sentence_lines_for_lsum():
     swapped = utils.cnndm_results({"highlights": reference}, ["The car was found in a field . Police arrest two men ."])
     assert swapped["rouge1"] == pytest.approx(100.0)
     assert swapped["rougeL"] < 100.0 and swapped["rougeLsum"] == pytest.approx(100.0)
-    assert set(utils.bigpatent_results({"abstract": "A paw cleaner."}, ["A cleaner for paws."])) == {"rouge1", "rouge2", "rougeL"}
+    assert set(utils.bigpatent_results({"abstract": "A paw cleaner."}, ["A cleaner for paws."])) == {
+        "rouge1",
+        "rouge2",
+        "rougeL",
+    }
 
 
 GOOD_WMT = {"translation": {"en": "The house.", "fr": "La maison."}}
@@ -91,10 +101,14 @@ GOOD_WMT = {"translation": {"en": "The house.", "fr": "La maison."}}
     ("rows", "message"),
     [
         ([], r"wmt15/validation\.jsonl holds no records, so task wmt15_enfr_mee has nothing to evaluate"),
-        ([GOOD_WMT, {"translation": {"fr": "Salut."}}],
-         r"validation\.jsonl:2: not a wmt15_enfr_mee record \(translation\[en\] is missing\)"),
-        ([GOOD_WMT, GOOD_WMT, {"translation": {"en": None, "fr": "Salut."}}],
-         r"validation\.jsonl:3: .*translation\[en\] is None, not a non-empty string"),
+        (
+            [GOOD_WMT, {"translation": {"fr": "Salut."}}],
+            r"validation\.jsonl:2: not a wmt15_enfr_mee record \(translation\[en\] is missing\)",
+        ),
+        (
+            [GOOD_WMT, GOOD_WMT, {"translation": {"en": None, "fr": "Salut."}}],
+            r"validation\.jsonl:3: .*translation\[en\] is None, not a non-empty string",
+        ),
         ([GOOD_WMT, {"translation": {"en": "Hi."}}], r"validation\.jsonl:2: .*translation\.fr is missing"),
     ],
 )

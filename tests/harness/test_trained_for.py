@@ -25,7 +25,10 @@ def test_a_model_without_our_training_record_is_not_judged_and_others_are_read_f
     card = {"data": {"sources": [{"name": "squad", "path": "squad/train.jsonl", "task": "squad", "weight": 1.0}]}}
     (tmp_path / "training.json").write_text(json.dumps(card))
     assert untrained_tasks(tmp_path, [*TASK_NAMES, "lambada_openai"]) == [
-        "cnndm_mee", "wmt15_enfr_mee", "bigpatent_mee", "tatoeba_enfr_mee"
+        "cnndm_mee",
+        "wmt15_enfr_mee",
+        "bigpatent_mee",
+        "tatoeba_enfr_mee",
     ]
     assert f"model {tmp_path} was not trained for" in untrained_note(tmp_path, ["cnndm_mee"])
 

@@ -11,10 +11,18 @@ from mee_bench.study.model_report import cli, history_curves, training_history
 
 
 def _record(run: str, init: str | None, minutes: float, steps: int, evals: list[tuple[int, float, float]]) -> dict:
-    return {"status": "complete", "objective": {"name": "final"}, "steps": steps, "tokens_seen": steps * 100,
-            "wall_time_minutes": minutes, "init": init, "config": {"output_dir": f"runs/{run}"},
-            "evaluations": [{"kind": "eval", "step": s, "minutes": m, "val_ce": [5.0, ce], "bleu": 1.0}
-                            for s, m, ce in evals]}
+    return {
+        "status": "complete",
+        "objective": {"name": "final"},
+        "steps": steps,
+        "tokens_seen": steps * 100,
+        "wall_time_minutes": minutes,
+        "init": init,
+        "config": {"output_dir": f"runs/{run}"},
+        "evaluations": [
+            {"kind": "eval", "step": s, "minutes": m, "val_ce": [5.0, ce], "bleu": 1.0} for s, m, ce in evals
+        ],
+    }
 
 
 @pytest.fixture
@@ -27,7 +35,13 @@ def model_with_history(tiny_model_dir, tmp_path):
     scratch = _record("scratch", None, 18.0, 300, [(250, 15.0, 4.5)])
     sibling = _record("sibling", "/work/runs/extend", 5.0, 100, [(100, 5.0, 3.1)])
     own = _record("finetune", "/work/runs/extend", 10.0, 200, [(200, 10.0, 2.9)])
-    for name, record in {"base": base, "extend": extend, "scratch": scratch, "sibling": sibling, "finetune": own}.items():
+    for name, record in {
+        "base": base,
+        "extend": extend,
+        "scratch": scratch,
+        "sibling": sibling,
+        "finetune": own,
+    }.items():
         (model / "training" / f"{name}.json").write_text(json.dumps(record))
     (model / "training.json").write_text(json.dumps(own))
     return model
@@ -54,8 +68,23 @@ def test_a_model_without_training_records_has_no_history(tiny_model_dir):
 
 def test_report_end_to_end_on_a_tiny_model(model_with_history, tmp_path, capsys):
     out = tmp_path / "report" / "model.md"
-    code = cli([str(model_with_history), "--out", str(out), "--tasks", "tatoeba_enfr_mee", "--limit", "2",
-                "--agreement-limit", "3", "--batch-size", "2", "--threads", "1"])
+    code = cli(
+        [
+            str(model_with_history),
+            "--out",
+            str(out),
+            "--tasks",
+            "tatoeba_enfr_mee",
+            "--limit",
+            "2",
+            "--agreement-limit",
+            "3",
+            "--batch-size",
+            "2",
+            "--threads",
+            "1",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["quality"]["tatoeba_enfr_mee"]["examples"] == 2
@@ -70,10 +99,13 @@ def test_report_end_to_end_on_a_tiny_model(model_with_history, tmp_path, capsys)
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--tasks", "nope_mee"], "unknown task"),
-    (["--limit", "0"], "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tasks", "nope_mee"], "unknown task"),
+        (["--limit", "0"], "must be >= 1"),
+    ],
+)
 def test_bad_arguments_are_named(tiny_model_dir, tmp_path, capsys, args, message):
     assert cli([str(tiny_model_dir), "--out", str(tmp_path / "r.md"), *args]) == 2
     assert message in capsys.readouterr().err

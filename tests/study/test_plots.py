@@ -20,19 +20,38 @@ from mee_bench.study.plots import (
     fraction_no_change_figure,
 )
 
-LAYER_KEYS = ("no_change", "matches_final", "confidence_mean", "confidence_std", "saturation_mean", "saturation_std",
-              "rising", "rising_confident", "rising_kept", "rising_confident_kept")
+LAYER_KEYS = (
+    "no_change",
+    "matches_final",
+    "confidence_mean",
+    "confidence_std",
+    "saturation_mean",
+    "saturation_std",
+    "rising",
+    "rising_confident",
+    "rising_kept",
+    "rising_confident_kept",
+)
 TOKENS = ("▁the", "▁chat", "$x$", "▁maison", "s", "▁à", "▁Lorsqu'il", "é")
 
 
 def _example(rng: random.Random, num_layers: int, position: int) -> dict:
     ids = rng.sample(range(len(TOKENS)), 5)
     probs = {i: [rng.random() for _ in range(num_layers)] for i in ids}
-    top3 = [[{"token": TOKENS[i], "id": i, "prob": probs[i][layer]}
-             for i in sorted(ids, key=lambda i: -probs[i][layer])[:3]] for layer in range(num_layers)]
-    return {"position": position, "prefix": "Le chat est assis sur le tapis depuis ce matin,\net",
-            "token": TOKENS[ids[0]], "top3": top3,
-            "traces": [{"token": TOKENS[i], "id": i, "probs": probs[i]} for i in ids]}
+    top3 = [
+        [
+            {"token": TOKENS[i], "id": i, "prob": probs[i][layer]}
+            for i in sorted(ids, key=lambda i: -probs[i][layer])[:3]
+        ]
+        for layer in range(num_layers)
+    ]
+    return {
+        "position": position,
+        "prefix": "Le chat est assis sur le tapis depuis ce matin,\net",
+        "token": TOKENS[ids[0]],
+        "top3": top3,
+        "traces": [{"token": TOKENS[i], "id": i, "probs": probs[i]} for i in ids],
+    }
 
 
 def synthetic_analysis(label: str, num_layers: int, examples: int, seed: int) -> ModelAnalysis:
@@ -41,8 +60,15 @@ def synthetic_analysis(label: str, num_layers: int, examples: int, seed: int) ->
     layers = [{"layer": layer, **{key: rng.random() for key in LAYER_KEYS}} for layer in range(1, num_layers + 1)]
     layers[0]["rising"] = layers[0]["rising_confident"] = None  # the rule needs three layers
     return ModelAnalysis(
-        label=label, model=f"models/{label}", mode="teacher_forced", num_layers=num_layers, sequences=5, tokens=120,
-        final_top1_accuracy=0.5, truncated_inputs=0, layers=layers,
+        label=label,
+        model=f"models/{label}",
+        mode="teacher_forced",
+        num_layers=num_layers,
+        sequences=5,
+        tokens=120,
+        final_top1_accuracy=0.5,
+        truncated_inputs=0,
+        layers=layers,
         heuristic={"threshold": 0.9, "fires": 0.3, "exit_equals_final": 0.8, "mean_exit_layer": 4.2},
         examples=[_example(rng, num_layers, position) for position in range(examples)],
     )
@@ -55,11 +81,21 @@ def _undrawn_tick_labels(figure: Figure) -> set[Text]:
         for axis in (axes.xaxis, axes.yaxis):
             low, high = sorted(axis.get_view_interval())
             slack = 1e-9 * max(1.0, high - low)
-            drawn = {tick for locs, ticks in ((axis.get_majorticklocs(), axis.get_major_ticks),
-                                              (axis.get_minorticklocs(), axis.get_minor_ticks))
-                     for tick, loc in zip(ticks(len(locs)), locs) if low - slack <= loc <= high + slack}
-            undrawn |= {label for tick in axis.majorTicks + axis.minorTicks if tick not in drawn
-                        for label in (tick.label1, tick.label2)}
+            drawn = {
+                tick
+                for locs, ticks in (
+                    (axis.get_majorticklocs(), axis.get_major_ticks),
+                    (axis.get_minorticklocs(), axis.get_minor_ticks),
+                )
+                for tick, loc in zip(ticks(len(locs)), locs)
+                if low - slack <= loc <= high + slack
+            }
+            undrawn |= {
+                label
+                for tick in axis.majorTicks + axis.minorTicks
+                if tick not in drawn
+                for label in (tick.label1, tick.label2)
+            }
     return undrawn
 
 
@@ -85,15 +121,25 @@ STUDY_FIGURES = (fraction_no_change_figure, confidence_curves_figure, examples_f
 @pytest.mark.parametrize("models", [1, 2, 3])
 @pytest.mark.parametrize("make_figure", STUDY_FIGURES, ids=lambda f: f.__name__)
 def test_study_figures_draw_every_text_inside_the_figure(make_figure, models):
-    analyses = [synthetic_analysis(f"model-{index}", 4 + 2 * index, examples=3 - index, seed=index)
-                for index in range(models)]
+    analyses = [
+        synthetic_analysis(f"model-{index}", 4 + 2 * index, examples=3 - index, seed=index) for index in range(models)
+    ]
     assert clipped_texts(make_figure(analyses)) == []
 
 
 def test_training_curves_figure_draws_every_text_inside_the_figure():
-    curves = {name: [{"minutes": 10.0 * step + offset, "tokens": 400_000 * step + 10_000 * offset, "bleu": 5.0 + step,
-                      "val_ce_last": 3.0 - 0.1 * step} for step in range(4)]
-              for offset, name in ((0, "default-base"), (40, "default-weighted-ce"))}
+    curves = {
+        name: [
+            {
+                "minutes": 10.0 * step + offset,
+                "tokens": 400_000 * step + 10_000 * offset,
+                "bleu": 5.0 + step,
+                "val_ce_last": 3.0 - 0.1 * step,
+            }
+            for step in range(4)
+        ]
+        for offset, name in ((0, "default-base"), (40, "default-weighted-ce"))
+    }
     assert clipped_texts(curves_figure(curves)) == []
 
 
@@ -108,7 +154,8 @@ def _imports_pyplot(source: Path) -> bool:
         if isinstance(node, ast.Import) and any(alias.name == "matplotlib.pyplot" for alias in node.names):
             return True
         if isinstance(node, ast.ImportFrom) and (
-            node.module == "matplotlib.pyplot" or (node.module == "matplotlib" and any(a.name == "pyplot" for a in node.names))
+            node.module == "matplotlib.pyplot"
+            or (node.module == "matplotlib" and any(a.name == "pyplot" for a in node.names))
         ):
             return True
     return False

@@ -11,16 +11,32 @@ import pytest
 
 from mee_bench.study import results_page
 from mee_bench.sweep.leaderboard import build_leaderboard
-from tests.helpers import REPO
-from tests.helpers import RECORDS, write_sweep
+from tests.helpers import RECORDS, REPO, write_sweep
 
 POLICY_SPEED = {
-    "batches": [{"batch": 1, "policies": [
-        {"policy": "full", "speedup_vs_full": "1 (baseline)", "layers_per_token": 6.0, "identical_to_full": True,
-         "acceptance_rate": None, "mean_accepted_draft": None},
-        {"policy": "lstm 0.5, from 2", "speedup_vs_full": "1.31x [1.28, 1.34]", "layers_per_token": 3.5,
-         "identical_to_full": False, "acceptance_rate": None, "mean_accepted_draft": None},
-    ]}],
+    "batches": [
+        {
+            "batch": 1,
+            "policies": [
+                {
+                    "policy": "full",
+                    "speedup_vs_full": "1 (baseline)",
+                    "layers_per_token": 6.0,
+                    "identical_to_full": True,
+                    "acceptance_rate": None,
+                    "mean_accepted_draft": None,
+                },
+                {
+                    "policy": "lstm 0.5, from 2",
+                    "speedup_vs_full": "1.31x [1.28, 1.34]",
+                    "layers_per_token": 3.5,
+                    "identical_to_full": False,
+                    "acceptance_rate": None,
+                    "mean_accepted_draft": None,
+                },
+            ],
+        }
+    ],
     "machine": {"platform": "Test-OS", "torch": "9.9", "threads": 1},
     "settings": {"sentences": 48, "model": "m", "dtype": "float32"},
     "date": "2031-02-03",
@@ -38,8 +54,17 @@ def a_results_tree(tmp_path):
 
 
 def page_cli(tmp_path, *extra):
-    return results_page.cli(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "docs" / "RESULTS.md"),
-                             "--readme", str(tmp_path / "README.md"), *extra])
+    return results_page.cli(
+        [
+            "--results",
+            str(tmp_path / "results"),
+            "--out",
+            str(tmp_path / "docs" / "RESULTS.md"),
+            "--readme",
+            str(tmp_path / "README.md"),
+            *extra,
+        ]
+    )
 
 
 def test_the_committed_page_and_readme_table_are_what_the_results_make():
@@ -90,8 +115,14 @@ def test_the_page_is_the_same_byte_for_byte_and_check_catches_a_hand_edit_withou
 
 def test_the_repository_page_shows_the_committed_results_of_every_kind():
     page = (REPO / results_page.PAGE).read_text()
-    for title in ("Quickstart leaderboard", "Speed of policies at batch 1, 4 and 16", "Calibration `quickstart`",
-                  "Monotonicity study", "Timing check: a busy machine", "Timing check: lockstep against whole decodes"):
+    for title in (
+        "Quickstart leaderboard",
+        "Speed of policies at batch 1, 4 and 16",
+        "Calibration `quickstart`",
+        "Monotonicity study",
+        "Timing check: a busy machine",
+        "Timing check: lockstep against whole decodes",
+    ):
         assert f"\n## {title}\n" in page, title
 
 
@@ -105,7 +136,12 @@ def test_the_results_page_command_imports_neither_torch_nor_transformers_nor_lm_
         "print('heavy imports:', heavy); sys.exit(status or bool(heavy))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "results"), str(tmp_path / "RESULTS.md")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "results"), str(tmp_path / "RESULTS.md")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "heavy imports: []" in done.stdout and (tmp_path / "RESULTS.md").is_file()

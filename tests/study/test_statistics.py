@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 
-from tests.helpers import tiny_model
-from mee_bench.paths import DATA_DIR_ENV, data_root
 from mee_bench.harness.catalogue import TASKS
 from mee_bench.harness.data import local_split_path, read_jsonl
+from mee_bench.paths import DATA_DIR_ENV, data_root
 from mee_bench.study.analysis import Example, analyze_model, cli, file_examples, task_examples
 from mee_bench.study.statistics import (
     LayerStatistics,
@@ -20,6 +19,7 @@ from mee_bench.study.statistics import (
     layer_statistics,
     rising_last_three,
 )
+from tests.helpers import tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("fraction-no-change.png", "mean-top1-curves.png", "examples-monotonicity.png", "exit-signals.png")
@@ -74,11 +74,13 @@ def test_last_layer_is_one_and_fractions_are_ordered():
 
 
 def test_rising_rule_and_heuristic_exits():
-    probs = torch.tensor([
-        [0.50, 0.91, 0.95, 0.97, 0.99],  # rises from layer 3, all >= 0.9 from layer 4
-        [0.90, 0.90, 0.95, 0.96, 0.97],  # equal is not rising; >= 0.9 is inclusive
-        [0.99, 0.95, 0.93, 0.92, 0.91],  # falls
-    ]).T  # [L=5, N=3]
+    probs = torch.tensor(
+        [
+            [0.50, 0.91, 0.95, 0.97, 0.99],  # rises from layer 3, all >= 0.9 from layer 4
+            [0.90, 0.90, 0.95, 0.96, 0.97],  # equal is not rising; >= 0.9 is inclusive
+            [0.99, 0.95, 0.93, 0.92, 0.91],  # falls
+        ]
+    ).T  # [L=5, N=3]
     rising = rising_last_three(probs)
     confident = rising_last_three(probs, 0.9)
     assert rising.T.tolist() == [[False, False, True, True, True], [False, False, False, True, True], [False] * 5]
@@ -93,7 +95,10 @@ def test_rising_rule_and_heuristic_exits():
     assert rows[3]["rising_confident"] == pytest.approx(2 / 3)
     assert rows[3]["rising_confident_kept"] == 0.5  # token 1 changes its top-1 at layer 5
     assert stats.heuristic_summary() == {
-        "min_exit_layer": 4, "threshold": 0.9, "fires": pytest.approx(2 / 3), "exit_equals_final": 0.5,
+        "min_exit_layer": 4,
+        "threshold": 0.9,
+        "fires": pytest.approx(2 / 3),
+        "exit_equals_final": 0.5,
         "mean_exit_layer": pytest.approx(13 / 3),
     }
 
@@ -108,8 +113,10 @@ def test_padding_is_excluded(t5_tokenizer):
     model = tiny_model(seed=3, layers=2, decoder_layers=3)
     examples = [
         Example("translate English to French: Hi.", "Salut."),
-        Example("translate English to French: The weather is very nice today, isn't it?",
-                "Il fait très beau aujourd'hui, n'est-ce pas ?"),
+        Example(
+            "translate English to French: The weather is very nice today, isn't it?",
+            "Il fait très beau aujourd'hui, n'est-ce pas ?",
+        ),
         Example("translate English to French: Go.", "Va, et ne reviens pas avant ce soir !"),
     ]
     batched = analyze_model(model, t5_tokenizer, examples, batch_size=3, example_count=0)
@@ -149,8 +156,24 @@ def assert_report(out, labels: list[str], num_layers: int) -> dict:
 @pytest.mark.skipif(data_root() is None, reason="no local data root")
 def test_cli_teacher_forced_on_a_task(tiny_model_dir, second_model_dir, tmp_path):
     out = tmp_path / "tf"
-    argv = ["--model", str(tiny_model_dir), "--model", str(second_model_dir), "--label", "a", "--label", "b",
-            "--task", "tatoeba_enfr_mee", "--limit", "5", "--batch-size", "2", "--out", str(out)]
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--model",
+        str(second_model_dir),
+        "--label",
+        "a",
+        "--label",
+        "b",
+        "--task",
+        "tatoeba_enfr_mee",
+        "--limit",
+        "5",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert cli(argv) == 0
     report = assert_report(out, ["a", "b"], num_layers=4)
     assert report["models"][0]["tokens"] == report["models"][1]["tokens"]  # same references
@@ -163,8 +186,18 @@ def test_cli_free_running_on_an_inputs_file(tiny_model_dir, tmp_path):
     prompts = ["summarize: The cat sat on the mat all day long.", "question: Who? context: Nobody was there."]
     inputs.write_text("".join(json.dumps({"input": p}) + "\n" for p in prompts))
     out = tmp_path / "fr"
-    argv = ["--model", str(tiny_model_dir), "--inputs", str(inputs), "--mode", "free_running",
-            "--max-output-tokens", "10", "--out", str(out)]
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--inputs",
+        str(inputs),
+        "--mode",
+        "free_running",
+        "--max-output-tokens",
+        "10",
+        "--out",
+        str(out),
+    ]
     assert cli(argv) == 0
     analysis = assert_report(out, [tiny_model_dir.name], num_layers=4)["models"][0]
     # The final layer's top-1 is the token the model generated: the teacher-forced re-read lines up
@@ -178,7 +211,9 @@ def test_task_examples_are_the_catalogues_prompts_and_reference_of_local_records
     for spec in TASKS:
         examples = task_examples(spec.name, limit=2)
         records = list(zip(read_jsonl(local_split_path(spec.dataset, spec.split)), range(2)))
-        assert examples == [Example(spec.prompt(row), spec.target(row), spec.causal_prompt(row)) for row, _ in records], spec.name
+        assert examples == [
+            Example(spec.prompt(row), spec.target(row), spec.causal_prompt(row)) for row, _ in records
+        ], spec.name
 
 
 def test_a_local_record_without_the_tasks_fields_is_refused_naming_file_row_and_field(tmp_path, monkeypatch):

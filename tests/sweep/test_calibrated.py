@@ -8,8 +8,8 @@ import json
 import pytest
 
 from mee_bench.engine.policy import POLICY_FILE, ExitPolicy
-from mee_bench.sweep.config import ConfigError, Trial, expand_grid, to_config
 from mee_bench.sweep.boards import task_boards
+from mee_bench.sweep.config import ConfigError, Trial, expand_grid, to_config
 from mee_bench.sweep.leaderboard import task_table
 from mee_bench.sweep.store import trial_id
 from tests.helpers import record
@@ -19,7 +19,9 @@ SUMMARY = {"delta": 0.1, "epsilon": 0.05, "chosen_threshold": 0.8, "test_risk": 
 
 
 def sweep(**changes):
-    return to_config({"name": "x", "tasks": ["a"], "measures": ["full"], "carbon": {"country_iso_code": "FRA"}, **changes})
+    return to_config(
+        {"name": "x", "tasks": ["a"], "measures": ["full"], "carbon": {"country_iso_code": "FRA"}, **changes}
+    )
 
 
 def test_a_calibrated_entry_adds_one_trial_per_task_running_its_policy(tmp_path):

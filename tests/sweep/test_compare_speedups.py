@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from tests.helpers import REPO
-from tests.helpers import record, write_sweep
+from tests.helpers import REPO, record, write_sweep
 
 spec = importlib.util.spec_from_file_location("compare_speedups", REPO / "benchmarks" / "compare_speedups.py")
 compare_speedups = importlib.util.module_from_spec(spec)
@@ -16,11 +15,14 @@ spec.loader.exec_module(compare_speedups)
 
 
 def sweep(tmp_path, name, softmax, saturation):
-    return write_sweep(tmp_path / name, [
-        record("t", "full", None, None, 20.0, 10.0, 6.0, paired=(1.0, 0.99, 1.01)),
-        record("t", "softmax", 0.9, 2, 19.5, 5.0, 3.0, paired=softmax),
-        record("t", "saturation", 0.99, 4, 20.0, 10.0, 6.0, paired=saturation),
-    ])
+    return write_sweep(
+        tmp_path / name,
+        [
+            record("t", "full", None, None, 20.0, 10.0, 6.0, paired=(1.0, 0.99, 1.01)),
+            record("t", "softmax", 0.9, 2, 19.5, 5.0, 3.0, paired=softmax),
+            record("t", "saturation", 0.99, 4, 20.0, 10.0, 6.0, paired=saturation),
+        ],
+    )
 
 
 def test_overlapping_intervals_agree_and_never_exiting_rows_are_checked_at_one(tmp_path):

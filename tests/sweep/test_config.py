@@ -8,8 +8,8 @@ import pytest
 
 from mee_bench.harness.catalogue import GROUP_TASK_NAMES
 from mee_bench.sweep.config import ConfigError, SweepConfig, expand_grid, load_config, to_config
-
 from tests.helpers import REPO
+
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 ALL_MEASURES = REPO / "configs" / "all_measures.yaml"
 
@@ -47,7 +47,9 @@ def test_name_defaults_to_the_file_name_and_output_dir_to_results(tmp_path):
 
 
 def test_dotlist_overrides_replace_lists_and_single_dict_entries():
-    config = load_config(QUICKSTART, ["tasks=[squad_mee]", "limit=5", "thresholds.softmax=[0.3]", "ray.max_concurrent=2"])
+    config = load_config(
+        QUICKSTART, ["tasks=[squad_mee]", "limit=5", "thresholds.softmax=[0.3]", "ray.max_concurrent=2"]
+    )
     assert config.tasks == ["squad_mee"] and config.limit == 5 and config.ray.max_concurrent == 2
     assert config.thresholds["softmax"] == [0.3]
     assert config.thresholds["saturation"] == load_config(QUICKSTART).thresholds["saturation"]
@@ -120,21 +122,26 @@ def test_override_without_equals_and_missing_file(tmp_path):
 
 
 def test_to_config_accepts_a_plain_mapping_and_expands_full_once_per_task():
-    config = to_config({
-        "name": "x",
-        "tasks": ["a", "b", "a"],
-        "measures": ["full", "softmax", "oracle", "full"],
-        "thresholds": {"softmax": [0.5, 0.9, 0.5]},
-        "min_exit_layers": [2, 4],
-        "carbon": {"country_iso_code": "FRA"},
-    })
+    config = to_config(
+        {
+            "name": "x",
+            "tasks": ["a", "b", "a"],
+            "measures": ["full", "softmax", "oracle", "full"],
+            "thresholds": {"softmax": [0.5, 0.9, 0.5]},
+            "min_exit_layers": [2, 4],
+            "carbon": {"country_iso_code": "FRA"},
+        }
+    )
     assert isinstance(config, SweepConfig)
     trials = expand_grid(config)
     for task in ("a", "b"):
         mine = [t for t in trials if t.task == task]
         assert [t.measure for t in mine].count("full") == 1
         assert {(t.threshold, t.min_exit_layer) for t in mine if t.measure == "softmax"} == {
-            (0.5, 2), (0.5, 4), (0.9, 2), (0.9, 4)
+            (0.5, 2),
+            (0.5, 4),
+            (0.9, 2),
+            (0.9, 4),
         }
         assert {(t.threshold, t.min_exit_layer) for t in mine if t.measure == "oracle"} == {(None, 2), (None, 4)}
     assert len(trials) == 2 * (1 + 4 + 2)
@@ -146,8 +153,16 @@ def test_full_is_added_even_when_not_listed(tmp_path):
 
 
 def test_pruned_checks_reach_the_measures_that_allow_them_only(tmp_path):
-    config = to_config({"name": "x", "tasks": ["a"], "measures": ["softmax", "lstm"], "thresholds": {"softmax": [0.5], "lstm": [0.5]},
-                        "vocab_top_k": 64, "carbon": {"country_iso_code": "FRA"}})
+    config = to_config(
+        {
+            "name": "x",
+            "tasks": ["a"],
+            "measures": ["softmax", "lstm"],
+            "thresholds": {"softmax": [0.5], "lstm": [0.5]},
+            "vocab_top_k": 64,
+            "carbon": {"country_iso_code": "FRA"},
+        }
+    )
     policies = {t.measure: t.policy(config) for t in expand_grid(config)}
     assert policies["softmax"].vocab_top_k == 64
     assert policies["lstm"].vocab_top_k == 0 and policies["full"].vocab_top_k == 0

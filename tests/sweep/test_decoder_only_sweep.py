@@ -33,8 +33,13 @@ def test_model_checks_read_a_decoder_only_checkpoints_depth(tiny_llama_dir, tmp_
 
 def test_heads_of_another_model_are_refused_for_a_decoder_only_sweep(tiny_gpt2_dir, tmp_path):
     ExitHeads(d_model=48).save(tmp_path, metadata={"num_layers": 4})
-    config = sweep_config(tiny_gpt2_dir, tmp_path, measures=["classifier"], thresholds={"classifier": [0.9]}, model={
-        "pretrained": str(tiny_gpt2_dir), "heads": str(tmp_path)})
+    config = sweep_config(
+        tiny_gpt2_dir,
+        tmp_path,
+        measures=["classifier"],
+        thresholds={"classifier": [0.9]},
+        model={"pretrained": str(tiny_gpt2_dir), "heads": str(tmp_path)},
+    )
     with pytest.raises(ConfigError, match="trained for d_model=48, but the model has d_model=32"):
         check_model(config)
 

@@ -6,8 +6,15 @@ import pytest
 from codecarbon.external.hardware import CPU, GPU
 from codecarbon.external.ram import RAM
 
-from mee_bench.sweep.energy import EnergyMeter, PowerComponent, carbon_intensity, describe_hardware, known_countries, power_source
 from mee_bench.sweep.config import CarbonConfig
+from mee_bench.sweep.energy import (
+    EnergyMeter,
+    PowerComponent,
+    carbon_intensity,
+    describe_hardware,
+    known_countries,
+    power_source,
+)
 
 
 def busy_work() -> int:

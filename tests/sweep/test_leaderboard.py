@@ -12,7 +12,8 @@ import pytest
 
 from mee_bench.sweep.boards import pareto_front, summary, task_boards
 from mee_bench.sweep.leaderboard import build_leaderboard, cli, summary_table, task_table
-from tests.helpers import HARDWARE, REPO, RECORDS, record, write_sweep
+from tests.helpers import HARDWARE, RECORDS, REPO, record, write_sweep
+
 
 def rows_by_policy(board):
     return {(r.measure, r.threshold): r for r in board.rows}
@@ -77,8 +78,15 @@ def test_build_writes_markdown_csv_latex_and_plots(tmp_path):
     sweep = write_sweep(tmp_path / "demo", RECORDS, measures=["full", "softmax", "saturation", "oracle", "lstm"])
     paths = build_leaderboard(sweep)
     names = {p.name for p in paths}
-    assert {"leaderboard.md", "leaderboard.csv", "leaderboard.tex", "summary.csv", "summary.tex",
-            "avg_exit_layer.png", "quality_vs_speedup_tatoeba_enfr_mee.png"} <= names
+    assert {
+        "leaderboard.md",
+        "leaderboard.csv",
+        "leaderboard.tex",
+        "summary.csv",
+        "summary.tex",
+        "avg_exit_layer.png",
+        "quality_vs_speedup_tatoeba_enfr_mee.png",
+    } <= names
     for png in sweep.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (sweep / "leaderboard.md").read_text()
@@ -122,13 +130,17 @@ def test_the_leaderboard_command_imports_neither_torch_nor_transformers_nor_lm_e
         "print('heavy imports:', heavy); sys.exit(status or bool(heavy))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code, str(sweep)], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(sweep)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "heavy imports: []" in done.stdout and (sweep / "leaderboard.md").is_file()
 
 
 def test_readme_block_is_filled_from_the_leaderboard_and_refilled_in_place(tmp_path):
-    sweep = write_sweep(tmp_path / "results" / "demo", RECORDS, measures=["full", "softmax", "saturation", "oracle", "lstm"])
+    sweep = write_sweep(
+        tmp_path / "results" / "demo", RECORDS, measures=["full", "softmax", "saturation", "oracle", "lstm"]
+    )
     readme = tmp_path / "README.md"
     readme.write_text("# Tool\n\nintro\n\n<!-- leaderboard:start -->\nold numbers\n<!-- leaderboard:end -->\n\nafter\n")
     assert cli([str(sweep), "--readme", str(readme)]) == 2  # the block holds something: replaced only with --force
@@ -170,7 +182,11 @@ def test_the_summary_calls_a_measure_faster_only_when_its_whole_interval_is_abov
     boards = task_boards(PAIRED)
     header, table = summary_table(summary(boards, tolerance=1.0), boards)
     verdicts = {row[1]: row[header.index("verdict")] for row in table}
-    assert verdicts == {"softmax": "faster", "saturation": "no measurable difference", "lstm": "no measurable difference"}
+    assert verdicts == {
+        "softmax": "faster",
+        "saturation": "no measurable difference",
+        "lstm": "no measurable difference",
+    }
 
 
 def test_csv_and_latex_carry_both_ends_of_the_interval(tmp_path):
@@ -179,7 +195,11 @@ def test_csv_and_latex_carry_both_ends_of_the_interval(tmp_path):
     with (sweep / "leaderboard.csv").open() as handle:
         rows = {(r["measure"], r["threshold"]): r for r in csv.DictReader(handle)}
     softmax = rows[("softmax", "0.9")]
-    assert (float(softmax["speedup_low"]), float(softmax["speedup_vs_full"]), float(softmax["speedup_high"])) == (1.9, 2.0, 2.1)
+    assert (float(softmax["speedup_low"]), float(softmax["speedup_vs_full"]), float(softmax["speedup_high"])) == (
+        1.9,
+        2.0,
+        2.1,
+    )
     assert (float(softmax["speedup_across_examples_low"]), float(softmax["speedup_across_examples_high"])) == (1.4, 2.6)
     assert softmax["speedup_paired"] == "True" and softmax["speedup_verdict"] == "faster"
     assert rows[("saturation", "0.99")]["busy_machine"] == "True"
@@ -188,15 +208,25 @@ def test_csv_and_latex_carry_both_ends_of_the_interval(tmp_path):
     assert "(unpaired)" not in (sweep / "leaderboard.md").read_text()
 
 
-@pytest.mark.parametrize("interleaved, truncated, wording", [
-    ("per step", True, "one generated token at a time, `full` timed over the steps the trial's policy took, in"),
-    ("per step", False, "one generated token at a time, in"),
-    ("per block", False, "interleaved block by block, in"),
-])
+@pytest.mark.parametrize(
+    "interleaved, truncated, wording",
+    [
+        ("per step", True, "one generated token at a time, `full` timed over the steps the trial's policy took, in"),
+        ("per step", False, "one generated token at a time, in"),
+        ("per block", False, "interleaved block by block, in"),
+    ],
+)
 def test_the_method_note_says_how_finely_the_timings_were_interleaved(tmp_path, interleaved, truncated, wording):
-    records = [{**rec, "efficiency": {**rec["efficiency"], "paired_timings": {"interleaved": interleaved,
-                                                                               "baseline_truncated": truncated}}}
-               for rec in PAIRED]
+    records = [
+        {
+            **rec,
+            "efficiency": {
+                **rec["efficiency"],
+                "paired_timings": {"interleaved": interleaved, "baseline_truncated": truncated},
+            },
+        }
+        for rec in PAIRED
+    ]
     sweep = write_sweep(tmp_path / "paired", records, measures=["full", "softmax", "saturation", "lstm"])
     build_leaderboard(sweep)
     assert wording in (sweep / "leaderboard.md").read_text()
@@ -204,25 +234,41 @@ def test_the_method_note_says_how_finely_the_timings_were_interleaved(tmp_path, 
 
 def test_a_record_cut_short_and_a_trial_without_record_are_listed_in_the_task_table(tmp_path):
     records = [
-        {**record("tatoeba_enfr_mee", "full", None, None, 20.0, 10.0, 6.0), "trial_id": "tatoeba_enfr_mee__full__tna__mna__aaa"},
-        {**record("tatoeba_enfr_mee", "softmax", 0.9, 2, 19.5, 5.0, 3.0), "trial_id": "tatoeba_enfr_mee__softmax__t0.9__m2__bbb"},
+        {
+            **record("tatoeba_enfr_mee", "full", None, None, 20.0, 10.0, 6.0),
+            "trial_id": "tatoeba_enfr_mee__full__tna__mna__aaa",
+        },
+        {
+            **record("tatoeba_enfr_mee", "softmax", 0.9, 2, 19.5, 5.0, 3.0),
+            "trial_id": "tatoeba_enfr_mee__softmax__t0.9__m2__bbb",
+        },
     ]
     write_sweep(tmp_path, records)
     cut = tmp_path / "records" / "tatoeba_enfr_mee__softmax__t0.9__m2__bbb.json"
     cut.write_text(cut.read_text()[:40])
-    trials = [r["trial_id"] for r in records] + ["tatoeba_enfr_mee__softmax__t0.5__m3__ccc", "squad_mee__full__tna__mna__ddd"]
+    trials = [r["trial_id"] for r in records] + [
+        "tatoeba_enfr_mee__softmax__t0.5__m3__ccc",
+        "squad_mee__full__tna__mna__ddd",
+    ]
     (tmp_path / "sweep.json").write_text(json.dumps({"fingerprint": "x", "config": {"name": "demo"}, "trials": trials}))
     build_leaderboard(tmp_path)
     board = (tmp_path / "leaderboard.md").read_text()
     table_rows = [line for line in board.splitlines() if line.startswith("| ")]
     unreadable = [row for row in table_rows if "unreadable record" in row]
     missing = [row for row in table_rows if "no record: the sweep did not finish it" in row]
-    assert len(unreadable) == 1 and "| softmax " in unreadable[0] and "| 0.9 " in unreadable[0] and str(cut) in unreadable[0]
+    assert (
+        len(unreadable) == 1
+        and "| softmax " in unreadable[0]
+        and "| 0.9 " in unreadable[0]
+        and str(cut) in unreadable[0]
+    )
     assert len(missing) == 2 and any("| 0.5 " in row and "| 3 " in row for row in missing)
     assert "## squad_mee" in board  # a task with no readable record still gets its table
     assert "3 trial(s) of this sweep have no result" in board
     with (tmp_path / "leaderboard.csv").open() as handle:
-        problems = {(r["task"], r["measure"], r["threshold"], r["min_exit_layer"]): r["problem"] for r in csv.DictReader(handle)}
+        problems = {
+            (r["task"], r["measure"], r["threshold"], r["min_exit_layer"]): r["problem"] for r in csv.DictReader(handle)
+        }
     assert problems[("tatoeba_enfr_mee", "full", "", "")] == ""  # a trial with a result has no problem
     assert problems[("tatoeba_enfr_mee", "softmax", "0.5", "3")].startswith("no record")
     assert problems[("tatoeba_enfr_mee", "softmax", "0.9", "2")].startswith("unreadable record")
@@ -249,12 +295,18 @@ def test_pruned_checks_are_stated_in_the_measure_label():
 def test_the_machine_line_says_how_much_cpu_other_processes_took_during_the_trials(tmp_path):
     quiet = {**BUSY, "other_processes_cpu_cores": 0.05, "busy": False}
     hogged = {**BUSY, "other_processes_cpu_cores": 1.02, "busy": False}  # a hog on the spare core: loaded, not short
-    records = [{**rec, "efficiency": {**rec["efficiency"], "load": load}}
-               for rec, load in zip(PAIRED, [quiet, hogged, hogged, BUSY, hogged])]
+    records = [
+        {**rec, "efficiency": {**rec["efficiency"], "load": load}}
+        for rec, load in zip(PAIRED, [quiet, hogged, hogged, BUSY, hogged])
+    ]
     sweep = write_sweep(tmp_path / "loaded", records, measures=["full", "softmax", "saturation", "lstm"])
     build_leaderboard(sweep)
-    assert ("up to 1 trial(s) ran at once; other processes took 1.02 of the 2 CPUs during a trial (median; 0.05-1.40)."
-            in (sweep / "leaderboard.md").read_text())
-    unloaded = write_sweep(tmp_path / "unloaded", [record("tatoeba_enfr_mee", "full", None, None, 20.0, 10.0, 6.0)], measures=["full"])
+    assert (
+        "up to 1 trial(s) ran at once; other processes took 1.02 of the 2 CPUs during a trial (median; 0.05-1.40)."
+        in (sweep / "leaderboard.md").read_text()
+    )
+    unloaded = write_sweep(
+        tmp_path / "unloaded", [record("tatoeba_enfr_mee", "full", None, None, 20.0, 10.0, 6.0)], measures=["full"]
+    )
     build_leaderboard(unloaded)
     assert "up to 1 trial(s) ran at once." in (unloaded / "leaderboard.md").read_text()

@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from mee_bench.sweep.leaderboard import build_leaderboard
-from mee_bench.sweep.store import load_records
-from mee_bench.sweep.runner import run_sweep
 from mee_bench.sweep.backend import Outcome
 from mee_bench.sweep.config import load_config, to_config
+from mee_bench.sweep.leaderboard import build_leaderboard
+from mee_bench.sweep.runner import run_sweep
+from mee_bench.sweep.store import load_records
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # starts Ray or subprocesses: `make test-fast` skips it
@@ -124,7 +124,11 @@ def test_local_ray_sweep_retries_records_failures_and_resumes_on_a_cluster(tiny_
     for rec in records.values():
         if rec["status"] == "ok":
             assert rec["metrics"]["bleu"] > 0 and rec["efficiency"]["num_layers"] == 6
-            assert rec["energy"]["energy_kwh"] > 0 and rec["energy"]["power_source"] in {"measured", "partly measured", "estimated"}
+            assert rec["energy"]["energy_kwh"] > 0 and rec["energy"]["power_source"] in {
+                "measured",
+                "partly measured",
+                "estimated",
+            }
         assert rec["hardware"]["torch_threads"] == 1 and rec["versions"]["ray"] == ray.__version__
         assert "commit" in rec["git"] and rec["config"]["policy"]["measure"] == rec["trial"]["measure"]
         assert rec["measure_facts"] == {"analysis_only": False, "takes_threshold": rec["trial"]["measure"] != "full"}
@@ -137,8 +141,11 @@ def test_local_ray_sweep_retries_records_failures_and_resumes_on_a_cluster(tiny_
     assert any(line.startswith("| softmax") for line in _leaderboard_lines(tmp_path / "out"))
 
     (markers / "saturation-0.9").unlink()
-    finished = {name: data for name, data in file_bytes(tmp_path / "out" / "records").items()
-                if json.loads(data)["status"] == "ok"}
+    finished = {
+        name: data
+        for name, data in file_bytes(tmp_path / "out" / "records").items()
+        if json.loads(data)["status"] == "ok"
+    }
     # the same sweep resumed on the head node: Ray settings are not part of a sweep's identity
     config = sweep_config(tmp_path, pretrained=str(tiny_model_dir), ray={"address": ray_head})
     again = run_sweep(config, backend=backend_with(markers), progress=False)
@@ -172,18 +179,35 @@ def ray_head():
     with short_temp_dir() as temp_dir:
         log = open(Path(temp_dir) / "head.log", "w")
         head = subprocess.Popen(
-            [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-             "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=false",
-             "--disable-usage-stats", f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-             f"--metrics-export-port={metrics}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(ray_cli),
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={gcs}",
+                "--num-cpus=2",
+                "--num-gpus=0",
+                f"--temp-dir={temp_dir}",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--ray-client-server-port={client}",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--runtime-env-agent-port={runtime_env}",
+                f"--metrics-export-port={metrics}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             deadline = time.monotonic() + 90
             while "Ray runtime started" not in (Path(temp_dir) / "head.log").read_text():
                 if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"ray start --head did not come up: {(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"ray start --head did not come up: {(Path(temp_dir) / 'head.log').read_text()[-2000:]}"
+                    )
                 time.sleep(0.25)
             yield f"127.0.0.1:{gcs}"
         finally:
@@ -243,8 +267,15 @@ def test_head_node_sweep_survives_sigkill_of_the_driver(tiny_model_dir, tmp_path
 
 def test_real_adapter_sweep_on_the_head_node(tiny_model_dir, tmp_path, ray_head):
     config = sweep_config(
-        tmp_path, pretrained=str(tiny_model_dir), tasks=["tatoeba_enfr_mee"], measures=["softmax"],
-        thresholds={"softmax": [0.0]}, min_exit_layers=[1], limit=3, max_gen_toks=6, batch_size=3,
+        tmp_path,
+        pretrained=str(tiny_model_dir),
+        tasks=["tatoeba_enfr_mee"],
+        measures=["softmax"],
+        thresholds={"softmax": [0.0]},
+        min_exit_layers=[1],
+        limit=3,
+        max_gen_toks=6,
+        batch_size=3,
         ray={"address": ray_head},
     )
     result = run_sweep(config, progress=False)
@@ -295,7 +326,8 @@ def test_a_local_ray_left_by_a_sigkilled_driver_is_ended_by_cleanup(tiny_model_d
         config_path.write_text(
             f"name: local\nmodel: {{pretrained: {tiny_model_dir}}}\ntasks: [fake_task]\nmeasures: [softmax]\n"
             f"thresholds: {{softmax: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}}\nmin_exit_layers: [2]\n"
-            f"output_dir: {tmp_path / 'out'}\nray: {{num_cpus: 1, temp_dir: {temp_dir}}}\ncarbon: {{country_iso_code: FRA}}\n"
+            f"output_dir: {tmp_path / 'out'}\nray: {{num_cpus: 1, temp_dir: {temp_dir}}}\ncarbon: "
+            f"{{country_iso_code: FRA}}\n"
         )
         records_dir = tmp_path / "out" / "records"
         driver = subprocess.Popen([sys.executable, "-c", LOCAL_DRIVER.format(repo=str(REPO), config=str(config_path))])

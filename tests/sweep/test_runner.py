@@ -10,11 +10,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from mee_bench.engine.heads import ExitHeads
-from mee_bench.sweep.store import ResultStore, SweepError, load_records, result_settings, trial_id
-from mee_bench.sweep.runner import check_reachable, cli, run_sweep
-from mee_bench.sweep.backend import LMEvalBackend, task_metrics
 from mee_bench.harness.catalogue import TASK_NAMES
+from mee_bench.sweep.backend import LMEvalBackend, task_metrics
 from mee_bench.sweep.config import ConfigError, Trial, check_model, expand_grid, resolve_model, to_config
+from mee_bench.sweep.runner import check_reachable, cli, run_sweep
+from mee_bench.sweep.store import ResultStore, SweepError, load_records, result_settings, trial_id
 
 
 def make_config(model_dir, tmp_path, **overrides):
@@ -44,7 +44,9 @@ def test_trial_ids_are_stable_distinct_and_follow_result_settings(tiny_model_dir
     changed = result_settings(resolve_model(make_config(tiny_model_dir, tmp_path, limit=5)))
     assert not set(ids) & {trial_id(t, changed) for t in trials}
     # a different output dir or Ray setting is the same trial
-    moved = result_settings(resolve_model(make_config(tiny_model_dir, tmp_path, output_dir="elsewhere", ray={"max_concurrent": 1})))
+    moved = result_settings(
+        resolve_model(make_config(tiny_model_dir, tmp_path, output_dir="elsewhere", ray={"max_concurrent": 1}))
+    )
     assert ids == [trial_id(t, moved) for t in trials]
 
 
@@ -77,16 +79,27 @@ def test_learned_measure_without_heads_is_refused_before_anything_runs(tiny_mode
         run_sweep(make_config(tiny_model_dir, tmp_path, measures=["lstm"], thresholds={"lstm": [0.5]}))
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="model.heads: exit heads not found"):
-        resolve_model(make_config(tiny_model_dir, tmp_path, model={"pretrained": str(tiny_model_dir), "heads": str(tmp_path / "no.safetensors")}))
+        resolve_model(
+            make_config(
+                tiny_model_dir,
+                tmp_path,
+                model={"pretrained": str(tiny_model_dir), "heads": str(tmp_path / "no.safetensors")},
+            )
+        )
 
 
 def test_heads_of_another_model_size_are_refused(tiny_model_dir, tmp_path):
     wrong = ExitHeads(d_model=48)
     wrong.save(tmp_path)
-    config = resolve_model(make_config(
-        tiny_model_dir, tmp_path, model={"pretrained": str(tiny_model_dir), "heads": str(tmp_path)},
-        measures=["classifier"], thresholds={"classifier": [0.5]},
-    ))
+    config = resolve_model(
+        make_config(
+            tiny_model_dir,
+            tmp_path,
+            model={"pretrained": str(tiny_model_dir), "heads": str(tmp_path)},
+            measures=["classifier"],
+            thresholds={"classifier": [0.5]},
+        )
+    )
     with pytest.raises(ConfigError, match="d_model=48"):
         check_model(config)
     ExitHeads(d_model=32).save(tmp_path)
@@ -204,8 +217,14 @@ def test_two_drivers_cannot_write_the_same_directory(tmp_path):
 
 
 def test_task_metrics_keeps_values_and_drops_stderr_and_alias():
-    results = {"alias": "x", "bleu,none": 12.5, "bleu_stderr,none": "N/A", "chrf,none": 40.0,
-               "exact_match,strict": 1.0, "f1,none": float("nan")}
+    results = {
+        "alias": "x",
+        "bleu,none": 12.5,
+        "bleu_stderr,none": "N/A",
+        "chrf,none": 40.0,
+        "exact_match,strict": 1.0,
+        "f1,none": float("nan"),
+    }
     assert task_metrics(results) == {"bleu": 12.5, "chrf": 40.0, "exact_match,strict": 1.0, "f1": None}
 
 
@@ -218,7 +237,9 @@ def test_task_metrics_keeps_values_and_drops_stderr_and_alias():
         (["sqaud_mee"], True),  # a typo gets its suggestion from the full index
     ],
 )
-def test_workers_index_lm_evals_builtin_tasks_only_for_a_task_that_is_not_ours(tiny_model_dir, tmp_path, monkeypatch, tasks, include_defaults):
+def test_workers_index_lm_evals_builtin_tasks_only_for_a_task_that_is_not_ours(
+    tiny_model_dir, tmp_path, monkeypatch, tasks, include_defaults
+):
     import mee_bench.harness.lm_eval_model as adapter
 
     calls = []
@@ -248,12 +269,21 @@ def test_dry_run_and_a_real_run_refuse_bad_task_data_before_ray_starts(tiny_mode
 
     data = tmp_path / "data" / "tatoeba_fra_eng" / "validation.jsonl"
     data.parent.mkdir(parents=True)
-    data.write_text(json.dumps({"translation": {"en": "Hi.", "fr": "Salut."}}) + "\n" + json.dumps({"translation": {"fr": "Va !"}}) + "\n")
+    data.write_text(
+        json.dumps({"translation": {"en": "Hi.", "fr": "Salut."}})
+        + "\n"
+        + json.dumps({"translation": {"fr": "Va !"}})
+        + "\n"
+    )
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
     path = tmp_path / "s.yaml"
-    path.write_text(f"model: {{pretrained: {tiny_model_dir}}}\ntasks: [tatoeba_enfr_mee]\nmeasures: [softmax]\n"
-                    f"thresholds: {{softmax: [0.5]}}\noutput_dir: {tmp_path / 'out'}\ncarbon: {{country_iso_code: FRA}}\n")
-    expected = f"{data.resolve()}:2: not a tatoeba_enfr_mee record (translation[en] is missing); fix or remove that record"
+    path.write_text(
+        f"model: {{pretrained: {tiny_model_dir}}}\ntasks: [tatoeba_enfr_mee]\nmeasures: [softmax]\n"
+        f"thresholds: {{softmax: [0.5]}}\noutput_dir: {tmp_path / 'out'}\ncarbon: {{country_iso_code: FRA}}\n"
+    )
+    expected = (
+        f"{data.resolve()}:2: not a tatoeba_enfr_mee record (translation[en] is missing); fix or remove that record"
+    )
     assert cli([str(path), "--dry-run"]) == 2
     assert expected in capsys.readouterr().err
     assert cli([str(path), "--no-progress"]) == 2
@@ -286,7 +316,9 @@ def flip_middle_byte(path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_resume_refuses_when_the_model_or_the_task_data_changed_in_the_middle(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_a_resume_refuses_when_the_model_or_the_task_data_changed_in_the_middle(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     """Provenance decides resume: the same config over changed files is a different sweep."""
     import shutil
 
@@ -299,14 +331,18 @@ def test_a_resume_refuses_when_the_model_or_the_task_data_changed_in_the_middle(
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
     data = tmp_path / "data" / TATOEBA_ENFR.dataset / f"{TATOEBA_ENFR.split}.jsonl"
     data.parent.mkdir(parents=True)
-    data.write_text("".join(json.dumps({"translation": {"en": f"Hi {i}.", "fr": f"Salut {i}."}}) + "\n" for i in range(50)))
+    data.write_text(
+        "".join(json.dumps({"translation": {"en": f"Hi {i}.", "fr": f"Salut {i}."}}) + "\n" for i in range(50))
+    )
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
     assert local_split_path(TATOEBA_ENFR.dataset, TATOEBA_ENFR.split) == data.resolve()
     config = resolve_model(make_config(model, tmp_path))
     settings = result_settings(config)
     ids = [trial_id(t, settings) for t in expand_grid(config)]
     store = ResultStore(config.results_dir)  # a finished sweep, as run_sweep leaves it
-    store.open(sweep_fingerprint(config, settings), {**config_dict(config), "provenance": provenance(settings)}, ids, False)
+    store.open(
+        sweep_fingerprint(config, settings), {**config_dict(config), "provenance": provenance(settings)}, ids, False
+    )
     for trial in ids:
         store.write({"trial_id": trial, "status": "ok", "trial": {"task": TATOEBA_ENFR.name}})
     store.close()
@@ -314,7 +350,9 @@ def test_a_resume_refuses_when_the_model_or_the_task_data_changed_in_the_middle(
 
     original = data.read_bytes()
     data.write_bytes(original.replace(b"Salut 25.", b"Salut 25!"))  # one reference in the middle of the file
-    with pytest.raises(SweepError, match=r"differs in: provenance\.tasks\.tatoeba_enfr_mee\.data\).*content of the model"):
+    with pytest.raises(
+        SweepError, match=r"differs in: provenance\.tasks\.tatoeba_enfr_mee\.data\).*content of the model"
+    ):
         run_sweep(make_config(model, tmp_path), progress=False)
     config_file = tmp_path / "sweep.yaml"
     OmegaConf.save(OmegaConf.structured(make_config(model, tmp_path)), config_file)
@@ -363,8 +401,10 @@ def test_sigterm_ends_a_sweep_like_ctrl_c_and_the_handler_is_put_back(tiny_model
 
     monkeypatch.setattr(runner, "run_sweep", terminated)
     path = tmp_path / "s.yaml"
-    path.write_text(f"model: {{pretrained: {tiny_model_dir}}}\ntasks: [tatoeba_enfr_mee]\nmeasures: [softmax]\n"
-                    "thresholds: {softmax: [0.5]}\ncarbon: {country_iso_code: FRA}\n")
+    path.write_text(
+        f"model: {{pretrained: {tiny_model_dir}}}\ntasks: [tatoeba_enfr_mee]\nmeasures: [softmax]\n"
+        "thresholds: {softmax: [0.5]}\ncarbon: {country_iso_code: FRA}\n"
+    )
     before = signal.getsignal(signal.SIGTERM)
     assert cli([str(path)]) == 130
     assert "interrupted; finished trials are saved, run the same command to resume" in capsys.readouterr().err

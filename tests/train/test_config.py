@@ -21,7 +21,11 @@ def test_every_preset_loads_as_a_typed_config():
     assert len(presets()) >= 7
     for preset in presets():
         cfg = load_config(preset)
-        assert isinstance(cfg, TrainConfig) and cfg.data.sources and (cfg.budget.steps or 0) + (cfg.budget.minutes or 0) > 0
+        assert (
+            isinstance(cfg, TrainConfig)
+            and cfg.data.sources
+            and (cfg.budget.steps or 0) + (cfg.budget.minutes or 0) > 0
+        )
         assert isinstance(cfg.optim.lr, float) and all(source.name for source in cfg.data.sources)
         assert Path(cfg.output_dir).is_absolute()
 
@@ -58,7 +62,9 @@ def test_unknown_key_names_the_closest_valid_key(tmp_path, text, overrides, unkn
 def test_unknown_key_inside_a_source_in_a_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("data:\n  sources: [{path: a.jsonl, task: squad, wieght: 2}]\nbudget: {steps: 1}\n")
-    with pytest.raises(ConfigError, match=r"'data.sources\[0\].wieght' .* closest valid key is 'data.sources\[0\].weight'"):
+    with pytest.raises(
+        ConfigError, match=r"'data.sources\[0\].wieght' .* closest valid key is 'data.sources\[0\].weight'"
+    ):
         load_config(path)
 
 

@@ -46,7 +46,11 @@ def test_exit_heads_train_on_a_decoder_only_model_and_serve_learned_measures(tra
         trained_llama,
         data=[(str(tiny_corpus / "train.jsonl"), "translate_en_fr")],
         validation=(str(tiny_corpus / "validation.jsonl"), "translate_en_fr"),
-        steps=30, batch_tokens=600, validation_examples=40, seed=0, log=lambda _line: None,
+        steps=30,
+        batch_tokens=600,
+        validation_examples=40,
+        seed=0,
+        log=lambda _line: None,
     )
     assert path == trained_llama / "exit_heads.safetensors" and len(report["classifier"]) == 2
     generator = load_generator(trained_llama)
@@ -63,7 +67,10 @@ def test_exit_heads_train_on_a_decoder_only_model_and_serve_learned_measures(tra
     [
         ({**TINY_LLAMA, "d_kv": 8}, "model.d_kv is a T5-only option, but model.family=llama is decoder-only"),
         ({**TINY_LLAMA, "num_layers": 1}, "model.num_layers is a T5-only option"),
-        ({**TINY_LLAMA, "family": "bart"}, "unknown model.family 'bart'; use t5 or a decoder-only one: .*gpt2, .*llama"),
+        (
+            {**TINY_LLAMA, "family": "bart"},
+            "unknown model.family 'bart'; use t5 or a decoder-only one: .*gpt2, .*llama",
+        ),
         ({**TINY_LLAMA, "num_kv_heads": 3}, "model.num_kv_heads=3 must divide model.num_heads=4"),
         ({"num_kv_heads": 2}, "model.num_kv_heads is a decoder-only option"),
     ],

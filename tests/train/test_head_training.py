@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from mee_bench.train.heads import METRICS_FILE, head_logits, layer_top1, oracle_labels, train_heads
 from mee_bench.engine.heads import ExitHeads
+from mee_bench.train.heads import METRICS_FILE, head_logits, layer_top1, oracle_labels, train_heads
 
 
 def _one_hot_logits(top1_per_layer: list[list[int]], vocab: int = 10) -> list[torch.Tensor]:

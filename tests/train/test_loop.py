@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 import mee_bench.train.loop as training
-from mee_bench.train.data import DataError
-from mee_bench.train.loop import train
 from mee_bench.train.checkpoint import RunError
 from mee_bench.train.config import ConfigError, load_config
+from mee_bench.train.data import DataError
+from mee_bench.train.loop import train
 from tests.helpers import tiny_train_config
+
 
 def train_records(output: Path) -> list[dict]:
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -103,7 +104,11 @@ def test_missing_and_malformed_data_name_file_and_line(tiny_corpus, tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:3: not valid JSON"):
         train(tiny_train_config(tiny_corpus, tmp_path / "run2", **{"data.sources.0.path": str(bad)}))
     with pytest.raises(DataError, match="missing.jsonl does not exist"):
-        train(tiny_train_config(tiny_corpus, tmp_path / "run3", **{"data.sources.0.path": str(tmp_path / "missing.jsonl")}))
+        train(
+            tiny_train_config(
+                tiny_corpus, tmp_path / "run3", **{"data.sources.0.path": str(tmp_path / "missing.jsonl")}
+            )
+        )
 
 
 def test_cli_reports_bad_input_without_a_traceback(capsys):
@@ -145,8 +150,9 @@ def test_sigterm_stops_training_after_the_step_with_its_checkpoint_saved(tiny_co
     import os
     import signal
 
-    config = tiny_train_config(tiny_corpus, tmp_path / "run", **{"budget.steps": 8, "data.batch_tokens": 300,
-                                                                  "checkpoint_minutes": 60.0})
+    config = tiny_train_config(
+        tiny_corpus, tmp_path / "run", **{"budget.steps": 8, "data.batch_tokens": 300, "checkpoint_minutes": 60.0}
+    )
     steps: list[int] = []
 
     def sigterm_at_step_3() -> bool:  # what the loop asks before each step; the signal arrives during step 3

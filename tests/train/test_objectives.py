@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers import tiny_model
 
 from mee_bench.engine.t5 import T5LayerRunner
 from mee_bench.train.objectives import (
@@ -17,6 +16,7 @@ from mee_bench.train.objectives import (
     kd_mapping,
     layer_weights,
 )
+from tests.helpers import tiny_model
 
 VOCAB = 300
 
@@ -177,7 +177,9 @@ def test_sampled_shallow_layers_read_fewer_rows_and_the_last_layer_reads_all(mod
     runner = _CountingRunner(model)
     with torch.no_grad():
         states = decoder_layer_states(runner, batch)
-        Objective("weighted_ce", shallow_token_fraction=0.25, chunk_tokens=10_000)(runner, states, batch["labels"], step=3)
+        Objective("weighted_ce", shallow_token_fraction=0.25, chunk_tokens=10_000)(
+            runner, states, batch["labels"], step=3
+        )
     assert runner.rows == [round(0.25 * positions)] * 3 + [positions]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 from mee_bench.study.model_report import history_curves, training_history
 from mee_bench.train.ship import MODEL_FILES, STALE_FILES, cli
 
@@ -13,10 +12,17 @@ def fake_run(directory, bleu, status="complete", run_name=None, init=None, init_
     directory.mkdir(parents=True)
     for name in MODEL_FILES:
         (directory / name).write_text(f"{directory.name}:{name}")
-    card = {"status": status, "objective": {"name": "weighted_ce"}, "steps": 10, "tokens_seen": tokens,
-            "wall_time_minutes": 1.0, "init": init, "init_run": init_run,
-            "config": {"output_dir": f"/elsewhere/{run_name or directory.name}"},
-            "evaluations": [{"step": 10, "tokens": tokens, "minutes": 1.0, "bleu": bleu, "val_ce": [3.0, 2.0]}]}
+    card = {
+        "status": status,
+        "objective": {"name": "weighted_ce"},
+        "steps": 10,
+        "tokens_seen": tokens,
+        "wall_time_minutes": 1.0,
+        "init": init,
+        "init_run": init_run,
+        "config": {"output_dir": f"/elsewhere/{run_name or directory.name}"},
+        "evaluations": [{"step": 10, "tokens": tokens, "minutes": 1.0, "bleu": bleu, "val_ce": [3.0, 2.0]}],
+    }
     (directory / "training.json").write_text(json.dumps(card))
     return directory
 

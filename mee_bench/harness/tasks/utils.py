@@ -138,8 +138,11 @@ def corpus_bleu(items: list[tuple[str, str]]) -> float:
 def tatoeba_results(doc: dict, results: list[str]) -> dict[str, tuple]:
     """As `translation_results`, plus (source prompt, reference, prediction) for multi-reference BLEU."""
     reference, prediction = TATOEBA_ENFR.target(doc), _prediction(results)
-    return {"bleu": (reference, prediction), "chrf": (reference, prediction),
-            "bleu_multiref": (TATOEBA_ENFR.prompt(doc), reference, prediction)}
+    return {
+        "bleu": (reference, prediction),
+        "chrf": (reference, prediction),
+        "bleu_multiref": (TATOEBA_ENFR.prompt(doc), reference, prediction),
+    }
 
 
 def corpus_bleu_multiref(items: list[tuple[str, str, str]]) -> float:
