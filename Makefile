@@ -114,10 +114,17 @@ monotonicity: setup
 # started from the newest shipped default. `campaign` starts or resumes this session's run in the
 # background; `ship-campaign` ships it when it leads by 2 BLEU and rebuilds what depends on the weights.
 CAMPAIGN_RUN = runs/campaign-$(shell echo $$(( $$(ls $(DEFAULT_MODEL)/training/campaign-*.json 2>/dev/null | wc -l) + 1 )))
+# The run uses a frozen copy of the code (a detached worktree of HEAD in runs/campaign-code): training
+# imports modules lazily, so code edited in this checkout while it runs would break it.
+CAMPAIGN_CODE = runs/campaign-code
+MEE_DATA_DIR ?= $(abspath ../shared/data)
 campaign: setup
 	mkdir -p runs
-	nohup $(BIN)/mee-bench train campaign output_dir=$(CAMPAIGN_RUN) > $(CAMPAIGN_RUN).log 2>&1 &
-	@echo "training $(CAMPAIGN_RUN) in the background; log in $(CAMPAIGN_RUN).log"
+	git worktree remove --force $(CAMPAIGN_CODE) 2>/dev/null || rm -rf $(CAMPAIGN_CODE)
+	git worktree add --detach $(CAMPAIGN_CODE) HEAD
+	cd $(CAMPAIGN_CODE) && MEE_DATA_DIR=$(MEE_DATA_DIR) PYTHONPATH=. nohup $(abspath $(BIN))/python -m mee_bench.cli \
+		train campaign output_dir=$(abspath $(CAMPAIGN_RUN)) > $(abspath $(CAMPAIGN_RUN)).log 2>&1 &
+	@echo "training $(CAMPAIGN_RUN) in the background from $(CAMPAIGN_CODE); log in $(CAMPAIGN_RUN).log"
 
 ship-campaign: setup
 	$(BIN)/mee-bench ship $(CAMPAIGN_RUN)
