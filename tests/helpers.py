@@ -34,10 +34,10 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def tiny_config(vocab_size: int = 32128, layers: int = 4, decoder_layers: int | None = None, **overrides):
-    from transformers import T5Config
-
-    values = dict(
+def tiny_t5_values(vocab_size: int = 32128, layers: int = 4, decoder_layers: int | None = None) -> dict:
+    """The keyword arguments of a tiny T5-layout config whose greedy outputs vary (a large init keeps
+    it off one token); T5's relatives (mT5, UMT5) take the same keys."""
+    return dict(
         vocab_size=vocab_size,
         d_model=32,
         d_kv=8,
@@ -51,8 +51,12 @@ def tiny_config(vocab_size: int = 32128, layers: int = 4, decoder_layers: int | 
         dropout_rate=0.0,
         initializer_factor=4.0,
     )
-    values.update(overrides)
-    return T5Config(**values)
+
+
+def tiny_config(vocab_size: int = 32128, layers: int = 4, decoder_layers: int | None = None, **overrides):
+    from transformers import T5Config
+
+    return T5Config(**{**tiny_t5_values(vocab_size, layers, decoder_layers), **overrides})
 
 
 def tiny_model(seed: int = 0, **config_overrides):

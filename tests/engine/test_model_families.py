@@ -13,22 +13,9 @@ from mee_bench.engine.decoding import EarlyExitGenerator
 from mee_bench.engine.loading import ModelLoadError, load_model
 from mee_bench.engine.policy import ExitPolicy
 from mee_bench.engine.runner import build_runner, supported_model_types
-from tests.helpers import CAUSAL_FAMILIES, MAX_NEW, hf_greedy, padded_batch, tiny_causal_model
+from tests.helpers import CAUSAL_FAMILIES, MAX_NEW, hf_greedy, padded_batch, tiny_causal_model, tiny_t5_values
 
-TINY = dict(
-    vocab_size=512,
-    d_model=32,
-    d_kv=8,
-    d_ff=64,
-    num_layers=2,
-    num_decoder_layers=4,
-    num_heads=4,
-    decoder_start_token_id=0,
-    eos_token_id=1,
-    pad_token_id=0,
-    dropout_rate=0.0,
-    initializer_factor=4.0,
-)
+TINY = tiny_t5_values(vocab_size=512, layers=2, decoder_layers=4)
 FAMILIES = {
     "t5 v1.0 (relu, tied)": (
         "T5Config",
